@@ -1,0 +1,210 @@
+"""One layer-by-layer engine for every supported decoder-only family (portable: torch + transformers only).
+
+The engine runs a HF causal LM through its own modules (embeddings, position encodings, masks, decoder layers,
+final norm, LM head) with a transformers `DynamicCache`, and lets decoder layers *lag*: layer `i` may have computed
+fewer positions than layer `i-1`. Pending hidden states wait in a per-layer *frontier* until some later call needs
+that layer, and are then run together with the new positions, in order. One mechanism gives
+
+- stop after layer k (`run_to(state, k)` returns what enters layer k),
+- continue from layer k (a later `run_to(state, k2)` picks up where the last call stopped),
+- lazy catch-up of the KV cache of skipped layers (a token that exited early is written to the deeper layers
+  together with the next token that reaches them),
+- verification of several drafted tokens in one pass (append them, then `run_to(state, L)`),
+- a subset of batch rows (`select_rows`).
+
+Invariant, with `n` positions appended so far and `done[i]` positions computed by layer `i` (non-increasing in i):
+`frontier[j]` holds the input of layer `j` for positions `[done[j], done[j-1])` (for `j = 0`: `[done[0], n)`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .architectures_earlyexit import ModelParts, model_parts
+
+
+@dataclass
+class EngineState:
+    """Everything the engine keeps between calls for one batch of sequences.
+
+    Attributes:
+        cache: the KV cache; layer `i` holds `done[i]` positions.
+        attention_mask: `(batch, n)` 1 for real tokens, 0 for padding, over all positions appended so far.
+        position_ids: `(batch, n)` position of each token (left padding: padded slots get 0).
+        done: per decoder layer, how many positions it has computed.
+        frontier: layer index -> `(batch, m, hidden)` states waiting to enter that layer (index `L` = final
+            outputs not yet returned).
+    """
+
+    cache: DynamicCache
+    attention_mask: Tensor
+    position_ids: Tensor
+    done: list[int]
+    frontier: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Number of positions appended so far."""
+        return self.attention_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+class LayerEngine:
+    """Runs one HF decoder-only causal LM layer by layer with lagging layers.
+
+    Args:
+        model: a `*ForCausalLM` whose `config.model_type` is in the architecture table.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.config = model.config.get_text_config()
+        self.parts: ModelParts = model_parts(model)
+        self.num_layers = len(self.parts.layers)
+        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or [])
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EngineState:
+        """Create a state for `input_ids` `(batch, seq)` (left padding marked by `attention_mask`)."""
+        batch = input_ids.shape[0]
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
+        state = EngineState(
+            cache=DynamicCache(config=self.config),
+            attention_mask=empty,
+            position_ids=empty.clone(),
+            done=[0] * self.num_layers,
+        )
+        self.append(state, input_ids, attention_mask)
+        return state
+
+    def append(self, state: EngineState, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Embed new tokens `(batch, q)` and queue them for layer 0."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dtype=torch.long, device=input_ids.device)
+        seen = state.attention_mask.sum(dim=1, keepdim=True)  # (batch, 1) real tokens so far
+        positions = (seen + attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, q)
+        state.attention_mask = torch.cat([state.attention_mask, attention_mask], dim=1)
+        state.position_ids = torch.cat([state.position_ids, positions], dim=1)
+        embeds = self.embed(input_ids, positions)  # (batch, q, hidden)
+        self._push(state, 0, embeds)
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Token (+ learned absolute position) embedding, `(batch, q)` -> `(batch, q, hidden)`."""
+        parts = self.parts
+        hidden = parts.embed(input_ids)
+        if parts.abs_positions is not None:
+            hidden = hidden + parts.abs_positions(position_ids).to(hidden.dtype)
+        if parts.dropout is not None:
+            hidden = parts.dropout(hidden)
+        return hidden
+
+    def select_rows(self, state: EngineState, rows: Tensor) -> EngineState:
+        """A new state holding only batch rows `rows` (1-D indices); `state` itself is left untouched."""
+        cache = copy.copy(state.cache)
+        cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+        for layer in cache.layers:
+            layer.batch_select_indices(rows)
+        return EngineState(
+            cache=cache,
+            attention_mask=state.attention_mask[rows],
+            position_ids=state.position_ids[rows],
+            done=list(state.done),
+            frontier={j: h[rows] for j, h in state.frontier.items()},
+        )
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def run_to(self, state: EngineState, k: int) -> Tensor:
+        """Bring every appended position up to the input of layer `k` (0..L) and return it.
+
+        Returns:
+            `(batch, m, hidden)`: the output of layer `k-1` (raw, before any final norm) for positions
+            `[done[k], n)` (`m = n - done[k]`; for `k = L`, all positions not yet returned, which are then
+            handed over and forgotten).
+        """
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer index k={k} is outside 0..{self.num_layers}")
+        hidden = None  # running outputs of the previous layer for positions [done[i-1] before this call, n)
+        masks: dict[tuple[bool, int], Tensor | None] = {}
+        rotaries: dict[tuple[str, int], tuple[Tensor, Tensor] | None] = {}
+        for i in range(k):
+            pending = state.frontier.pop(i, None)
+            hidden = _concat(pending, hidden)
+            if hidden is None:
+                continue
+            hidden = self._run_layer(state, i, hidden, masks, rotaries)
+        if hidden is not None:
+            self._push(state, k, hidden)
+        if k == self.num_layers:
+            out = state.frontier.pop(k, None)
+            if out is None:
+                raise ValueError("no positions are pending for the final layer output")
+            return out
+        return state.frontier[k]
+
+    def _run_layer(self, state: EngineState, i: int, hidden: Tensor, masks: dict, rotaries: dict) -> Tensor:
+        """Run decoder layer `i` on positions `[done[i], n)`: `hidden` `(batch, q, hidden)`."""
+        start, end = state.done[i], state.length
+        if hidden.shape[1] != end - start:
+            raise RuntimeError(f"layer {i}: {hidden.shape[1]} pending states for positions [{start}, {end})")
+        position_ids = state.position_ids[:, start:end]  # (batch, q)
+        sliding = bool(getattr(state.cache.layers[i], "is_sliding", False))
+        if (sliding, start) not in masks:
+            make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+            masks[sliding, start] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=state.attention_mask,
+                past_key_values=state.cache,
+                position_ids=position_ids,
+                layer_idx=i,
+            )
+        kwargs = {self.parts.spec.cache_kwarg: state.cache}
+        if self.parts.rotary is not None:
+            layer_type = self.layer_types[i] if self.parts.spec.rotary_per_layer_type else ""
+            if (layer_type, start) not in rotaries:
+                args = (layer_type,) if layer_type else ()
+                rotaries[layer_type, start] = self.parts.rotary(hidden, position_ids, *args)
+            kwargs["position_embeddings"] = rotaries[layer_type, start]
+        out = self.parts.layers[i](
+            hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
+        )
+        state.done[i] = end
+        return out[0] if isinstance(out, tuple) else out
+
+    def _push(self, state: EngineState, j: int, hidden: Tensor) -> None:
+        state.frontier[j] = _concat(state.frontier.get(j), hidden)
+
+    # -- outputs -----------------------------------------------------------------------------------------------
+
+    def final_logits(self, hidden: Tensor) -> Tensor:
+        """The model's own final norm + LM head (+ logit soft-capping), `(..., hidden)` -> `(..., vocab)`."""
+        logits = self.parts.lm_head(self.parts.norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
+        state = self.start(input_ids, attention_mask)
+        return self.final_logits(self.run_to(state, self.num_layers))
+
+
+def _concat(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return torch.cat([first, second], dim=1)

@@ -1,0 +1,91 @@
+"""Tiny random models of every supported family, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PhiConfig,
+    PreTrainedModel,
+    Qwen3Config,
+)
+
+VOCAB = 97
+
+
+def _llama() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+
+
+def _qwen3() -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+    )
+
+
+def _gemma3() -> Gemma3TextConfig:
+    # a sliding window of 4 so that the tests cross it; every second layer full attention
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+        final_logit_softcapping=30.0,
+    )
+
+
+def _gpt_neox() -> GPTNeoXConfig:
+    return GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+    )
+
+
+def _gpt2() -> GPT2Config:
+    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+
+
+def _phi() -> PhiConfig:
+    return PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5,
+    )
+
+
+CONFIGS = {
+    "llama": _llama,
+    "qwen3": _qwen3,
+    "gemma3_text": _gemma3,
+    "gpt_neox": _gpt_neox,
+    "gpt2": _gpt2,
+    "phi": _phi,
+}
+ARCHS = list(CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """A randomly initialised tiny causal LM of family `arch`, fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    return model.eval()
+
+
+def batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random `input_ids`, `attention_mask` `(len(lengths), max(lengths))`."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+        ids[row, : width - n] = 0
+    return ids, mask
