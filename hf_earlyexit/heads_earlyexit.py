@@ -1,0 +1,167 @@
+"""Exit heads and the cost model (portable: torch only).
+
+Two head types, both optionally restricted to a *draft vocabulary* (a subset of token ids; head output index `j`
+means token `token_ids[j]`):
+
+- `PaperHead`: a norm + `Linear(hidden, vocab)`, the shape of the model's own final head (paper §3.2), initialised
+  from scratch or copied from the LM head.
+- `SharedHead`: a norm + a small residual adapter (low-rank or hidden x hidden, zero-initialised, so it starts as
+  the model's own head applied early) in front of the model's frozen LM head, which it does not own or save.
+
+Every head and every decoder layer reports its cost per token (`Cost`), so speed claims can be checked against
+a cost model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-token cost of a module: weight multiply-adds and bytes of weights read."""
+
+    macs: int
+    weight_bytes: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.macs + other.macs, self.weight_bytes + other.weight_bytes)
+
+
+def module_cost(module: nn.Module) -> Cost:
+    """Cost of one token through `module`: every matrix is one multiply-add per element (attention over the
+    context, which grows with the sequence, is not counted)."""
+    params = list(module.parameters())
+    macs = sum(p.numel() for p in params if p.dim() >= 2)
+    return Cost(macs=macs, weight_bytes=sum(p.numel() * p.element_size() for p in params))
+
+
+def _softcap(logits: Tensor, cap: float | None) -> Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class ExitHead(nn.Module):
+    """Common part of exit heads: a trainable copy of the model's final norm and the draft vocabulary.
+
+    Args:
+        final_norm: the base model's final norm (copied, so the head owns and trains its own).
+        token_ids: `(head_vocab,)` token ids the head predicts, or `None` for the full vocabulary.
+        softcap: the base model's final logit soft-capping, applied to head logits too.
+    """
+
+    def __init__(self, final_norm: nn.Module, token_ids: Tensor | None, softcap: float | None) -> None:
+        super().__init__()
+        self.norm = copy.deepcopy(final_norm)
+        self.norm.requires_grad_(True)
+        self.softcap = softcap
+        if token_ids is not None:
+            self.register_buffer("token_ids", token_ids.to(torch.long).clone())
+        else:
+            self.token_ids = None
+
+    def to_token_ids(self, index: Tensor) -> Tensor:
+        """Map head output indices to vocabulary token ids (identity for a full-vocabulary head)."""
+        return index if self.token_ids is None else self.token_ids[index]
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits."""
+        return _softcap(self.project(self.norm(hidden)), self.softcap)
+
+    def project(self, normed: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cost(self) -> Cost:
+        raise NotImplementedError
+
+
+class PaperHead(ExitHead):
+    """Norm + `Linear(hidden, head_vocab)`; `init="lm_head"` copies the LM head's rows, `"scratch"` does not."""
+
+    def __init__(
+        self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+        init: str = "lm_head", init_std: float = 0.02,
+    ) -> None:
+        super().__init__(final_norm, token_ids, softcap)
+        weight = lm_head.weight.detach()  # (vocab, hidden)
+        rows = weight if token_ids is None else weight[self.token_ids]
+        self.linear = nn.Linear(rows.shape[1], rows.shape[0], bias=lm_head.bias is not None)
+        self.linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if init == "lm_head":
+                self.linear.weight.copy_(rows)
+                if lm_head.bias is not None:
+                    bias = lm_head.bias.detach()
+                    self.linear.bias.copy_(bias if token_ids is None else bias[self.token_ids])
+            else:
+                nn.init.normal_(self.linear.weight, std=init_std)
+                if self.linear.bias is not None:
+                    self.linear.bias.zero_()
+
+    def project(self, normed: Tensor) -> Tensor:
+        return self.linear(normed)
+
+    def cost(self) -> Cost:
+        return module_cost(self)
+
+
+class SharedHead(ExitHead):
+    """Norm + residual adapter in front of the model's frozen LM head (not owned, not saved).
+
+    The adapter is `x + up(down(x))` with rank `rank`, or `x + W x` (hidden x hidden) when `rank` is `None`; its
+    output map starts at zero.
+    """
+
+    def __init__(
+        self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(final_norm, token_ids, softcap)
+        hidden = lm_head.weight.shape[1]
+        if rank is None:
+            self.adapter = nn.Linear(hidden, hidden, bias=False)
+            out_map = self.adapter
+        else:
+            self.adapter = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, hidden, bias=False))
+            out_map = self.adapter[1]
+        self.adapter.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        nn.init.zeros_(out_map.weight)
+        object.__setattr__(self, "_lm_head", lm_head)  # shared, frozen, deliberately not a submodule
+        self._rows_cache: tuple[tuple, Tensor, Tensor | None] | None = None
+
+    def _rows(self) -> tuple[Tensor, Tensor | None]:
+        """The frozen head's weight/bias rows for the draft vocabulary (cached until the head's weight changes)."""
+        weight, bias = self._lm_head.weight, self._lm_head.bias
+        if self.token_ids is None:
+            return weight, bias
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            ids = self.token_ids.to(weight.device)
+            self._rows_cache = (key, weight[ids].detach(), None if bias is None else bias[ids].detach())
+        return self._rows_cache[1], self._rows_cache[2]
+
+    def project(self, normed: Tensor) -> Tensor:
+        weight, bias = self._rows()
+        adapted = normed + self.adapter(normed)  # (..., hidden)
+        return F.linear(adapted, weight, bias)
+
+    def cost(self) -> Cost:
+        weight, bias = self._rows()
+        head = Cost(macs=weight.numel(), weight_bytes=weight.numel() * weight.element_size())
+        return module_cost(self) + head
+
+
+def build_head(
+    head_type: str, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+    init: str = "lm_head", rank: int | None = None, init_std: float = 0.02,
+) -> ExitHead:
+    """One exit head of `head_type` (`"paper"` or `"shared"`)."""
+    if head_type == "paper":
+        return PaperHead(final_norm, lm_head, token_ids, softcap, init=init, init_std=init_std)
+    if head_type == "shared":
+        return SharedHead(final_norm, lm_head, token_ids, softcap, rank=rank)
+    raise ValueError(f"head_type={head_type!r} is not one of paper, shared")

@@ -1,0 +1,373 @@
+"""`EarlyExitForCausalLM`: a frozen HF causal LM plus exit heads (portable: torch, transformers, safetensors).
+
+A saved folder holds only what the heads own: `config.json` (with `auto_map`, the base model id + revision, exits,
+head type, metric, thresholds), `exit_heads.safetensors`, the tokenizer and these portable files. Loading pulls the
+base weights from the recorded id/revision (or the embedded default) and checks that the heads fit them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput, cached_file
+
+from .architectures_earlyexit import arch_spec
+from .base_earlyexit import (
+    EMBEDDED,
+    embedded_revision,
+    fingerprint_mismatch,
+    load_base_model,
+    load_tokenizer,
+    weight_fingerprint,
+)
+from .configuration_earlyexit import EarlyExitConfig
+from .engine_earlyexit import LayerEngine
+from .heads_earlyexit import Cost, ExitHead, build_head, module_cost
+
+logger = logging.getLogger(__name__)
+
+HEADS_FILE = "exit_heads.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+AUTO_MAP = {
+    "AutoConfig": "configuration_earlyexit.EarlyExitConfig",
+    "AutoModel": "modeling_earlyexit.EarlyExitForCausalLM",
+    "AutoModelForCausalLM": "modeling_earlyexit.EarlyExitForCausalLM",
+}
+# keyword arguments of `from_pretrained` that locate files rather than configure the base model
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "subfolder")
+_DROPPED_KWARGS = ("trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs")
+
+
+class HeadsMismatchError(ValueError):
+    """Heads were saved for a different base model than the one they are attached to."""
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Output of `EarlyExitForCausalLM.forward`.
+
+    Attributes:
+        logits: `(batch, seq, vocab)` the full model's logits.
+        exit_logits: one `(batch, seq, head_vocab)` per exit, in `config.exit_layers` order.
+        exit_hidden_states: one `(batch, seq, hidden)` raw layer output per exit (when asked).
+    """
+
+    logits: Tensor | None = None
+    exit_logits: tuple[Tensor, ...] | None = None
+    exit_hidden_states: tuple[Tensor, ...] | None = None
+
+
+class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
+    """A frozen decoder-only causal LM (`backbone`) with exit heads after `config.exit_layers`.
+
+    Args:
+        config: the heads' config; `config.text_config` describes the base model.
+        backbone: the loaded base model. When `None`, one is built (randomly initialised) from `text_config`.
+        draft_token_ids: `(draft_vocab_size,)` token ids of the heads' draft vocabulary; when `None` with a
+            `draft_vocab_size` set, the first ids (a saved folder's buffer overwrites them on load).
+    """
+
+    config_class = EarlyExitConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(
+        self, config: EarlyExitConfig, backbone: PreTrainedModel | None = None, draft_token_ids: Tensor | None = None
+    ) -> None:
+        super().__init__(config)
+        arch_spec(config.text_config.model_type)  # unsupported architectures fail here, naming the supported ones
+        if backbone is None:
+            from transformers import AutoModelForCausalLM
+
+            backbone = AutoModelForCausalLM.from_config(config.text_config)
+        self.backbone = backbone.requires_grad_(False)
+        self.engine = LayerEngine(backbone)
+        parts = self.engine.parts
+        draft_ids = draft_token_ids
+        if draft_ids is None and config.draft_vocab_size is not None:
+            draft_ids = torch.arange(config.draft_vocab_size)
+        if draft_ids is not None:
+            draft_ids = draft_ids.to(parts.lm_head.weight.device)
+        softcap = getattr(config.text_config, "final_logit_softcapping", None)
+        self.heads = nn.ModuleList(
+            build_head(
+                config.head_type, parts.norm, parts.lm_head, draft_ids, softcap,
+                init=config.head_init, rank=config.adapter_rank,
+                init_std=getattr(config.text_config, "initializer_range", 0.02),
+            )
+            for _ in config.exit_layers
+        )
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    # -- building and loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | PreTrainedModel = EMBEDDED,
+        exit_layers: list[int] | None = None,
+        head: str = "paper",
+        *,
+        head_init: str = "lm_head",
+        adapter_rank: int | None = None,
+        draft_token_ids: Tensor | list[int] | None = None,
+        draft_vocab_size: int | None = None,
+        metric: str = "breaking_ties",
+        eps: float = 0.9,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **base_kwargs,
+    ) -> EarlyExitForCausalLM:
+        """Attach new (untrained) exit heads to a base model.
+
+        Args:
+            base: a loaded HF causal LM, a Hub id, a local path or `"embedded"`.
+            exit_layers: exit after these decoder layers (1..L-1); default: exits at regular intervals.
+            head: `"paper"` or `"shared"`.
+            draft_token_ids: restrict heads to these token ids (e.g. the most frequent ones).
+            draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
+        """
+        if isinstance(base, str):
+            name = base
+            if tokenizer is None:
+                tokenizer = load_tokenizer(base, revision)
+            revision = embedded_revision() if base == EMBEDDED else revision
+            base = load_base_model(name, revision, dtype=dtype, **base_kwargs)
+        else:
+            name = base.config.name_or_path or base.name_or_path
+            base.requires_grad_(False)
+        if draft_token_ids is not None:
+            draft_token_ids = torch.as_tensor(draft_token_ids, dtype=torch.long)
+            draft_vocab_size = len(draft_token_ids)
+        config = EarlyExitConfig(
+            base_model_name_or_path=name, base_revision=revision, text_config=base.config.to_dict(),
+            exit_layers=exit_layers, head_type=head, head_init=head_init, adapter_rank=adapter_rank,
+            draft_vocab_size=draft_vocab_size, metric=metric, eps=eps, base_fingerprint=weight_fingerprint(base),
+        )
+        if draft_token_ids is not None:
+            _check_token_ids(draft_token_ids, config.text_config.vocab_size)
+        model = cls(config, backbone=base, draft_token_ids=draft_token_ids)
+        model.tokenizer = tokenizer
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args,
+        config: EarlyExitConfig | None = None,
+        base_model: PreTrainedModel | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **kwargs,
+    ) -> EarlyExitForCausalLM:
+        """Load saved heads and their base model (or attach them to `base_model`, a model you already hold)."""
+        if model_args:
+            raise TypeError(f"unexpected positional arguments {model_args!r}")
+        dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        for key in _DROPPED_KWARGS:
+            kwargs.pop(key, None)
+        source = str(pretrained_model_name_or_path)
+        if config is None:
+            config = EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
+        state = read_heads(source, revision=revision, **hub)
+        if base_model is None:
+            base_model = load_base_model(config.base_model_name_or_path, config.base_revision, dtype=dtype, **kwargs)
+        check_compatible(config, base_model)
+        model = cls(config, backbone=base_model)
+        model.load_heads_state(state, source)
+        return model.eval()
+
+    def load_heads_state(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load head weights (as saved by `save_pretrained`), with errors that name the bad entry."""
+        expected = self.heads.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise HeadsMismatchError(
+                f"heads in {source} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise HeadsMismatchError(
+                    f"head tensor {key!r} in {source} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[key].shape)} for this base model"
+                )
+        self.heads.load_state_dict(state, strict=True)
+
+    # -- saving ------------------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        overwrite: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **kwargs,
+    ) -> None:
+        """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code.
+
+        Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind.
+        """
+        target = Path(save_directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub=True is not handled by save_pretrained; call model.push_to_hub(repo_id)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            self._write_folder(staging, tokenizer or self.tokenizer)
+            _replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_folder(self, folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        self.config.auto_map = dict(AUTO_MAP)
+        self.config.save_pretrained(folder)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        save_file(state, folder / HEADS_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        for source in sorted(Path(__file__).parent.glob("*_earlyexit.py")):
+            shutil.copyfile(source, folder / source.name)
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def get_base_model(self) -> PreTrainedModel:
+        """The unmodified HF causal LM the heads are attached to."""
+        return self.backbone
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return self.engine.num_layers
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> EarlyExitOutput:
+        """One pass through the base model, reading every exit on the way.
+
+        Args:
+            input_ids: `(batch, seq)`; left or right padding marked by `attention_mask` `(batch, seq)`.
+            output_hidden_states: also return each exit's raw hidden states.
+        """
+        state = self.engine.start(input_ids, attention_mask)
+        exit_logits, exit_hidden = [], []
+        for layer, head in zip(self.config.exit_layers, self.heads):
+            hidden = self.engine.run_to(state, layer)  # (batch, seq, hidden)
+            exit_hidden.append(hidden)
+            exit_logits.append(head(hidden))  # (batch, seq, head_vocab)
+        logits = self.engine.final_logits(self.engine.run_to(state, self.num_layers))  # (batch, seq, vocab)
+        return EarlyExitOutput(
+            logits=logits,
+            exit_logits=tuple(exit_logits),
+            exit_hidden_states=tuple(exit_hidden) if output_hidden_states else None,
+        )
+
+    def generate(self, inputs: Tensor | None = None, *, mode: str = "plain", **kwargs):
+        """Generate token ids. `mode="plain"`: the base model's own `generate()` (HF arguments apply)."""
+        if mode == "plain":
+            return self.backbone.generate(inputs, **kwargs)
+        raise ValueError(f"mode={mode!r} is not one of: plain")
+
+    def cost_table(self) -> list[dict[str, int]]:
+        """Per-token cost of stopping at each exit vs running the full model (weight multiply-adds and bytes)."""
+        parts = self.engine.parts
+        layer_costs = [module_cost(layer) for layer in parts.layers]
+        rows = []
+        for layer, head in zip(self.config.exit_layers, self.heads):
+            rows.append(_cost_row(f"exit@{layer}", layer, sum(layer_costs[:layer], Cost(0, 0)), head.cost()))
+        final = module_cost(parts.norm) + module_cost(parts.lm_head)
+        rows.append(_cost_row("full", self.num_layers, sum(layer_costs, Cost(0, 0)), final))
+        return rows
+
+    @property
+    def exit_heads(self) -> list[ExitHead]:
+        return list(self.heads)
+
+
+def _cost_row(name: str, layers: int, body: Cost, head: Cost) -> dict:
+    return {
+        "exit": name, "layers": layers, "layer_macs": body.macs, "head_macs": head.macs,
+        "total_macs": body.macs + head.macs, "weight_bytes": body.weight_bytes + head.weight_bytes,
+    }
+
+
+def read_heads(source: str, revision: str | None = None, **hub) -> dict[str, Tensor]:
+    """Read `exit_heads.safetensors` from a folder or Hub repo; refuse pickles, report corrupt files clearly."""
+    local = Path(source)
+    if local.is_file():
+        raise ValueError(f"{source} is a file; pass the heads folder that contains {HEADS_FILE}")
+    path = cached_file(source, HEADS_FILE, revision=revision, _raise_exceptions_for_missing_entries=False, **hub)
+    if path is None:
+        pickles = sorted(p.name for p in local.glob("*") if p.suffix in PICKLE_SUFFIXES) if local.is_dir() else []
+        if pickles:
+            raise ValueError(
+                f"{source} holds {pickles} but no {HEADS_FILE}: hf-earlyexit loads head weights from safetensors "
+                "only and never unpickles"
+            )
+        raise FileNotFoundError(f"{source} has no {HEADS_FILE}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"head file {path} is corrupt or not a safetensors file ({err})") from err
+
+
+def check_compatible(config: EarlyExitConfig, base: PreTrainedModel) -> None:
+    """Raise `HeadsMismatchError` naming both values when the heads were saved for a different base."""
+    saved, current = config.text_config, base.config.get_text_config()
+    for field in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
+        a, b = getattr(saved, field, None), getattr(current, field, None)
+        if a != b:
+            raise HeadsMismatchError(f"heads were saved for a base with {field}={a!r}; this base has {field}={b!r}")
+    if config.base_fingerprint:
+        current_fp = weight_fingerprint(base)
+        bad = fingerprint_mismatch(config.base_fingerprint, current_fp)
+        if bad is not None:
+            a = config.base_fingerprint[bad] if bad < len(config.base_fingerprint) else None
+            b = current_fp[bad] if bad < len(current_fp) else None
+            raise HeadsMismatchError(
+                f"heads were trained on different base weights: weight fingerprint part {bad} is {a!r} in the "
+                f"heads' config but {b!r} in this base model ({config.base_model_name_or_path!r})"
+            )
+
+
+def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
+    if token_ids.dim() != 1 or len(token_ids) == 0:
+        raise ValueError(f"draft_token_ids must be a non-empty 1-D list of ids, got shape {tuple(token_ids.shape)}")
+    if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+        raise ValueError(f"draft_token_ids must lie in 0..{vocab - 1}, got {int(token_ids.min())}..{int(token_ids.max())}")
+    if len(set(token_ids.tolist())) != len(token_ids):
+        raise ValueError("draft_token_ids contains duplicates")
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written `staging` folder to `target`, replacing what was there only at the last moment."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    backup = target.with_name(f".{target.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    target.rename(backup)
+    staging.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)
