@@ -127,7 +127,7 @@ def fingerprint_mismatch(saved: list[float], current: list[float], rel_tol: floa
     """Index of the first part whose fingerprint differs beyond `rel_tol`, or `None` when they agree."""
     if len(saved) != len(current):
         return 0
-    for i, (a, b) in enumerate(zip(saved, current)):
+    for i, (a, b) in enumerate(zip(saved, current, strict=False)):
         if abs(a - b) > rel_tol * max(abs(a), abs(b), 1e-12):
             return i
     return None

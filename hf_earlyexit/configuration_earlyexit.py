@@ -98,7 +98,9 @@ class EarlyExitConfig(PreTrainedConfig):
             raise ValueError("exit_layers is empty; give at least one layer in 1..L-1")
         for k in exit_layers:
             if not 1 <= k <= num_layers - 1:
-                raise ValueError(f"exit layer {k} is outside 1..{num_layers - 1} (the base model has {num_layers} layers)")
+                raise ValueError(
+                    f"exit layer {k} is outside 1..{num_layers - 1} (the base model has {num_layers} layers)"
+                )
         if len(set(exit_layers)) != len(exit_layers):
             raise ValueError(f"exit_layers={exit_layers} contains duplicates")
         if list(exit_layers) != sorted(exit_layers):

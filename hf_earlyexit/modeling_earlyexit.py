@@ -44,7 +44,9 @@ AUTO_MAP = {
 }
 # keyword arguments of `from_pretrained` that locate files rather than configure the base model
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "subfolder")
-_DROPPED_KWARGS = ("trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs")
+_DROPPED_KWARGS = (
+    "trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs",
+)
 
 
 class HeadsMismatchError(ValueError):
@@ -117,14 +119,14 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         cls,
         base: str | PreTrainedModel = EMBEDDED,
         exit_layers: list[int] | None = None,
-        head: str = "paper",
+        head: str = EarlyExitConfig.head_type,
         *,
-        head_init: str = "lm_head",
+        head_init: str = EarlyExitConfig.head_init,
         adapter_rank: int | None = None,
         draft_token_ids: Tensor | list[int] | None = None,
         draft_vocab_size: int | None = None,
-        metric: str = "breaking_ties",
-        eps: float = 0.9,
+        metric: str = EarlyExitConfig.metric,
+        eps: float = EarlyExitConfig.eps,
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -273,7 +275,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         """
         state = self.engine.start(input_ids, attention_mask)
         exit_logits, exit_hidden = [], []
-        for layer, head in zip(self.config.exit_layers, self.heads):
+        for layer, head in zip(self.config.exit_layers, self.heads, strict=False):
             hidden = self.engine.run_to(state, layer)  # (batch, seq, hidden)
             exit_hidden.append(hidden)
             exit_logits.append(head(hidden))  # (batch, seq, head_vocab)
@@ -295,7 +297,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         parts = self.engine.parts
         layer_costs = [module_cost(layer) for layer in parts.layers]
         rows = []
-        for layer, head in zip(self.config.exit_layers, self.heads):
+        for layer, head in zip(self.config.exit_layers, self.heads, strict=False):
             rows.append(_cost_row(f"exit@{layer}", layer, sum(layer_costs[:layer], Cost(0, 0)), head.cost()))
         final = module_cost(parts.norm) + module_cost(parts.lm_head)
         rows.append(_cost_row("full", self.num_layers, sum(layer_costs, Cost(0, 0)), final))
@@ -356,7 +358,8 @@ def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
     if token_ids.dim() != 1 or len(token_ids) == 0:
         raise ValueError(f"draft_token_ids must be a non-empty 1-D list of ids, got shape {tuple(token_ids.shape)}")
     if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
-        raise ValueError(f"draft_token_ids must lie in 0..{vocab - 1}, got {int(token_ids.min())}..{int(token_ids.max())}")
+        low, high = int(token_ids.min()), int(token_ids.max())
+        raise ValueError(f"draft_token_ids must lie in 0..{vocab - 1}, got ids from {low} to {high}")
     if len(set(token_ids.tolist())) != len(token_ids):
         raise ValueError("draft_token_ids contains duplicates")
 

@@ -1,0 +1,94 @@
+"""`hf-earlyexit` command line: one subcommand per job, arguments generated from dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from .base_earlyexit import EMBEDDED
+from .configuration_earlyexit import HEAD_TYPES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+
+
+@dataclass
+class ModelArgs:
+    """Which model to load and, for a base model, which fresh heads to attach."""
+
+    model: str = field(
+        default=EMBEDDED,
+        metadata={"help": "saved heads (folder or Hub repo), or a base model (Hub id, local path, 'embedded')"},
+    )
+    dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
+    exit_layers: list[int] | None = field(
+        default=None, metadata={"help": "fresh heads: exit after these layers (default: regular intervals)"}
+    )
+    head: str | None = field(
+        default=None, metadata={"help": "fresh heads: head type (default: paper)", "choices": list(HEAD_TYPES)}
+    )
+    draft_vocab_size: int | None = field(default=None, metadata={"help": "fresh heads: restrict to the first N ids"})
+    adapter_rank: int | None = field(default=None, metadata={"help": "fresh shared heads: adapter rank"})
+
+    def load(self):
+        """`(model, tokenizer)` as `hf_earlyexit.load` gives them."""
+        from . import load
+
+        fresh = {"exit_layers": self.exit_layers, "head": self.head, "draft_vocab_size": self.draft_vocab_size,
+                 "adapter_rank": self.adapter_rank}
+        return load(self.model, dtype=DTYPES[self.dtype], **{k: v for k, v in fresh.items() if v is not None})
+
+
+@dataclass
+class DemoArgs(ModelArgs):
+    """Demo on the embedded default: load, attach heads, show per-exit cost and a generation."""
+
+    dtype: str = field(default="bfloat16", metadata={"help": "base model dtype", "choices": list(DTYPES)})
+    prompt: str = field(default="The capital of France is", metadata={"help": "prompt to continue"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
+
+
+def _info(args: ModelArgs) -> None:
+    from .report import print_model_info
+
+    model, _ = args.load()
+    print_model_info(model)
+
+
+def _demo(args: DemoArgs) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+    "info": (ModelArgs, _info, "show the model, its exits and the per-token cost of each exit"),
+    "demo": (DemoArgs, _demo, "load the embedded default, attach heads, print costs and a generation"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-earlyexit", description="Early-exit heads for Hugging Face causal LMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    for name, (args_type, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, dataclass_types=[args_type], help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if namespace.verbose else logging.WARNING, format="%(message)s")
+    args_type, run, _ = COMMANDS[namespace.command]
+    run(args_type(**{f.name: getattr(namespace, f.name) for f in fields(args_type)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
