@@ -89,3 +89,31 @@ def batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor
         mask[row, width - n:] = 1
         ids[row, : width - n] = 0
     return ids, mask
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over `VOCAB` ids (0 pad, 1 bos, 2 eos, 3 unk), built in code."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"()-_/+*=<>[]{}#@&%$\n")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in chars[: VOCAB - len(vocab)]:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def save_tiny_base(arch: str, folder, seed: int = 0, attn: str = "sdpa") -> str:
+    """Save a tiny model of family `arch` and the tiny tokenizer into `folder`; return its path as a string."""
+    model = tiny_model(arch, seed=seed, attn=attn)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

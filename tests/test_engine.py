@@ -1,0 +1,137 @@
+"""The layer-by-layer engine against its oracle: the unmodified HF model, for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHS, VOCAB, batch, tiny_model
+
+from hf_earlyexit import LayerEngine
+
+BATCHES = {"batch1": [7], "batch3_left_padded": [9, 5, 7]}
+NEW_TOKENS = 10
+
+
+def hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as HF `generate()` derives them from a left-padded mask."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Only the real (non-pad) positions of a `(batch, seq, ...)` tensor."""
+    return x[mask.bool()]
+
+
+def engine_greedy(engine: LayerEngine, ids, mask, steps: int, use_cache: bool) -> torch.Tensor:
+    """Greedy decoding driven through the engine: one `append` + `run_to(L)` per token, or a fresh pass per token."""
+    out = ids
+    state = engine.start(ids, mask)
+    for _ in range(steps):
+        if use_cache:
+            last = engine.final_logits(engine.run_to(state, engine.num_layers)[:, -1])
+        else:
+            last = engine.forward(out, mask)[:, -1]
+        token = last.argmax(-1, keepdim=True)  # (batch, 1)
+        out = torch.cat([out, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        if use_cache:
+            engine.append(state, token)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_depth_logits_match_hf(arch, lengths, attn):
+    model = tiny_model(arch, attn=attn)
+    ids, mask = batch(lengths)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        got = LayerEngine(model).forward(ids, mask)
+    torch.testing.assert_close(real(got, mask), real(expected, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stop_after_layer_k_matches_hf_hidden_states(arch):
+    model = tiny_model(arch)
+    ids, mask = batch([9, 5, 7])
+    with torch.no_grad():
+        hidden = model(
+            input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask), output_hidden_states=True
+        ).hidden_states
+        engine = LayerEngine(model)
+        for k in range(1, engine.num_layers):  # hidden_states[k] is the raw output of layer k-1
+            state = engine.start(ids, mask)
+            torch.testing.assert_close(real(engine.run_to(state, k), mask), real(hidden[k], mask))
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_hf_generate(arch, lengths, use_cache):
+    model = tiny_model(arch)
+    ids, mask = batch(lengths)
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=0, eos_token_id=None,
+        )
+        got = engine_greedy(LayerEngine(model), ids, mask, NEW_TOKENS, use_cache)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lagging_layers_catch_up_exactly(arch, attn):
+    """Tokens stop at random depths (stop after k), later ones continue to full depth and drag the lagging
+    positions along; the final outputs equal one full pass over the whole sequence."""
+    model = tiny_model(arch, attn=attn)
+    ids, mask = batch([12, 8, 10], seed=3)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        engine = LayerEngine(model)
+        state = engine.start(ids[:, :4], mask[:, :4])
+        engine.run_to(state, 1)
+        outputs = [engine.final_logits(engine.run_to(state, engine.num_layers))]  # positions 0..3
+        for t in range(4, ids.shape[1]):
+            engine.append(state, ids[:, t : t + 1], mask[:, t : t + 1])
+            depth = int(torch.randint(0, engine.num_layers, (1,), generator=gen))
+            engine.run_to(state, depth)  # stop early: deeper layers lag behind
+            engine.run_to(state, depth)  # a repeated call computes nothing new
+            if t % 3 == 0 or t == ids.shape[1] - 1:
+                outputs.append(engine.final_logits(engine.run_to(state, engine.num_layers)))
+        got = torch.cat(outputs, dim=1)
+    assert state.done == [ids.shape[1]] * engine.num_layers
+    torch.testing.assert_close(real(got, mask), real(expected, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_subset_of_rows_continues_exactly(arch):
+    """Rows selected mid-generation (with lagging layers) continue as if decoded alone."""
+    model = tiny_model(arch)
+    ids, mask = batch([9, 5, 7])
+    with torch.no_grad():
+        engine = LayerEngine(model)
+        state = engine.start(ids, mask)
+        engine.run_to(state, 2)  # layers >= 2 lag behind
+        rows = torch.tensor([2, 0])
+        sub = engine.select_rows(state, rows)
+        extra = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(5))
+        engine.append(sub, extra)
+        got = engine.final_logits(engine.run_to(sub, engine.num_layers))  # (2, 12, vocab)
+        full_ids = torch.cat([ids[rows], extra], dim=1)
+        full_mask = torch.cat([mask[rows], torch.ones_like(extra)], dim=1)
+        expected = model(input_ids=full_ids, attention_mask=full_mask, position_ids=hf_positions(full_mask)).logits
+        # the parent state is untouched and still runs to completion
+        parent = engine.final_logits(engine.run_to(state, engine.num_layers))
+        parent_expected = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+    torch.testing.assert_close(real(got, full_mask), real(expected, full_mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(real(parent, mask), real(parent_expected, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_run_to_rejects_bad_layer_index():
+    engine = LayerEngine(tiny_model("llama"))
+    state = engine.start(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="k=9 is outside 0..4"):
+        engine.run_to(state, 9)
