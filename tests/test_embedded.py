@@ -1,0 +1,99 @@
+"""The engine and the wrapper on the embedded default (Gemma 3 270M), against the unmodified model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_earlyexit import EarlyExitForCausalLM, LayerEngine, load_base_model, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "In Python, a list is", "My name is"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = load_tokenizer("embedded")
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def base(request):
+    return load_base_model("embedded", dtype=torch.float32, attn_implementation=request.param)
+
+
+def _inputs(tokenizer, prompts):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3_left_padded"])
+def test_embedded_engine_logits_match(base, tokenizer, prompts):
+    ids, mask = _inputs(tokenizer, prompts)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = LayerEngine(base).forward(ids, mask)
+    m = mask.bool()
+    torch.testing.assert_close(got[m], expected[m], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3_left_padded"])
+def test_embedded_greedy_matches_generate(base, tokenizer, prompts, use_cache):
+    from test_engine import engine_greedy
+
+    ids, mask = _inputs(tokenizer, prompts)
+    with torch.no_grad():
+        expected = base.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        )
+        got = engine_greedy(LayerEngine(base), ids, mask, NEW_TOKENS, use_cache)
+    assert torch.equal(got, expected), tokenizer.batch_decode(torch.cat([got, expected]))
+
+
+def test_embedded_heads_round_trip_in_a_fresh_process(tmp_path, tokenizer):
+    """Heads saved on the fp32 embedded model load through remote code in a process without hf_earlyexit and
+    give identical outputs; the base in bf16 is accepted too (the weight fingerprint survives the cast)."""
+    model = EarlyExitForCausalLM.from_base("embedded", exit_layers=[4, 9], head="shared", adapter_rank=8,
+                                           draft_token_ids=list(range(4096)))
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(0.01)
+    model.save_pretrained(tmp_path / "heads")
+    ids, _ = _inputs(tokenizer, PROMPTS[:1])
+    with torch.no_grad():
+        expected = model(ids).exit_logits
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.modules["hf_earlyexit"] = None  # not importable here
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
+        ids = torch.tensor([[int(t) for t in sys.argv[2].split(",")]])
+        with torch.no_grad():
+            out = model(ids)
+        from safetensors.torch import save_file
+        save_file({f"e{j}": t.contiguous() for j, t in enumerate(out.exit_logits)}, sys.argv[1] + "/../out.safetensors")
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "heads"), ",".join(map(str, ids[0].tolist()))],
+        check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+    )
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out.safetensors")
+    for j, logits in enumerate(expected):
+        assert torch.equal(got[f"e{j}"], logits)
+    bf16 = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads", dtype=torch.bfloat16)
+    assert bf16.get_base_model().dtype == torch.bfloat16
