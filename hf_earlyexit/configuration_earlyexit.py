@@ -44,7 +44,9 @@ class EarlyExitConfig(PreTrainedConfig):
         metric (`str`): confidence metric used by calibration and early exit.
         thresholds (`dict[str, list[float]]`, *optional*): calibrated thresholds, `f"{eps:g}"` -> one per exit.
         eps (`float`): default accuracy target ε in (0, 1].
-        base_fingerprint (`str`, *optional*): digest of base weights the heads were trained on.
+        base_fingerprint (`list[float]`, *optional*): mean |w| per part of the base the heads were built on.
+        training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
+        calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date).
     """
 
     model_type = "earlyexit"
@@ -63,7 +65,9 @@ class EarlyExitConfig(PreTrainedConfig):
     metric: str = "breaking_ties"
     thresholds: dict[str, list[float]] | None = None
     eps: float = 0.9
-    base_fingerprint: str | None = None
+    base_fingerprint: list[float] | None = None
+    training: dict | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

@@ -1,7 +1,8 @@
 """Exit heads and the cost model (portable: torch only).
 
 Two head types, both optionally restricted to a *draft vocabulary* (a subset of token ids; head output index `j`
-means token `token_ids[j]`):
+means token `token_ids[j]`, and one extra last output, `OTHER`, stands for all tokens outside the draft vocabulary, so
+that the head's confidence stays honest about the mass it cannot name):
 
 - `PaperHead`: a norm + `Linear(hidden, vocab)`, the shape of the model's own final head (paper §3.2), initialised
   from scratch or copied from the LM head.
@@ -50,27 +51,46 @@ class ExitHead(nn.Module):
 
     Args:
         final_norm: the base model's final norm (copied, so the head owns and trains its own).
+        lm_head: the base model's LM head (gives the hidden size, device and dtype).
         token_ids: `(head_vocab,)` token ids the head predicts, or `None` for the full vocabulary.
         softcap: the base model's final logit soft-capping, applied to head logits too.
     """
 
-    def __init__(self, final_norm: nn.Module, token_ids: Tensor | None, softcap: float | None) -> None:
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None):
         super().__init__()
         self.norm = copy.deepcopy(final_norm)
         self.norm.requires_grad_(True)
         self.softcap = softcap
         if token_ids is not None:
             self.register_buffer("token_ids", token_ids.to(torch.long).clone())
+            weight = lm_head.weight  # (vocab, hidden)
+            self.other = nn.Linear(weight.shape[1], 1)  # logit of "a token outside the draft vocabulary"
+            self.other.to(device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(self.other.weight)
+            nn.init.zeros_(self.other.bias)
         else:
             self.token_ids = None
+            self.other = None
+
+    @property
+    def is_draft(self) -> bool:
+        return self.token_ids is not None
 
     def to_token_ids(self, index: Tensor) -> Tensor:
-        """Map head output indices to vocabulary token ids (identity for a full-vocabulary head)."""
-        return index if self.token_ids is None else self.token_ids[index]
+        """Map head output indices to vocabulary token ids; the `OTHER` class maps to -1 (no token)."""
+        if self.token_ids is None:
+            return index
+        ids = torch.cat([self.token_ids, self.token_ids.new_full((1,), -1)])
+        return ids[index]
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits."""
-        return _softcap(self.project(self.norm(hidden)), self.softcap)
+        """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits (`+ 1` for `OTHER` with a draft
+        vocabulary)."""
+        normed = self.norm(hidden)
+        logits = self.project(normed)
+        if self.other is not None:
+            logits = torch.cat([logits, self.other(normed)], dim=-1)  # (..., draft + 1)
+        return _softcap(logits, self.softcap)
 
     def project(self, normed: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -86,7 +106,7 @@ class PaperHead(ExitHead):
         self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
         init: str = "lm_head", init_std: float = 0.02,
     ) -> None:
-        super().__init__(final_norm, token_ids, softcap)
+        super().__init__(final_norm, lm_head, token_ids, softcap)
         weight = lm_head.weight.detach()  # (vocab, hidden)
         rows = weight if token_ids is None else weight[self.token_ids]
         self.linear = nn.Linear(rows.shape[1], rows.shape[0], bias=lm_head.bias is not None)
@@ -120,7 +140,7 @@ class SharedHead(ExitHead):
         self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
         rank: int | None = None,
     ) -> None:
-        super().__init__(final_norm, token_ids, softcap)
+        super().__init__(final_norm, lm_head, token_ids, softcap)
         hidden = lm_head.weight.shape[1]
         if rank is None:
             self.adapter = nn.Linear(hidden, hidden, bias=False)
@@ -152,7 +172,7 @@ class SharedHead(ExitHead):
     def cost(self) -> Cost:
         weight, bias = self._rows()
         head = Cost(macs=weight.numel(), weight_bytes=weight.numel() * weight.element_size())
-        return module_cost(self) + head
+        return module_cost(self) + head  # module_cost(self) covers norm, adapter and `other`
 
 
 def build_head(

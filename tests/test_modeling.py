@@ -67,11 +67,18 @@ def test_draft_vocab_heads_are_the_matching_columns(setup):
         if setup.get("head_init") != "scratch":  # copied / shared heads start as the model's head applied early
             full = model.engine.final_logits(hidden)
             ids_ = setup.get("draft_token_ids")
-            torch.testing.assert_close(head_logits, full if ids_ is None else full[..., ids_])
-    n = len(setup.get("draft_token_ids", range(base.config.vocab_size)))
-    assert head_logits.shape[-1] == n
-    assert head.to_token_ids(torch.tensor([0, n - 1])).tolist() == [
-        setup.get("draft_token_ids", list(range(n)))[0], setup.get("draft_token_ids", list(range(n)))[-1]]
+            if ids_ is None:
+                torch.testing.assert_close(head_logits, full)
+            else:  # the draft columns, plus one "other" logit that starts at 0
+                torch.testing.assert_close(head_logits[..., :-1], full[..., ids_])
+                assert torch.equal(head_logits[..., -1], torch.zeros_like(head_logits[..., -1]))
+    ids_ = setup.get("draft_token_ids")
+    if ids_ is None:
+        assert head_logits.shape[-1] == base.config.vocab_size and not head.is_draft
+        assert head.to_token_ids(torch.tensor([0, 96])).tolist() == [0, 96]
+    else:
+        assert head_logits.shape[-1] == len(ids_) + 1 and head.is_draft
+        assert head.to_token_ids(torch.tensor([0, len(ids_) - 1, len(ids_)])).tolist() == [ids_[0], ids_[-1], -1]
 
 
 def test_shared_head_does_not_own_or_save_the_lm_head(tmp_path):
@@ -90,7 +97,7 @@ def test_cost_table_counts_layers_and_heads():
     hidden = model.config.text_config.hidden_size
     assert [r["exit"] for r in rows] == ["exit@1", "exit@3", "full"]
     assert rows[0]["layer_macs"] == layer and rows[1]["layer_macs"] == 3 * layer and rows[2]["layer_macs"] == 4 * layer
-    assert rows[0]["head_macs"] == 20 * hidden
+    assert rows[0]["head_macs"] == 20 * hidden + hidden  # draft rows + the "other" logit
     assert rows[2]["head_macs"] == model.config.text_config.vocab_size * hidden
 
 
