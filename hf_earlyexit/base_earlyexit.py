@@ -89,6 +89,15 @@ def resolve_base(name_or_path: str, revision: str | None = None) -> tuple[str, s
     return name_or_path, revision
 
 
+def canonical_name(model: PreTrainedModel) -> tuple[str, str | None]:
+    """`(name, revision)` to record for a loaded base model: `"embedded"` for the embedded default's cache."""
+    path = model.config.name_or_path or model.name_or_path
+    cached = cache_root() / "gemma-3-270m-dense-"
+    if path and str(Path(path).resolve()).startswith(str(cached.resolve())):
+        return EMBEDDED, Path(path).name.removeprefix("gemma-3-270m-dense-")
+    return path, None
+
+
 def load_base_model(
     name_or_path: str, revision: str | None = None, dtype: torch.dtype | str | None = None, **kwargs
 ) -> PreTrainedModel:

@@ -7,7 +7,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from transformers import HfArgumentParser
@@ -67,9 +66,27 @@ def _demo(args: DemoArgs) -> None:
     run_demo(args)
 
 
-COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
-    "info": (ModelArgs, _info, "show the model, its exits and the per-token cost of each exit"),
-    "demo": (DemoArgs, _demo, "load the embedded default, attach heads, print costs and a generation"),
+def _train(job, spec, config) -> None:
+    from .pipeline import run_train
+    from .report import print_table
+
+    _, report = run_train(job, spec, config)
+    print(f"heads written to {job.output_dir}; agreement with the full model on held-out generated tokens:")
+    print(print_table(report, ["exit", "agreement", "entropy", "tokens"]))
+
+
+def _train_types() -> tuple[type, ...]:
+    from .data import GenerationSpec
+    from .pipeline import TrainJob
+    from .train import TrainConfig
+
+    return (TrainJob, GenerationSpec, TrainConfig)
+
+
+COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
+    "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
+    "demo": (lambda: (DemoArgs,), _demo, "load the embedded default, attach heads, print costs and a generation"),
+    "train": (_train_types, _train, "self-supervised head training on text the model writes itself"),
 }
 
 
@@ -77,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-earlyexit", description="Early-exit heads for Hugging Face causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
-    for name, (args_type, _, help_text) in COMMANDS.items():
-        sub.add_parser(name, dataclass_types=[args_type], help=help_text, description=help_text)
+    for name, (types, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, dataclass_types=list(types()), help=help_text, description=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     namespace = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if namespace.verbose else logging.WARNING, format="%(message)s")
-    args_type, run, _ = COMMANDS[namespace.command]
-    run(args_type(**{f.name: getattr(namespace, f.name) for f in fields(args_type)}))
+    types, run, _ = COMMANDS[namespace.command]
+    run(*(t(**{f.name: getattr(namespace, f.name) for f in fields(t) if f.init}) for t in types()))
     return 0
 
 

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, cached_file
 from .architectures_earlyexit import arch_spec
 from .base_earlyexit import (
     EMBEDDED,
+    canonical_name,
     embedded_revision,
     fingerprint_mismatch,
     load_base_model,
@@ -148,7 +149,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             revision = embedded_revision() if base == EMBEDDED else revision
             base = load_base_model(name, revision, dtype=dtype, **base_kwargs)
         else:
-            name = base.config.name_or_path or base.name_or_path
+            name, known_revision = canonical_name(base)
+            revision = revision or known_revision
             base.requires_grad_(False)
         if draft_token_ids is not None:
             draft_token_ids = torch.as_tensor(draft_token_ids, dtype=torch.long)
@@ -218,11 +220,13 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         *,
         overwrite: bool = False,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        extra_files: dict[str, Path] | None = None,
         **kwargs,
     ) -> None:
         """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code.
 
         Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind.
+        `extra_files` (name -> existing file) are copied in too (logs, plots).
         """
         target = Path(save_directory)
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
@@ -233,6 +237,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             self._write_folder(staging, tokenizer or self.tokenizer)
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, staging / name)
             _replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

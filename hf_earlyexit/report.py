@@ -29,3 +29,14 @@ def cost_table_text(model: EarlyExitForCausalLM) -> str:
             f"{row['total_macs'] / 1e6:>12.2f}{row['total_macs'] / full:>9.2f}{row['weight_bytes'] / 2**20:>9.1f}"
         )
     return "\n".join(lines)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table of `rows` (floats with 3 decimals)."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The paper's pipeline as jobs: generate data -> train heads -> (calibrate), writing the heads folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base_earlyexit import EMBEDDED, load_base_model, load_tokenizer
+from .data import (
+    Corpus,
+    GenerationSpec,
+    concat_corpora,
+    draft_vocabulary,
+    generate_corpus,
+    read_prompt_file,
+    read_text_files,
+    text_corpus,
+)
+from .modeling_earlyexit import EarlyExitForCausalLM
+from .train import CURVES_PNG, LOG_CSV, TrainConfig, evaluate_heads, train_heads
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+
+
+@dataclass
+class TrainJob:
+    """What to train and where to write it (hyper-parameters live in `TrainConfig`, data in `GenerationSpec`)."""
+
+    model: str = field(default=EMBEDDED, metadata={"help": "base model (Hub id, path, 'embedded') or heads to go on"})
+    output_dir: str = field(default="earlyexit-heads", metadata={"help": "heads folder to write"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in work_dir"})
+    work_dir: str | None = field(default=None, metadata={"help": "checkpoints and logs (default: <output_dir>.work)"})
+    dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
+    exit_layers: list[int] | None = field(default=None, metadata={"help": "exit after these layers"})
+    head: str = field(default="shared", metadata={"help": "head type", "choices": ["paper", "shared"]})
+    head_init: str = field(default="lm_head", metadata={"help": "paper heads: lm_head or scratch"})
+    adapter_rank: int | None = field(default=64, metadata={"help": "shared heads: adapter rank"})
+    draft_vocab_size: int | None = field(
+        default=16384, metadata={"help": "restrict heads to the N most frequent tokens of the data (0: full vocab)"}
+    )
+    prompt_file: str | None = field(default=None, metadata={"help": "seed prompts, one per line (UTF-8)"})
+    text_files: list[str] | None = field(default=None, metadata={"help": "plain-text files for teacher forcing"})
+    held_out_fraction: float = field(default=0.1, metadata={"help": "sequences kept out of training for the report"})
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(f"{self.output_dir}.work")
+
+
+def build_corpus(job: TrainJob, spec: GenerationSpec, base, tokenizer, model_id: str) -> Corpus:
+    """The training text: the model's own generations from seed prompts, plus user text files if given."""
+    if job.prompt_file:
+        spec.prompts = list(read_prompt_file(job.prompt_file))
+    corpus = generate_corpus(base, tokenizer, spec, model_id)
+    if job.text_files:
+        text = text_corpus(tokenizer, read_text_files(job.text_files), seq_len=corpus.input_ids.shape[1],
+                           source=",".join(job.text_files))
+        corpus = concat_corpora(corpus, text, tokenizer.pad_token_id or 0)
+    return corpus
+
+
+def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple[EarlyExitForCausalLM, list[dict]]:
+    """Generate data, build (or reload) heads, train them, report held-out agreement and save the folder."""
+    out = Path(job.output_dir)
+    if out.exists() and any(out.iterdir()) and not (job.overwrite or job.resume):
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
+    model = _load_or_build(job, spec)
+    model.backbone.eval()
+    corpus = build_corpus(job, spec, model.backbone, model.tokenizer, model.config.base_model_name_or_path)
+    held_out, train = corpus.split(job.held_out_fraction)
+    logger.info("Training on %d sequences (%d tokens), %d held out", len(train), train.num_tokens, len(held_out))
+    train_heads(model, train, config, job.work_path, resume=job.resume)
+    report = evaluate_heads(model, held_out)
+    model.config.training = {
+        "steps": config.steps, "train_config": asdict(config), "data": {**asdict(spec), "sequences": len(train),
+        "tokens": train.num_tokens, "text_files": job.text_files}, "held_out": report,
+    }
+    extra = {name: job.work_path / name for name in (LOG_CSV, CURVES_PNG) if (job.work_path / name).exists()}
+    model.save_pretrained(out, overwrite=True, extra_files=extra)
+    return model, report
+
+
+def _load_or_build(job: TrainJob, spec: GenerationSpec) -> EarlyExitForCausalLM:
+    from . import is_heads_folder
+
+    dtype = DTYPES[job.dtype]
+    if job.model != EMBEDDED and is_heads_folder(job.model):
+        model, _ = _load_heads(job.model, dtype)
+        return model
+    base = load_base_model(job.model, dtype=dtype)
+    tokenizer = load_tokenizer(job.model)
+    draft = None
+    if job.draft_vocab_size:
+        corpus = generate_corpus(base, tokenizer, spec, job.model)
+        always = [t for t in [tokenizer.eos_token_id] if t is not None]
+        draft = draft_vocabulary(corpus, base.config.get_text_config().vocab_size, job.draft_vocab_size, always)
+    return EarlyExitForCausalLM.from_base(
+        base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init,
+        adapter_rank=job.adapter_rank if job.head == "shared" else None, draft_token_ids=draft, tokenizer=tokenizer,
+    )
+
+
+def _load_heads(path: str, dtype):
+    from . import load
+
+    return load(path, dtype=dtype)
