@@ -83,10 +83,29 @@ def _train_types() -> tuple[type, ...]:
     return (TrainJob, GenerationSpec, TrainConfig)
 
 
+def _calibrate(job, config) -> None:
+    from .pipeline import run_calibrate
+    from .report import print_table
+
+    _, check_rows, cascade_rows = run_calibrate(job, config)
+    print(f"thresholds written to {job.model}; on held-out tokens, per exit:")
+    print(print_table(check_rows, ["eps", "exit", "threshold", "coverage", "agreement"]))
+    print("whole rule (a token leaves at the first exit that passes):")
+    print(print_table(cascade_rows, ["eps", "exited", "agreement_exited", "agreement_all"]))
+
+
+def _calibrate_types() -> tuple[type, ...]:
+    from .calibrate import CalibrateConfig
+    from .pipeline import CalibrateJob
+
+    return (CalibrateJob, CalibrateConfig)
+
+
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
     "demo": (lambda: (DemoArgs,), _demo, "load the embedded default, attach heads, print costs and a generation"),
     "train": (_train_types, _train, "self-supervised head training on text the model writes itself"),
+    "calibrate": (_calibrate_types, _calibrate, "set per-exit thresholds for a grid of ε on generated text"),
 }
 
 

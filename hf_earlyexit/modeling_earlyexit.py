@@ -33,10 +33,12 @@ from .base_earlyexit import (
 from .configuration_earlyexit import EarlyExitConfig
 from .engine_earlyexit import LayerEngine
 from .heads_earlyexit import Cost, ExitHead, build_head, module_cost
+from .metrics_earlyexit import threshold_for_eps
 
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "exit_heads.safetensors"
+CALIBRATION_FILE = "calibration.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 AUTO_MAP = {
     "AutoConfig": "configuration_earlyexit.EarlyExitConfig",
@@ -112,6 +114,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             for _ in config.exit_layers
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.calibration_stats: dict[str, Tensor] | None = None  # sorted scores + agreement per head
 
     # -- building and loading ----------------------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         check_compatible(config, base_model)
         model = cls(config, backbone=base_model)
         model.load_heads_state(state, source)
+        model.calibration_stats = read_calibration(source, revision=revision, **hub)
         return model.eval()
 
     def load_heads_state(self, state: dict[str, Tensor], source: str = "state dict") -> None:
@@ -248,6 +252,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.save_pretrained(folder)
         state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
         save_file(state, folder / HEADS_FILE, metadata={"format": "pt"})
+        if self.calibration_stats:
+            save_file(self.calibration_stats, folder / CALIBRATION_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         for source in sorted(Path(__file__).parent.glob("*_earlyexit.py")):
@@ -298,6 +304,26 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             return self.backbone.generate(inputs, **kwargs)
         raise ValueError(f"mode={mode!r} is not one of: plain")
 
+    def thresholds_for(self, eps: float) -> list[float | None]:
+        """Per-exit thresholds at accuracy target `eps` (`None`: that exit never fires); `eps=1` never exits.
+
+        From the calibrated grid when `eps` is on it, else derived from the stored calibration statistics.
+        """
+        if not 0.0 <= float(eps) <= 1.0:
+            raise ValueError(f"eps={eps!r} must lie in [0, 1]")
+        if float(eps) == 1.0:
+            return [None] * self.config.num_exits
+        grid = self.config.thresholds or {}
+        if f"{float(eps):g}" in grid:
+            return list(grid[f"{float(eps):g}"])
+        if not self.calibration_stats:
+            raise ValueError(f"eps={eps!r}: these heads are not calibrated (run `hf-earlyexit calibrate`)")
+        stats = self.calibration_stats
+        return [
+            threshold_for_eps(stats[f"score.{j}"], stats[f"agree.{j}"].bool(), float(eps))
+            for j in range(self.config.num_exits)
+        ]
+
     def cost_table(self) -> list[dict[str, int]]:
         """Per-token cost of stopping at each exit vs running the full model (weight multiply-adds and bytes)."""
         parts = self.engine.parts
@@ -339,6 +365,17 @@ def read_heads(source: str, revision: str | None = None, **hub) -> dict[str, Ten
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"head file {path} is corrupt or not a safetensors file ({err})") from err
+
+
+def read_calibration(source: str, revision: str | None = None, **hub) -> dict[str, Tensor] | None:
+    """The calibration statistics of a heads folder, or `None` when it was never calibrated."""
+    path = cached_file(source, CALIBRATION_FILE, revision=revision, _raise_exceptions_for_missing_entries=False, **hub)
+    if path is None:
+        return None
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"calibration file {path} is corrupt or not a safetensors file ({err})") from err
 
 
 def check_compatible(config: EarlyExitConfig, base: PreTrainedModel) -> None:

@@ -109,3 +109,29 @@ def _load_heads(path: str, dtype):
     from . import load
 
     return load(path, dtype=dtype)
+
+
+@dataclass
+class CalibrateJob:
+    """Which heads folder to calibrate (it is rewritten in place, atomically)."""
+
+    model: str = field(default="earlyexit-heads", metadata={"help": "heads folder written by `train`"})
+    dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
+    num_sequences: int = field(default=64, metadata={"help": "calibration sequences the model writes"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens per calibration sequence"})
+    prompt_file: str | None = field(default=None, metadata={"help": "calibration prompts, one per line (UTF-8)"})
+
+
+def run_calibrate(job: CalibrateJob, config) -> tuple[dict, list[dict], list[dict]]:
+    """Generate calibration text, set thresholds for the ε grid, check them on held-out tokens, save."""
+    from .calibrate import calibration_spec, run_calibration, save_calibrated
+
+    model, _ = _load_heads(job.model, DTYPES[job.dtype])
+    spec = calibration_spec()
+    spec.num_sequences, spec.max_new_tokens = job.num_sequences, job.max_new_tokens
+    if job.prompt_file:
+        spec.prompts = list(read_prompt_file(job.prompt_file))
+    corpus = generate_corpus(model.backbone, model.tokenizer, spec, model.config.base_model_name_or_path)
+    thresholds, check_rows, cascade_rows = run_calibration(model, config, corpus)
+    save_calibrated(model, job.model, check_rows, cascade_rows)
+    return thresholds, check_rows, cascade_rows

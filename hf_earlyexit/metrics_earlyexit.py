@@ -1,0 +1,100 @@
+"""Confidence metrics and the calibration threshold rule (portable: torch + siblings only).
+
+Every metric is turned into a score where higher means more confident in `confidence()`, the one place that
+knows each metric's direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .configuration_earlyexit import METRICS
+
+DEFAULT_EPS_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+
+
+def breaking_ties(logits: Tensor) -> Tensor:
+    """`(..., vocab)` -> `(...)`: top-1 minus top-2 probability (the paper's metric)."""
+    top = F.softmax(logits.float(), dim=-1).topk(2, dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1]
+
+
+def max_prob(logits: Tensor) -> Tensor:
+    """`(..., vocab)` -> `(...)`: top-1 probability."""
+    return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """`(..., vocab)` -> `(...)`: Shannon entropy in nats (lower = more confident)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def hidden_similarity(hidden: Tensor, previous: Tensor) -> Tensor:
+    """`(..., d)` x `(..., d)` -> `(...)`: cosine similarity of consecutive exits' hidden states."""
+    return F.cosine_similarity(hidden.float(), previous.float(), dim=-1)
+
+
+def confidence(
+    metric: str, logits: Tensor | None = None, hidden: Tensor | None = None, previous_hidden: Tensor | None = None
+) -> Tensor:
+    """Score of `metric`, oriented so that higher always means more confident (entropy is negated here)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
+    if metric == "hidden_similarity":
+        if hidden is None or previous_hidden is None:
+            raise ValueError("metric 'hidden_similarity' needs hidden and previous_hidden")
+        return hidden_similarity(hidden, previous_hidden)
+    if logits is None:
+        raise ValueError(f"metric {metric!r} needs logits")
+    score = {"breaking_ties": breaking_ties, "max_prob": max_prob, "entropy": entropy}[metric](logits)
+    return -score if metric == "entropy" else score
+
+
+def _check(scores: Tensor, agree: Tensor, eps: float) -> None:
+    if not isinstance(eps, int | float) or not math.isfinite(eps) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps={eps!r} must be a number in [0, 1]")
+    if scores.dim() != 1 or agree.shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and agree {tuple(agree.shape)} must be 1-D of equal length")
+    if scores.numel() == 0:
+        raise ValueError("no calibration samples (scores is empty)")
+
+
+def threshold_for_eps(scores: Tensor, agree: Tensor, eps: float) -> float | None:
+    """The lowest score whose tail (all samples scoring >= it) agrees at rate >= `eps`; `None`: never exit.
+
+    `eps == 1` always gives `None` (ε = 1 means plain decoding).
+    """
+    _check(scores, agree, eps)
+    if eps >= 1.0:
+        return None
+    order = scores.argsort()
+    values = scores[order].double()  # (N,) ascending
+    hits = agree[order].double()
+    n = len(values)
+    tail_hits = hits.flip(0).cumsum(0).flip(0)  # (N,) agreements among samples j..N-1
+    tail_count = torch.arange(n, 0, -1, dtype=torch.double)
+    first_of_group = torch.ones(n, dtype=torch.bool)
+    first_of_group[1:] = values[1:] != values[:-1]  # a tail starts at the first of equal values
+    ok = first_of_group & (tail_hits >= eps * tail_count - 1e-12)
+    index = ok.nonzero()
+    return float(values[index[0, 0]]) if len(index) else None
+
+
+def exit_rate_and_agreement(scores: Tensor, agree: Tensor, threshold: float | None) -> tuple[float, float]:
+    """Fraction of samples that would exit at `threshold`, and their agreement (nan when none exit)."""
+    if threshold is None:
+        return 0.0, math.nan
+    leaves = scores >= threshold
+    count = int(leaves.sum())
+    return count / len(scores), (float(agree[leaves].double().mean()) if count else math.nan)
+
+
+def thresholds_for_grid(scores: Tensor, agree: Tensor, grid: Sequence[float]) -> dict[str, float | None]:
+    """`f"{eps:g}"` -> threshold for every ε in `grid`."""
+    return {f"{float(eps):g}": threshold_for_eps(scores, agree, float(eps)) for eps in grid}

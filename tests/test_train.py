@@ -1,0 +1,119 @@
+"""Self-supervised training and ε-calibration on tiny models, with real optimisation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny import save_tiny_base
+
+from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.calibrate import CalibrateConfig, run_calibration, save_calibrated
+from hf_earlyexit.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
+from hf_earlyexit.train import TrainConfig, evaluate_heads, train_heads
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    return save_tiny_base("llama", tmp_path_factory.mktemp("base") / "llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(base_path):
+    model = EarlyExitForCausalLM.from_base(base_path, exit_layers=[1, 2, 3])
+    spec = GenerationSpec(num_sequences=48, max_new_tokens=24)
+    return generate_corpus(model.backbone, model.tokenizer, spec, "tiny-llama", cache=False)
+
+
+def fresh(base_path, **kw) -> EarlyExitForCausalLM:
+    torch.manual_seed(0)  # heads initialised from scratch / adapters draw from the global generator
+    return EarlyExitForCausalLM.from_base(base_path, exit_layers=[1, 2, 3], **kw)
+
+
+def test_training_raises_agreement_and_lowers_loss(base_path, corpus, tmp_path):
+    train, held = corpus.split(0.75)
+    model = fresh(base_path, head="paper", head_init="scratch")
+    before = evaluate_heads(model, held)
+    config = TrainConfig(steps=60, lam=0.5, learning_rate=1e-2, log_every=5, checkpoint_every=30)
+    history = train_heads(model, train, config, tmp_path)
+    after = evaluate_heads(model, held)
+    for b, a in zip(before, after, strict=True):
+        assert a["agreement"] > b["agreement"] + 0.2, (b, a)
+    first = [r["loss"] for r in history if r["step"] == 5]
+    last = [r["loss"] for r in history if r["step"] == 60]
+    assert all(lo < hi for lo, hi in zip(last, first, strict=True))
+    assert (tmp_path / "train_log.csv").exists() and (tmp_path / "training_curves.png").exists()
+
+
+def test_resume_continues_exactly(base_path, corpus, tmp_path):
+    config = TrainConfig(steps=8, learning_rate=1e-2, checkpoint_every=4, log_every=2)
+    whole = fresh(base_path, head="shared", adapter_rank=4)
+    train_heads(whole, corpus, config, tmp_path / "whole")
+    cut = fresh(base_path, head="shared", adapter_rank=4)
+    train_heads(cut, corpus, TrainConfig(steps=4, learning_rate=1e-2, checkpoint_every=4, log_every=2),
+                tmp_path / "cut")  # the "interrupted" run: stopped after its step-4 checkpoint
+    resumed = fresh(base_path, head="shared", adapter_rank=4)
+    train_heads(resumed, corpus, config, tmp_path / "cut", resume=True)
+    for (name, a), b in zip(whole.heads.state_dict().items(), resumed.heads.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_with_other_settings_is_refused(base_path, corpus, tmp_path):
+    train_heads(fresh(base_path), corpus, TrainConfig(steps=2, checkpoint_every=2), tmp_path)
+    with pytest.raises(ValueError, match="lam: checkpoint 0.95 vs now 0.2"):
+        train_heads(fresh(base_path), corpus, TrainConfig(steps=4, lam=0.2), tmp_path, resume=True)
+    with pytest.raises(FileExistsError, match="resume"):
+        train_heads(fresh(base_path), corpus, TrainConfig(steps=4), tmp_path)
+
+
+def test_bad_prompt_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_prompt_file(tmp_path / "latin1.txt")
+    (tmp_path / "ok.txt").write_text("A cat is\n\nMy dog\n")
+    assert read_prompt_file(tmp_path / "ok.txt") == ("A cat is", "My dog")
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens():
+    ids = torch.tensor([[0, 5, 5, 5, 7, 7, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+    assert draft_vocabulary(Corpus(ids, mask), 12, 2).tolist() == [5, 7]
+    assert draft_vocabulary(Corpus(ids, mask), 12, 2, always=[11]).tolist() == [5, 11]
+
+
+def test_calibration_sets_thresholds_that_hold_on_held_out_tokens(base_path, corpus, tmp_path, caplog):
+    model = fresh(base_path, head="paper", head_init="scratch")
+    train_heads(model, corpus, TrainConfig(steps=40, lam=0.5, learning_rate=1e-2), tmp_path / "work")
+    model.config.training = {"steps": 40}
+    spec = GenerationSpec(prompts=["A cat is", "The capital"], num_sequences=96, max_new_tokens=24, sampling_seed=9)
+    calib = generate_corpus(model.backbone, model.tokenizer, spec, "tiny-llama", cache=False)
+    config = CalibrateConfig(min_tokens=200, eps_grid=[0.5, 0.8, 0.9, 1.0])
+    thresholds, check_rows, cascade = run_calibration(model, config, calib)
+    assert thresholds["1"] == [None, None, None]
+    assert model.thresholds_for(1.0) == [None, None, None]
+    assert model.thresholds_for(0.8) == thresholds["0.8"]
+    # an ε off the grid is derived from the stored statistics
+    assert model.thresholds_for(0.85) is not None and len(model.thresholds_for(0.85)) == 3
+    for row in check_rows:  # on held-out tokens, exited tokens agree at about ε (small data: generous margin)
+        if row["threshold"] is not None and row["coverage"] * 2000 > 50 and row["eps"] < 1:
+            assert row["agreement"] >= row["eps"] - 0.15, row
+    save_calibrated(model, tmp_path / "heads", check_rows, cascade)
+    loaded = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads")
+    assert loaded.config.thresholds == thresholds
+    assert loaded.thresholds_for(0.85) == model.thresholds_for(0.85)
+    assert (tmp_path / "heads" / "calibration.png").exists()
+
+
+def test_calibration_needs_enough_tokens_and_warns_on_untrained_heads(base_path, corpus, caplog):
+    model = fresh(base_path)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"exit@1 has only \d+ .*at least 100000"):
+        run_calibration(model, CalibrateConfig(min_tokens=100000), corpus)
+    assert "never trained" in caplog.text
+    with pytest.raises(ValueError, match="eps=1.5"):
+        CalibrateConfig(eps_grid=[0.5, 1.5])
+    with pytest.raises(ValueError, match="eps=-0.1"):
+        model.thresholds_for(-0.1)
