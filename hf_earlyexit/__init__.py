@@ -50,7 +50,8 @@ def load(
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            # the base config tells AutoTokenizer what it needs; reading our config.json would ask for remote code
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=model.config.text_config)
         except (OSError, ValueError):  # a heads folder saved without a tokenizer: use the base model's
             tokenizer = load_tokenizer(model.config.base_model_name_or_path, model.config.base_revision)
         model.tokenizer = tokenizer
