@@ -10,7 +10,9 @@ that layer, and are then run together with the new positions, in order. One mech
 - lazy catch-up of the KV cache of skipped layers (a token that exited early is written to the deeper layers
   together with the next token that reaches them),
 - verification of several drafted tokens in one pass (append them, then `run_to(state, L)`),
-- a subset of batch rows (`select_rows`).
+- a subset of batch rows (`select_rows`),
+- KV-only filling of skipped layers from one hidden state (`fill_kv`, CALM-style propagation),
+- rollback of rejected positions (`truncate`).
 
 Invariant, with `n` positions appended so far and `done[i]` positions computed by layer `i` (non-increasing in i):
 `frontier[j]` holds the input of layer `j` for positions `[done[j], done[j-1])` (for `j = 0`: `[done[0], n)`).
@@ -19,6 +21,7 @@ Invariant, with `n` positions appended so far and `done[i]` positions computed b
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +30,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .architectures_earlyexit import ModelParts, model_parts
+
+WORK_KEYS = ("calls", "tokens", "kv_calls", "kv_tokens")
 
 
 @dataclass
@@ -40,6 +45,9 @@ class EngineState:
         done: per decoder layer, how many positions it has computed.
         frontier: layer index -> `(batch, m, hidden)` states waiting to enter that layer (index `L` = final
             outputs not yet returned).
+        work: what was computed so far, per decoder layer: `calls` (layer invocations, each reads the layer's
+            weights once), `tokens` (row-positions run through the layer), `kv_calls` / `kv_tokens` (the same for
+            KV-only fills).
     """
 
     cache: DynamicCache
@@ -47,6 +55,7 @@ class EngineState:
     position_ids: Tensor
     done: list[int]
     frontier: dict[int, Tensor] = field(default_factory=dict)
+    work: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -71,11 +80,21 @@ class LayerEngine:
         self.parts: ModelParts = model_parts(model)
         self.num_layers = len(self.parts.layers)
         self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or [])
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever name this version takes
+        layer_params = inspect.signature(self.parts.layers[0].forward).parameters
+        self._cache_kwarg = "cache" if "cache" in layer_params else self.parts.spec.cache_kwarg
+        self._mask_cache_kwarg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else (
+            "past_key_values"
+        )
 
     # -- state -------------------------------------------------------------------------------------------------
 
-    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EngineState:
-        """Create a state for `input_ids` `(batch, seq)` (left padding marked by `attention_mask`)."""
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None, rollback: bool = False) -> EngineState:
+        """Create a state for `input_ids` `(batch, seq)` (left padding marked by `attention_mask`).
+
+        `rollback=True` lets `truncate` undo positions even past a sliding window (those cache layers then keep
+        their past until the next `truncate`).
+        """
         batch = input_ids.shape[0]
         empty = torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
         state = EngineState(
@@ -83,7 +102,12 @@ class LayerEngine:
             attention_mask=empty,
             position_ids=empty.clone(),
             done=[0] * self.num_layers,
+            work={key: [0] * self.num_layers for key in WORK_KEYS},
         )
+        if rollback:
+            for layer in state.cache.layers:
+                if hasattr(layer, "activate_past_recording"):
+                    layer.activate_past_recording()
         self.append(state, input_ids, attention_mask)
         return state
 
@@ -121,7 +145,32 @@ class LayerEngine:
             position_ids=state.position_ids[rows],
             done=list(state.done),
             frontier={j: h[rows] for j, h in state.frontier.items()},
+            work={key: list(values) for key, values in state.work.items()},
         )
+
+    def truncate(self, state: EngineState, length: int) -> None:
+        """Forget every position from `length` on (cache, masks, pending states): rolls back rejected drafts.
+
+        Sliding-window cache layers can only roll back past their window when `start(..., rollback=True)` made them
+        record their past.
+        """
+        if not 0 <= length <= state.length:
+            raise ValueError(f"cannot truncate {state.length} positions to length={length}")
+        old = list(state.done)
+        for j in range(self.num_layers):
+            pending = state.frontier.get(j)
+            if pending is not None:  # frontier[j] covers [old[j], upper) with upper = old[j-1] (n for j = 0)
+                keep = max(0, length - old[j])
+                if keep == 0:
+                    del state.frontier[j]
+                elif keep < pending.shape[1]:
+                    state.frontier[j] = pending[:, :keep]
+            if old[j] > length:
+                state.cache.layers[j].crop(length - old[j])
+                state.done[j] = length
+        state.frontier.pop(self.num_layers, None)  # final outputs are always handed over by run_to
+        state.attention_mask = state.attention_mask[:, :length]
+        state.position_ids = state.position_ids[:, :length]
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -153,8 +202,40 @@ class LayerEngine:
             return out
         return state.frontier[k]
 
-    def _run_layer(self, state: EngineState, i: int, hidden: Tensor, masks: dict, rotaries: dict) -> Tensor:
-        """Run decoder layer `i` on positions `[done[i], n)`: `hidden` `(batch, q, hidden)`."""
+    def fill_kv(self, state: EngineState, k: int) -> None:
+        """Write the KV cache of layers `k..L-1` for the positions waiting at layer `k` from their layer-`k` input
+        (the exit hidden state copied up, CALM's propagation): each skipped layer runs only its input norm and
+        key/value projections (the query projection too, where a family computes it first), never attention or
+        the MLP. Those positions are then complete at every layer.
+        """
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer index k={k} is outside 0..{self.num_layers}")
+        if k == self.num_layers:
+            return
+        for j in range(k):
+            if j in state.frontier:
+                raise RuntimeError(f"layer {j} still has pending positions; run_to(state, {k}) first")
+        hidden = state.frontier.pop(k, None)
+        if hidden is None:
+            return
+        masks: dict = {}
+        rotaries: dict = {}
+        for i in range(k, self.num_layers):
+            self._run_layer(state, i, hidden, masks, rotaries, kv_only=True)
+
+    def flush(self, state: EngineState) -> None:
+        """Run every pending position through the remaining layers, so the cache is complete at every layer."""
+        if any(j < self.num_layers for j in state.frontier):
+            self.run_to(state, self.num_layers)
+        state.frontier.pop(self.num_layers, None)
+
+    def _run_layer(
+        self, state: EngineState, i: int, hidden: Tensor, masks: dict, rotaries: dict, kv_only: bool = False
+    ) -> Tensor | None:
+        """Run decoder layer `i` on positions `[done[i], n)`: `hidden` `(batch, q, hidden)`.
+
+        `kv_only`: stop as soon as the layer has written its keys and values to the cache (returns `None`).
+        """
         start, end = state.done[i], state.length
         if hidden.shape[1] != end - start:
             raise RuntimeError(f"layer {i}: {hidden.shape[1]} pending states for positions [{start}, {end})")
@@ -166,20 +247,30 @@ class LayerEngine:
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=state.attention_mask,
-                past_key_values=state.cache,
                 position_ids=position_ids,
                 layer_idx=i,
+                **{self._mask_cache_kwarg: state.cache},
             )
-        kwargs = {self.parts.spec.cache_kwarg: state.cache}
+        cache = _KVOnlyCache(state.cache) if kv_only else state.cache
+        kwargs = {self._cache_kwarg: cache}
         if self.parts.rotary is not None:
             layer_type = self.layer_types[i] if self.parts.spec.rotary_per_layer_type else ""
             if (layer_type, start) not in rotaries:
                 args = (layer_type,) if layer_type else ()
                 rotaries[layer_type, start] = self.parts.rotary(hidden, position_ids, *args)
             kwargs["position_embeddings"] = rotaries[layer_type, start]
-        out = self.parts.layers[i](
-            hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
-        )
+        prefix = "kv_" if kv_only else ""
+        state.work[prefix + "calls"][i] += 1
+        state.work[prefix + "tokens"][i] += hidden.shape[0] * hidden.shape[1]
+        try:
+            out = self.parts.layers[i](
+                hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
+            )
+        except _KVWritten:
+            state.done[i] = end
+            return None
+        if kv_only:
+            raise RuntimeError(f"decoder layer {i} never wrote its keys and values to the cache")
         state.done[i] = end
         return out[0] if isinstance(out, tuple) else out
 
@@ -200,6 +291,25 @@ class LayerEngine:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)
         return self.final_logits(self.run_to(state, self.num_layers))
+
+
+class _KVWritten(Exception):
+    """Raised by `_KVOnlyCache` right after a layer stored its keys and values."""
+
+
+class _KVOnlyCache:
+    """Stands in for the engine's cache during a KV-only pass: forwards everything, and stops the layer at the
+    first `update` (after storing), before any attention or MLP work."""
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self._cache = cache
+
+    def update(self, *args, **kwargs):
+        self._cache.update(*args, **kwargs)
+        raise _KVWritten
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
 
 
 def _concat(first: Tensor | None, second: Tensor | None) -> Tensor | None:

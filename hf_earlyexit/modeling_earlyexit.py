@@ -31,6 +31,7 @@ from .base_earlyexit import (
     weight_fingerprint,
 )
 from .configuration_earlyexit import EarlyExitConfig
+from .decoding_earlyexit import ExitStats, early_exit_generate
 from .engine_earlyexit import LayerEngine
 from .heads_earlyexit import Cost, ExitHead, build_head, module_cost
 from .metrics_earlyexit import threshold_for_eps
@@ -115,6 +116,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.calibration_stats: dict[str, Tensor] | None = None  # sorted scores + agreement per head
+        self.exit_stats = ExitStats(exit_layers=list(config.exit_layers), num_layers=self.engine.num_layers)
 
     # -- building and loading ----------------------------------------------------------------------------------
 
@@ -298,11 +300,38 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             exit_hidden_states=tuple(exit_hidden) if output_hidden_states else None,
         )
 
-    def generate(self, inputs: Tensor | None = None, *, mode: str = "plain", **kwargs):
-        """Generate token ids. `mode="plain"`: the base model's own `generate()` (HF arguments apply)."""
+    def generate(
+        self, inputs: Tensor | None = None, *, mode: str | None = None, eps: float | None = None,
+        kv_fill: str = "recompute", **kwargs,
+    ):
+        """Generate token ids; every HF `generate()` argument applies (lengths, sampling, stopping, streamers, ...).
+
+        Args:
+            mode: `"plain"` (the base model's own `generate()`) or `"early_exit"` (tokens leave at the first exit
+                whose confidence passes its threshold for `eps`). Default: `"early_exit"` when `eps` is given, else
+                `"plain"`.
+            eps: accuracy target ε in [0, 1] of early exit (default: `config.eps`); 1.0 never exits.
+            kv_fill: how the KV cache of skipped layers is kept: `"recompute"` (exact, computed later with the next
+                token) or `"propagate"` (the exit hidden state's key/value projections).
+
+        With `return_dict_in_generate=True`, an early-exit call returns `EarlyExitGenerateOutput` (HF's output plus
+        `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
+        `reset_exit_stats()`.
+        """
+        if mode is None:
+            mode = "early_exit" if eps is not None else "plain"
         if mode == "plain":
+            if eps is not None:
+                raise ValueError(f"eps={eps!r} has no effect with mode='plain'")
             return self.backbone.generate(inputs, **kwargs)
-        raise ValueError(f"mode={mode!r} is not one of: plain")
+        if mode == "early_exit":
+            eps = self.config.eps if eps is None else eps
+            return early_exit_generate(self, inputs, eps=eps, kv_fill=kv_fill, **kwargs)
+        raise ValueError(f"mode={mode!r} is not one of: plain, early_exit")
+
+    def reset_exit_stats(self) -> None:
+        """Start counting exits and work afresh (`model.exit_stats`)."""
+        self.exit_stats = ExitStats(exit_layers=list(self.config.exit_layers), num_layers=self.engine.num_layers)
 
     def thresholds_for(self, eps: float) -> list[float | None]:
         """Per-exit thresholds at accuracy target `eps` (`None`: that exit never fires); `eps=1` never exits.
