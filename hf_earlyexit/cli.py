@@ -101,12 +101,40 @@ def _calibrate_types() -> tuple[type, ...]:
     return (CalibrateJob, CalibrateConfig)
 
 
+def _generate(args) -> None:
+    from .bench import run_generate
+
+    run_generate(args)
+
+
+def _bench(args) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
+
+
+def _generate_types() -> tuple[type, ...]:
+    from .bench import GenerateArgs
+
+    return (GenerateArgs,)
+
+
+def _bench_types() -> tuple[type, ...]:
+    from .bench import BenchArgs
+
+    return (BenchArgs,)
+
+
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
     "demo": (lambda: (DemoArgs,), _demo, "load the embedded default, attach heads, print costs and a generation"),
     "train": (_train_types, _train, "self-supervised head training on text the model writes itself"),
     "calibrate": (_calibrate_types, _calibrate, "set per-exit thresholds for a grid of ε on generated text"),
+    "generate": (_generate_types, _generate, "generate text with early exits and show where each token left"),
+    "bench": (_bench_types, _bench, "tokens/s of early exit at an ε grid vs plain decoding, side by side"),
 }
+# subcommands that also take their dataclass's `prompt` field as positional words
+POSITIONAL_PROMPT = ("generate",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name, (types, _, help_text) in COMMANDS.items():
-        sub.add_parser(name, dataclass_types=list(types()), help=help_text, description=help_text)
+        command = sub.add_parser(name, dataclass_types=list(types()), help=help_text, description=help_text)
+        if name in POSITIONAL_PROMPT:
+            command.add_argument("positional_prompt", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
     return parser
 
 
@@ -122,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if namespace.verbose else logging.WARNING, format="%(message)s")
     types, run, _ = COMMANDS[namespace.command]
+    words = getattr(namespace, "positional_prompt", None)
+    if words:
+        namespace.prompt = (namespace.prompt or []) + list(words)
     run(*(t(**{f.name: getattr(namespace, f.name) for f in fields(t) if f.init}) for t in types()))
     return 0
 

@@ -39,3 +39,48 @@ def test_bad_choice_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["info", "--head", "mlp"])
     assert "invalid choice: 'mlp'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def calibrated_folder(tmp_path_factory):
+    """A tiny heads folder with thresholds for ε=0.5 (at each head's median confidence) and its tokenizer."""
+    from test_decoding import set_median_thresholds
+    from tiny import tiny_tokenizer
+
+    from hf_earlyexit import EarlyExitForCausalLM
+
+    root = tmp_path_factory.mktemp("cli")
+    base = save_tiny_base("llama", root / "base")
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
+    set_median_thresholds(model, key="0.5")
+    model.save_pretrained(root / "heads")
+    return str(root / "heads")
+
+
+def test_generate_prints_text_colours_and_exit_summary(calibrated_folder, capsys):
+    assert main(["generate", "hello world", "--model", calibrated_folder, "--dtype", "float32", "--eps", "0.5",
+                 "--max_new_tokens", "10", "--colour"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hello world")
+    assert "\033[" in out and "exit@1" in out and "tok/s" in out and "decoder-layer work" in out
+
+
+def test_generate_needs_a_prompt(calibrated_folder):
+    with pytest.raises(ValueError, match="give a prompt"):
+        main(["generate", "--model", calibrated_folder, "--dtype", "float32"])
+
+
+def test_bench_writes_json_and_plot(calibrated_folder, tmp_path, capsys):
+    import json
+
+    out_dir = tmp_path / "bench"
+    assert main(["bench", "--model", calibrated_folder, "--dtype", "float32", "--eps_grid", "0.5", "1.0",
+                 "--num_prompts", "2", "--batch_size", "2", "--max_new_tokens", "6", "--output_dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "bench.json").read_text())
+    assert (out_dir / "bench.png").stat().st_size > 0
+    rows = {(r["mode"], r["eps"], r["exit"]): r for r in report["rows"]}
+    assert rows["early_exit", 1.0, None]["agreement"] == 1.0  # ε = 1 is plain decoding
+    assert rows["early_exit", 1.0, None]["identical_sequences"] == 2
+    forced = rows["forced", None, 1]
+    assert forced["exit_fractions"][0] > 0.5 and forced["layers_fraction"] < 1.0
+    assert "| plain |" in capsys.readouterr().out
