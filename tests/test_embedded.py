@@ -97,3 +97,36 @@ def test_embedded_heads_round_trip_in_a_fresh_process(tmp_path, tokenizer):
         assert torch.equal(got[f"e{j}"], logits)
     bf16 = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads", dtype=torch.bfloat16)
     assert bf16.get_base_model().dtype == torch.bfloat16
+
+
+BATCH4 = PROMPTS + ["Welcome to the jungle, we have"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], BATCH4], ids=["batch1", "batch4_left_padded"])
+def test_embedded_eps_one_is_plain_greedy(tokenizer, prompts, dtype):
+    base = load_base_model("embedded", dtype=dtype)
+    model = EarlyExitForCausalLM.from_base(base, head="shared", adapter_rank=8, draft_token_ids=list(range(4096)))
+    ids, mask = _inputs(tokenizer, prompts)
+    kw = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    expected = base.generate(input_ids=ids, attention_mask=mask, **kw)
+    got = model.generate(ids, attention_mask=mask, eps=1.0, **kw)
+    assert torch.equal(got, expected), tokenizer.batch_decode(torch.cat([got, expected]))
+
+
+def test_embedded_forced_exit_skips_layers(tokenizer):
+    """Every token leaves at exit@4: the layers above it run only for the prompt (and once more at the end, to
+    complete the cache that `return_dict_in_generate` hands back)."""
+    model = EarlyExitForCausalLM.from_base("embedded", exit_layers=[4, 9], head="shared", adapter_rank=8)
+    model.config.thresholds = {"0.5": [-1.0, None]}
+    calls = [0] * model.num_layers
+    hooks = [layer.mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.engine.parts.layers)]
+    ids, mask = _inputs(tokenizer, PROMPTS[:1])
+    out = model.generate(ids, attention_mask=mask, eps=0.5, max_new_tokens=8, do_sample=False,
+                         return_dict_in_generate=True)
+    for h in hooks:
+        h.remove()
+    assert out.exit_index[0, 1:].tolist() == [0] * 7
+    assert calls[:4] == [8] * 4 and calls[4:] == [2] * (model.num_layers - 4)
+    assert out.exit_stats.layers_computed_fraction == pytest.approx(4 / model.num_layers)

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_decoding import set_median_thresholds
 from tiny import ARCHS, batch, save_tiny_base, tiny_model
 from transformers import AutoModelForCausalLM, OPTConfig
 
@@ -132,7 +133,10 @@ FRESH_LOAD = textwrap.dedent(
             assert type(model).__name__ == "EarlyExitForCausalLM", type(model)
             with torch.no_grad():
                 out = model(inputs["ids"], attention_mask=inputs["mask"])
-            save_file({f"exit{j}": t.contiguous() for j, t in enumerate(out.exit_logits)} | {"logits": out.logits},
+                early = model.generate(inputs["ids"], attention_mask=inputs["mask"], max_new_tokens=6, eps=0.5,
+                                       do_sample=False, pad_token_id=0, eos_token_id=None)
+            save_file({f"exit{j}": t.contiguous() for j, t in enumerate(out.exit_logits)} | {"logits": out.logits}
+                      | {"early_exit": early},
                       job["folder"] + f"/../out_{auto.__name__}.safetensors")
     """
 )
@@ -149,11 +153,14 @@ def saved_folders(tmp_path_factory):
         setup = list(HEAD_SETUPS.values())[i % len(HEAD_SETUPS)]
         model = EarlyExitForCausalLM.from_base(base_path, exit_layers=[1, 2], **setup)
         perturb_heads(model, seed=i)
+        set_median_thresholds(model, key="0.5")
         model.save_pretrained(work / "heads")
         ids, mask = batch([9, 5, 7])
         save_file({"ids": ids, "mask": mask}, work / "inputs.safetensors")
         with torch.no_grad():
             expected[arch] = model(ids, attention_mask=mask)
+        expected[arch, "early_exit"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, eps=0.5,
+                                                      do_sample=False, pad_token_id=0, eos_token_id=None)
         jobs.append({"folder": str(work / "heads"), "inputs": str(work / "inputs.safetensors")})
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
@@ -174,6 +181,7 @@ def test_fresh_process_remote_code_load_gives_identical_heads(saved_folders, arc
     for j, logits in enumerate(expected[arch].exit_logits):
         assert torch.equal(got[f"exit{j}"], logits)
     assert torch.equal(got["logits"], expected[arch].logits)
+    assert torch.equal(got["early_exit"], expected[arch, "early_exit"])  # early-exit decoding travels with the code
 
 
 def test_saved_folder_is_small_and_safe(saved_folders):
