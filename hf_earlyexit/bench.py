@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli import ModelArgs
-from .decoding_earlyexit import KV_FILLS
+from .decoding_earlyexit import EXIT_POLICIES, KV_FILLS
 from .modeling_earlyexit import EarlyExitForCausalLM
 
 # prompts of the bench: none of the training or calibration seeds, a mix of prose, code and facts
@@ -42,6 +42,8 @@ class GenerateArgs(ModelArgs):
     eps: float = field(default=0.9, metadata={"help": "accuracy target ε in [0, 1]; 1.0 = plain decoding"})
     mode: str = field(default="early_exit", metadata={"help": "decoding mode", "choices": ["early_exit", "plain"]})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers", "choices": KV_FILLS})
+    exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
+                                                       "choices": EXIT_POLICIES})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -92,7 +94,7 @@ def run_generate(args: GenerateArgs) -> None:
         exits = None
     else:
         out = model.generate(**inputs, mode="early_exit", eps=args.eps, kv_fill=args.kv_fill,
-                             return_dict_in_generate=True, **kwargs)
+                             exit_policy=args.exit_policy, return_dict_in_generate=True, **kwargs)
         sequences, exits = out.sequences, out.exit_index
     seconds = time.perf_counter() - start
     width = inputs["input_ids"].shape[1]
@@ -122,6 +124,8 @@ class BenchArgs(ModelArgs):
     eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
                                   metadata={"help": "ε values to measure"})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers", "choices": KV_FILLS})
+    exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
+                                                       "choices": EXIT_POLICIES})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
     batch_size: int = field(default=1, metadata={"help": "prompts per generate call (left padded)"})
     num_prompts: int = field(default=len(BENCH_PROMPTS), metadata={"help": "how many bench prompts to use"})
@@ -173,11 +177,13 @@ def run_bench(args: BenchArgs) -> dict:
         if kind == "forced":
             model.config.thresholds = _forced(model, value)
             try:
-                out = model.generate(**enc, eps=0.0, kv_fill=args.kv_fill, return_dict_in_generate=True, **common)
+                out = model.generate(**enc, eps=0.0, kv_fill=args.kv_fill, exit_policy="all",
+                                     return_dict_in_generate=True, **common)
             finally:
                 model.config.thresholds = saved_thresholds
         else:
-            out = model.generate(**enc, eps=value, kv_fill=args.kv_fill, return_dict_in_generate=True, **common)
+            out = model.generate(**enc, eps=value, kv_fill=args.kv_fill, exit_policy=args.exit_policy,
+                                 return_dict_in_generate=True, **common)
         return out.sequences, out.exit_stats
 
     with torch.inference_mode():
@@ -224,10 +230,13 @@ def run_bench(args: BenchArgs) -> dict:
             row["macs_fraction"] = total.macs_fraction
             row["weight_bytes_fraction"] = total.weight_bytes_fraction
             row["wasted_layer_tokens"] = total.wasted_layer_tokens
+            row["checked_exits"] = total.checked_exits
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
+    same_loop = next((r["tokens_per_s"] for r in rows if r["mode"] == "early_exit" and r["eps"] == 1.0), None)
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_speed
+        row["speedup_vs_eps1"] = row["tokens_per_s"] / same_loop if same_loop else None
     report = {
         "model": args.model, "dtype": args.dtype, "kv_fill": args.kv_fill, "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts, "repeats": args.repeats,
@@ -250,20 +259,22 @@ def bench_table(report: dict) -> str:
         f"{report['dtype']}, batch {report['batch_size']}, {report['max_new_tokens']} new tokens x "
         f"{len(report['prompts'])} prompts, kv_fill {report['kv_fill']}, {report['threads']} threads",
         "",
-        "| run | tok/s | vs plain | token agreement | identical seqs | layer work | MACs | exits (" + " / ".join(names)
-        + ") |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | tok/s | vs plain | vs ε=1 | token agreement | identical seqs | layer work | MACs | checked | exits ("
+        + " / ".join(names) + ") |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         name = {"plain": "plain", "early_exit": f"ε={row['eps']}", "forced": f"all at exit@{row['exit']}"}[row["mode"]]
         if row["mode"] == "plain":
-            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | 1.00 | 1.000 | – | 1.00 | 1.00 | – |")
+            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | 1.00 | – | 1.000 | – | 1.00 | 1.00 | – | – |")
             continue
         exits = " / ".join(f"{f:.2f}" for f in row["exit_fractions"])
+        vs_eps1 = f"{row['speedup_vs_eps1']:.2f}" if row["speedup_vs_eps1"] else "–"
+        checked = ",".join(str(k) for k in row["checked_exits"] or []) or "none"
         lines.append(
-            f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f} | {row['agreement']:.3f} | "
+            f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f} | {vs_eps1} | {row['agreement']:.3f} | "
             f"{row['identical_sequences']}/{len(row['first_divergence'])} | {row['layers_fraction']:.2f} | "
-            f"{row['macs_fraction']:.2f} | {exits} |"
+            f"{row['macs_fraction']:.2f} | {checked} | {exits} |"
         )
     return "\n".join(lines)
 

@@ -145,12 +145,12 @@ def run_calibration(
 
 
 def _stats_tensors(records: list[dict]) -> dict[str, Tensor]:
-    """Sorted scores and their agreement per head: enough to derive a threshold for any ε at load time."""
-    stats = {}
+    """Per head and calibration token: score and agreement, in the same token order for every head (entry `i` of
+    every head is one token), so any ε's thresholds and the joint exit pattern can be derived at load time."""
+    stats = {"aligned": torch.ones(1, dtype=torch.uint8)}
     for j, rec in enumerate(records):
-        order = rec["score"].argsort()
-        stats[f"score.{j}"] = rec["score"][order].contiguous()
-        stats[f"agree.{j}"] = rec["agree"][order].to(torch.uint8).contiguous()
+        stats[f"score.{j}"] = rec["score"].contiguous()
+        stats[f"agree.{j}"] = rec["agree"].to(torch.uint8).contiguous()
     return stats
 
 

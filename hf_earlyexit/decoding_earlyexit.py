@@ -35,6 +35,7 @@ from .heads_earlyexit import Cost, ExitHead, module_cost
 from .metrics_earlyexit import confidence
 
 KV_FILLS = ("recompute", "propagate")
+EXIT_POLICIES = ("auto", "all")
 
 
 @dataclass
@@ -55,10 +56,12 @@ class ExitStats:
         head_tokens: head evaluations.
         macs / macs_full: weight multiply-adds spent vs the plain model (attention over the context not counted).
         weight_bytes / weight_bytes_full: bytes of weights read (once per pass, shared by the batch) vs plain.
+        checked_exits: the exits that were checked (the exit policy may skip exits that seldom fire at this ε).
     """
 
     exit_layers: list[int]
     num_layers: int
+    checked_exits: list[int] | None = None
     tokens: int = 0
     exit_counts: list[int] = field(default_factory=list)
     steps: int = 0
@@ -84,6 +87,8 @@ class ExitStats:
                      "wasted_layer_tokens", "head_tokens", "macs", "macs_full", "weight_bytes", "weight_bytes_full"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_counts = [a + b for a, b in zip(self.exit_counts, other.exit_counts, strict=True)]
+        if other.checked_exits is not None:
+            self.checked_exits = sorted(set(self.checked_exits or []) | set(other.checked_exits))
 
     @property
     def exit_names(self) -> list[str]:
@@ -172,6 +177,52 @@ def _costs(model) -> _Costs:
     return costs
 
 
+def plan_exits(model, eps: float, kv_fill: str = "recompute") -> list[bool]:
+    """Which exits are worth checking at `eps` (`exit_policy="auto"`).
+
+    Every check costs a head evaluation; an exit that seldom fires at this ε costs more than it saves. On the
+    calibration tokens (per-token scores, aligned across heads), every subset of the exits that have a threshold is
+    simulated (a token leaves at the first checked exit that fires) and the subset with the fewest weight bytes
+    read per token is kept: decoding one token at a time is bound by reading weights. Skipped layers cost nothing
+    more with `recompute` (their catch-up rides along with the next deep token's weight reads) and their KV-only
+    projections with `propagate`. Without aligned calibration statistics, every exit with a threshold is checked.
+    """
+    thresholds = model.thresholds_for(eps)
+    usable = [tau is not None for tau in thresholds]
+    stats = model.calibration_stats
+    if not any(usable) or not stats or "aligned" not in stats:
+        return usable
+    costs = _costs(model)
+    scores = torch.stack([stats[f"score.{j}"].double() for j in range(len(thresholds))], dim=1)  # (N, K)
+    fires = torch.zeros_like(scores, dtype=torch.bool)
+    for j, tau in enumerate(thresholds):
+        if tau is not None:
+            fires[:, j] = scores[:, j] >= tau
+    layer_bytes = [c.weight_bytes for c in costs.layers]
+    kv_bytes = [c.weight_bytes for c in costs.kv()] if kv_fill == "propagate" else [0] * len(layer_bytes)
+    full = float(costs.full.weight_bytes)
+    exit_layers = model.config.exit_layers
+    candidates = [j for j, ok in enumerate(usable) if ok]
+    best, best_cost = usable, None
+    for mask in range(1 << len(candidates)):
+        chosen = [candidates[b] for b in range(len(candidates)) if mask >> b & 1]
+        cost = torch.full((scores.shape[0],), full, dtype=torch.double)
+        left = torch.zeros(scores.shape[0], dtype=torch.bool)
+        checked = 0.0
+        for j in chosen:
+            checked += costs.heads[j].weight_bytes
+            layer = exit_layers[j]
+            leave = fires[:, j] & ~left
+            cost[leave] = sum(layer_bytes[:layer]) + sum(kv_bytes[layer:]) + checked
+            left |= leave
+        cost[~left] = full + checked
+        mean = float(cost.mean())
+        if best_cost is None or mean < best_cost:
+            best_cost = mean
+            best = [j in chosen for j in range(len(thresholds))]
+    return best
+
+
 def head_logits_full_vocab(head: ExitHead, logits: Tensor, vocab_size: int) -> Tensor:
     """`(n, head_vocab)` head logits -> `(n, vocab)` float32 scores over the model vocabulary.
 
@@ -199,6 +250,7 @@ def early_exit_decode(
     ee_model,
     ee_eps: float,
     ee_kv_fill: str,
+    ee_exit_policy: str = "auto",
     **model_kwargs,
 ):
     """The decoding loop HF `generate()` calls (as `custom_generate`) for early-exit generation.
@@ -215,7 +267,10 @@ def early_exit_decode(
     thresholds = ee_model.thresholds_for(ee_eps)
     metric = ee_model.config.metric
     needs_hidden = metric == "hidden_similarity"
-    active = [tau is not None for tau in thresholds]
+    if ee_exit_policy == "auto":
+        active = plan_exits(ee_model, ee_eps, ee_kv_fill)
+    else:
+        active = [tau is not None for tau in thresholds]
     last_exit = max((j for j in range(num_exits) if active[j]), default=-1)
     vocab_size = engine.config.vocab_size
     costs = _costs(ee_model)
@@ -235,7 +290,9 @@ def early_exit_decode(
     state = engine.start(input_ids, mask)
     logits = engine.final_logits(engine.run_to(state, num_layers)[:, -1]).float()  # (batch, vocab)
     prefill = {key: list(values) for key, values in state.work.items()}  # the prompt pass, as in plain decoding
-    stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers)
+    stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers, checked_exits=[
+        layer for layer, on in zip(exit_layers, active, strict=True) if on
+    ])
     head_tokens = [0] * num_exits
     head_calls = [0] * num_exits
     final_tokens = final_calls = 0
@@ -369,17 +426,23 @@ def early_exit_decode(
     )
 
 
-def early_exit_generate(ee_model, inputs: Tensor | None = None, *, eps: float, kv_fill: str = "recompute", **kwargs):
+def early_exit_generate(
+    ee_model, inputs: Tensor | None = None, *, eps: float, kv_fill: str = "recompute", exit_policy: str = "auto",
+    **kwargs,
+):
     """`generate()` with early exits: HF prepares everything, `early_exit_decode` runs the loop."""
     if kv_fill not in KV_FILLS:
         raise ValueError(f"kv_fill={kv_fill!r} is not one of {', '.join(KV_FILLS)}")
+    if exit_policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_policy={exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
     ee_model.thresholds_for(eps)  # checks eps and that the heads are calibrated, before any work
     for key in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate"):
         if kwargs.get(key) is not None:
             raise ValueError(f"{key} cannot be combined with early-exit generation")
     _move_stop_strings(ee_model, kwargs)
     decode = functools.partial(
-        early_exit_decode, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_eps=float(eps), ee_kv_fill=kv_fill
+        early_exit_decode, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_eps=float(eps), ee_kv_fill=kv_fill,
+        ee_exit_policy=exit_policy,
     )
     return ee_model.backbone.generate(inputs, custom_generate=decode, **kwargs)
 

@@ -115,7 +115,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             for _ in config.exit_layers
         )
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.calibration_stats: dict[str, Tensor] | None = None  # sorted scores + agreement per head
+        self.calibration_stats: dict[str, Tensor] | None = None  # per head and token: score, agreement
         self.exit_stats = ExitStats(exit_layers=list(config.exit_layers), num_layers=self.engine.num_layers)
 
     # -- building and loading ----------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(
         self, inputs: Tensor | None = None, *, mode: str | None = None, eps: float | None = None,
-        kv_fill: str = "recompute", **kwargs,
+        kv_fill: str = "recompute", exit_policy: str = "auto", **kwargs,
     ):
         """Generate token ids; every HF `generate()` argument applies (lengths, sampling, stopping, streamers, ...).
 
@@ -313,6 +313,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             eps: accuracy target ε in [0, 1] of early exit (default: `config.eps`); 1.0 never exits.
             kv_fill: how the KV cache of skipped layers is kept: `"recompute"` (exact, computed later with the next
                 token) or `"propagate"` (the exit hidden state's key/value projections).
+            exit_policy: `"auto"` checks only the exits that pay for their head at this ε (simulated on the
+                calibration tokens); `"all"` checks every exit that has a threshold.
 
         With `return_dict_in_generate=True`, an early-exit call returns `EarlyExitGenerateOutput` (HF's output plus
         `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
@@ -326,7 +328,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             return self.backbone.generate(inputs, **kwargs)
         if mode == "early_exit":
             eps = self.config.eps if eps is None else eps
-            return early_exit_generate(self, inputs, eps=eps, kv_fill=kv_fill, **kwargs)
+            return early_exit_generate(self, inputs, eps=eps, kv_fill=kv_fill, exit_policy=exit_policy, **kwargs)
         raise ValueError(f"mode={mode!r} is not one of: plain, early_exit")
 
     def reset_exit_stats(self) -> None:

@@ -342,3 +342,31 @@ def test_bad_generate_arguments_are_named(kwargs, message):
     ids, mask = batch([5])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, **{**GREEDY, **kwargs})
+
+
+def test_exit_policy_skips_exits_that_do_not_pay():
+    """`exit_policy="auto"` simulates the exit rule on the calibration tokens and drops exits that cost more than
+    they save; `"all"` checks every exit that has a threshold."""
+    model = ee_model("llama", exits=[1, 2, 3], draft_token_ids=list(range(20)))  # cheap heads
+    n = 200
+    g = torch.Generator().manual_seed(0)
+    never = torch.zeros(n)  # exit@1 never passes its threshold
+    often = (torch.rand(n, generator=g) < 0.8).float()  # exit@2 passes for 80% of the tokens
+    model.calibration_stats = {
+        "aligned": torch.ones(1, dtype=torch.uint8),
+        "score.0": never, "agree.0": torch.ones(n, dtype=torch.uint8),
+        "score.1": often, "agree.1": torch.ones(n, dtype=torch.uint8),
+        "score.2": often, "agree.2": torch.ones(n, dtype=torch.uint8),  # fires exactly where exit@2 already did
+    }
+    model.config.thresholds = {"0.5": [0.5, 0.5, 0.5]}
+    from hf_earlyexit.decoding_earlyexit import plan_exits
+
+    assert plan_exits(model, 0.5) == [False, True, False]
+    ids, mask = batch([6])
+    auto = model.generate(ids, attention_mask=mask, max_new_tokens=6, eps=0.5, return_dict_in_generate=True, **GREEDY)
+    every = model.generate(ids, attention_mask=mask, max_new_tokens=6, eps=0.5, exit_policy="all",
+                           return_dict_in_generate=True, **GREEDY)
+    assert auto.exit_stats.checked_exits == [2] and every.exit_stats.checked_exits == [1, 2, 3]
+    assert auto.exit_stats.head_tokens < every.exit_stats.head_tokens
+    with pytest.raises(ValueError, match="exit_policy='some'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, eps=0.5, exit_policy="some", **GREEDY)
