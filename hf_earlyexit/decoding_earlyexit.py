@@ -57,6 +57,8 @@ class ExitStats:
         macs / macs_full: weight multiply-adds spent vs the plain model (attention over the context not counted).
         weight_bytes / weight_bytes_full: bytes of weights read (once per pass, shared by the batch) vs plain.
         checked_exits: the exits that were checked (the exit policy may skip exits that seldom fire at this ε).
+        drafted / accepted / rounds: self-speculative decoding: draft tokens proposed by the heads, how many the
+            full model accepted, and draft-verify rounds (per sequence).
     """
 
     exit_layers: list[int]
@@ -74,6 +76,9 @@ class ExitStats:
     macs_full: int = 0
     weight_bytes: int = 0
     weight_bytes_full: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
 
     def __post_init__(self) -> None:
         if not self.exit_counts:
@@ -84,7 +89,8 @@ class ExitStats:
         if other.exit_layers != self.exit_layers:
             raise ValueError(f"cannot add stats for exits {other.exit_layers} to stats for {self.exit_layers}")
         for name in ("tokens", "steps", "layer_tokens", "layer_tokens_full", "kv_fill_tokens",
-                     "wasted_layer_tokens", "head_tokens", "macs", "macs_full", "weight_bytes", "weight_bytes_full"):
+                     "wasted_layer_tokens", "head_tokens", "macs", "macs_full", "weight_bytes", "weight_bytes_full",
+                     "drafted", "accepted", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_counts = [a + b for a, b in zip(self.exit_counts, other.exit_counts, strict=True)]
         if other.checked_exits is not None:
@@ -100,6 +106,16 @@ class ExitStats:
         return self.layer_tokens / self.layer_tokens_full if self.layer_tokens_full else float("nan")
 
     @property
+    def acceptance_rate(self) -> float:
+        """Accepted ÷ drafted tokens (self-speculative decoding)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted draft tokens per draft-verify round."""
+        return self.accepted / self.rounds if self.rounds else float("nan")
+
+    @property
     def macs_fraction(self) -> float:
         return self.macs / self.macs_full if self.macs_full else float("nan")
 
@@ -113,12 +129,17 @@ class ExitStats:
         out["layers_computed_fraction"] = self.layers_computed_fraction
         out["macs_fraction"] = self.macs_fraction
         out["weight_bytes_fraction"] = self.weight_bytes_fraction
+        out["acceptance_rate"] = self.acceptance_rate
+        out["mean_accepted"] = self.mean_accepted
         return out
 
     def summary(self) -> str:
         """One line: exits per head, and work vs the plain model."""
         total = max(self.tokens, 1)
         exits = ", ".join(f"{n} {c} ({c / total:.0%})" for n, c in zip(self.exit_names, self.exit_counts, strict=True))
+        if self.rounds:
+            exits += (f"; drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.0%}), "
+                      f"{self.mean_accepted:.2f} accepted per round")
         return (
             f"{self.tokens} tokens: {exits}; decoder-layer work {self.layers_computed_fraction:.2f}x, "
             f"multiply-adds {self.macs_fraction:.2f}x, weight bytes {self.weight_bytes_fraction:.2f}x of plain decoding"
@@ -175,6 +196,45 @@ def _costs(model) -> _Costs:
         costs = _Costs(model)
         object.__setattr__(model, "_exit_costs", costs)
     return costs
+
+
+@dataclass
+class Tally:
+    """Head and final-head work of one generate call (decoder-layer work is counted by the engine)."""
+
+    head_tokens: list[int]
+    head_calls: list[int]
+    final_tokens: int = 0
+    final_calls: int = 0
+
+
+def finish_stats(
+    stats: ExitStats, costs: _Costs, work_now: dict, prefill: dict, tally: Tally, decode_tokens: int,
+    plain_steps: int,
+) -> None:
+    """Fill the work fields of `stats`: the decoding after the prompt pass (which plain decoding does alike),
+    against the plain model's `decode_tokens` one-token passes in `plain_steps` batch steps."""
+    work = {key: [a - b for a, b in zip(values, prefill[key], strict=True)] for key, values in work_now.items()}
+    num_layers = len(costs.layers)
+    stats.layer_tokens = sum(work["tokens"])
+    stats.layer_tokens_full = decode_tokens * num_layers
+    stats.kv_fill_tokens = sum(work["kv_tokens"])
+    stats.head_tokens = sum(tally.head_tokens)
+    kv = costs.kv() if stats.kv_fill_tokens else [Cost(0, 0)] * num_layers
+
+    def spent(attr: str, counts: list[tuple[list[Cost], list[int]]]) -> int:
+        return sum(getattr(c, attr) * t for parts, ts in counts for c, t in zip(parts, ts, strict=True))
+
+    stats.macs = spent("macs", [
+        (costs.layers, work["tokens"]), (kv, work["kv_tokens"]), (costs.heads, tally.head_tokens),
+        ([costs.final], [tally.final_tokens]),
+    ])
+    stats.weight_bytes = spent("weight_bytes", [
+        (costs.layers, work["calls"]), (kv, work["kv_calls"]), (costs.heads, tally.head_calls),
+        ([costs.final], [tally.final_calls]),
+    ])
+    stats.macs_full = costs.full.macs * decode_tokens
+    stats.weight_bytes_full = costs.full.weight_bytes * plain_steps
 
 
 def plan_exits(model, eps: float, kv_fill: str = "recompute") -> list[bool]:
@@ -237,6 +297,91 @@ def head_logits_full_vocab(head: ExitHead, logits: Tensor, vocab_size: int) -> T
     return full
 
 
+@dataclass
+class ExitPlan:
+    """The exit rule of one generate call: thresholds at ε, which exits are checked, the metric."""
+
+    thresholds: list[float | None]
+    active: list[bool]
+    metric: str
+
+    @classmethod
+    def build(cls, model, eps: float, policy: str, kv_fill: str = "recompute") -> ExitPlan:
+        thresholds = model.thresholds_for(eps)
+        if policy == "auto":
+            active = plan_exits(model, eps, kv_fill)
+        else:
+            active = [tau is not None for tau in thresholds]
+        return cls(thresholds, active, model.config.metric)
+
+    @property
+    def last(self) -> int:
+        """Index of the deepest checked exit (-1: none)."""
+        return max((j for j, on in enumerate(self.active) if on), default=-1)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.metric == "hidden_similarity"
+
+
+@dataclass
+class CascadeResult:
+    """Outcome of `exit_cascade` for `n` rows."""
+
+    fired: Tensor  # (n,) bool: the row left at some exit
+    exit_index: Tensor  # (n,) long: that exit (len(exits) where none fired)
+    logits: Tensor  # (n, vocab) float32: the exiting head's logits over the model vocabulary (rows that fired)
+    depth: int | None  # the layer every row had left by, or None when some row passed every checked exit
+
+
+def exit_cascade(model, state, plan: ExitPlan, todo: Tensor, tokens: Tensor, tally: Tally) -> CascadeResult:
+    """Run the newest position of `state` up the exits; each row in `todo` leaves at the first checked exit whose
+    head is confident (its top class a real token). Stops at the exit by which every row in `todo` has left.
+
+    Args:
+        todo: `(n,)` bool, rows that may leave (others are carried along).
+        tokens: `(n,)` the newest tokens (the first exit's hidden-state similarity compares with their embedding).
+    """
+    engine = model.engine
+    n = todo.shape[0]
+    num_exits = len(plan.thresholds)
+    vocab_size = engine.config.vocab_size
+    decided = ~todo
+    fired = torch.zeros(n, dtype=torch.bool, device=todo.device)
+    exit_index = torch.full((n,), num_exits, dtype=torch.long, device=todo.device)
+    logits = torch.empty(n, vocab_size, dtype=torch.float32, device=todo.device)
+    previous = model.get_input_embeddings()(tokens) if plan.needs_hidden else None
+    last = plan.last
+    for j, (layer, head, tau) in enumerate(zip(model.config.exit_layers, model.exit_heads, plan.thresholds,
+                                               strict=True)):
+        if j > last:
+            break
+        if not plan.active[j] and not plan.needs_hidden:
+            continue
+        hidden = engine.run_to(state, layer)[:, -1]  # (n, hidden): the newest token after `layer` layers
+        if plan.active[j]:
+            rows = (~decided).nonzero().squeeze(1)
+            head_logits = head(hidden[rows])  # (m, head_vocab)
+            tally.head_tokens[j] += len(rows)
+            tally.head_calls[j] += 1
+            score = confidence(
+                plan.metric, logits=head_logits, hidden=hidden[rows],
+                previous_hidden=previous[rows] if previous is not None else None,
+            )
+            real_token = head.to_token_ids(head_logits.argmax(dim=-1)) >= 0
+            fire = (score >= tau) & real_token
+            if bool(fire.any()):
+                chosen = rows[fire]
+                logits[chosen] = head_logits_full_vocab(head, head_logits[fire], vocab_size)
+                decided[chosen] = True
+                fired[chosen] = True
+                exit_index[chosen] = j
+            if bool(decided.all()):
+                return CascadeResult(fired, exit_index, logits, layer)
+        previous = hidden
+    return CascadeResult(fired, exit_index, logits, None)
+
+
 @torch.no_grad()
 def early_exit_decode(
     model,
@@ -261,18 +406,9 @@ def early_exit_decode(
         beams = generation_config.num_beams
         raise ValueError(f"early-exit generation decodes greedily or by sampling; got num_beams={beams}")
     engine = ee_model.engine
-    heads = ee_model.exit_heads
     exit_layers = list(ee_model.config.exit_layers)
     num_exits, num_layers = len(exit_layers), engine.num_layers
-    thresholds = ee_model.thresholds_for(ee_eps)
-    metric = ee_model.config.metric
-    needs_hidden = metric == "hidden_similarity"
-    if ee_exit_policy == "auto":
-        active = plan_exits(ee_model, ee_eps, ee_kv_fill)
-    else:
-        active = [tau is not None for tau in thresholds]
-    last_exit = max((j for j in range(num_exits) if active[j]), default=-1)
-    vocab_size = engine.config.vocab_size
+    plan = ExitPlan.build(ee_model, ee_eps, ee_exit_policy, ee_kv_fill)
     costs = _costs(ee_model)
 
     pad_token = generation_config._pad_token_tensor
@@ -291,11 +427,9 @@ def early_exit_decode(
     logits = engine.final_logits(engine.run_to(state, num_layers)[:, -1]).float()  # (batch, vocab)
     prefill = {key: list(values) for key, values in state.work.items()}  # the prompt pass, as in plain decoding
     stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers, checked_exits=[
-        layer for layer, on in zip(exit_layers, active, strict=True) if on
+        layer for layer, on in zip(exit_layers, plan.active, strict=True) if on
     ])
-    head_tokens = [0] * num_exits
-    head_calls = [0] * num_exits
-    final_tokens = final_calls = 0
+    tally = Tally([0] * num_exits, [0] * num_exits)
     exit_index_now = torch.full((batch_size,), num_exits, dtype=torch.long, device=device)
 
     rows = torch.arange(batch_size, device=device)  # engine rows -> batch rows
@@ -336,77 +470,27 @@ def early_exit_decode(
             dropped = True
 
         # one decoding step for the rows still running
-        tokens = next_tokens[rows][:, None]  # (n, 1)
-        engine.append(state, tokens)
-        n = len(rows)
+        tokens = next_tokens[rows]  # (n,)
+        engine.append(state, tokens[:, None])
         stats.steps += 1
-        decided = torch.zeros(n, dtype=torch.bool, device=device)
-        exit_index_now = torch.full((n,), num_exits, dtype=torch.long, device=device)
-        logits = torch.empty(n, vocab_size, dtype=torch.float32, device=device)
-        previous = ee_model.get_input_embeddings()(tokens[:, 0]) if needs_hidden else None
-        depth = num_layers
-        for j, (layer, head, tau) in enumerate(zip(exit_layers, heads, thresholds, strict=True)):
-            if j > last_exit:
-                break
-            if not active[j] and not needs_hidden:
-                continue
-            hidden = engine.run_to(state, layer)[:, -1]  # (n, hidden): the new token after `layer` layers
-            if active[j]:
-                todo = (~decided).nonzero().squeeze(1)
-                head_logits = head(hidden[todo])  # (m, head_vocab)
-                head_tokens[j] += len(todo)
-                head_calls[j] += 1
-                score = confidence(
-                    metric, logits=head_logits, hidden=hidden[todo],
-                    previous_hidden=previous[todo] if previous is not None else None,
-                )
-                real_token = head.to_token_ids(head_logits.argmax(dim=-1)) >= 0
-                fire = (score >= tau) & real_token
-                if bool(fire.any()):
-                    chosen = todo[fire]
-                    logits[chosen] = head_logits_full_vocab(head, head_logits[fire], vocab_size)
-                    decided[chosen] = True
-                    exit_index_now[chosen] = j
-                    stats.wasted_layer_tokens -= layer * len(chosen)
-                if bool(decided.all()):
-                    depth = layer
-                    break
-            previous = hidden
-        if depth == num_layers:
-            todo = (~decided).nonzero().squeeze(1)
+        result = exit_cascade(ee_model, state, plan, torch.ones_like(tokens, dtype=torch.bool), tokens, tally)
+        exit_index_now, logits = result.exit_index, result.logits
+        depth = num_layers if result.depth is None else result.depth
+        if result.depth is None:
+            todo = (~result.fired).nonzero().squeeze(1)
             hidden = engine.run_to(state, num_layers)[:, -1]
             logits[todo] = engine.final_logits(hidden[todo]).float()
-            final_tokens += len(todo)
-            final_calls += 1
+            tally.final_tokens += len(todo)
+            tally.final_calls += 1
         elif ee_kv_fill == "propagate":
             engine.fill_kv(state, depth)
-        stats.wasted_layer_tokens += depth * int(decided.sum())
+        exit_depth = torch.tensor(exit_layers + [num_layers], device=device)[exit_index_now]
+        stats.wasted_layer_tokens += int((depth - exit_depth).sum())
 
     if streamer is not None:
         streamer.end()
 
-    # the work of the decoding steps (the prompt pass is the same as plain decoding's, so it is left out)
-    work = {key: [a - b for a, b in zip(values, prefill[key], strict=True)] for key, values in state.work.items()}
-    decode_tokens = stats.tokens - batch_size
-    stats.layer_tokens = sum(work["tokens"])
-    stats.layer_tokens_full = decode_tokens * num_layers
-    stats.kv_fill_tokens = sum(work["kv_tokens"])
-    stats.head_tokens = sum(head_tokens)
-    kv = costs.kv() if stats.kv_fill_tokens else [Cost(0, 0)] * num_layers
-
-    def spent(attr: str, counts: list[tuple[list[Cost], list[int]]]) -> int:
-        return sum(getattr(c, attr) * t for parts, ts in counts for c, t in zip(parts, ts, strict=True))
-
-    stats.macs = spent("macs", [
-        (costs.layers, work["tokens"]), (kv, work["kv_tokens"]), (costs.heads, head_tokens),
-        ([costs.final], [final_tokens]),
-    ])
-    stats.weight_bytes = spent("weight_bytes", [
-        (costs.layers, work["calls"]), (kv, work["kv_calls"]), (costs.heads, head_calls),
-        ([costs.final], [final_calls]),
-    ])
-    stats.macs_full = costs.full.macs * decode_tokens
-    stats.weight_bytes_full = costs.full.weight_bytes * stats.steps
+    finish_stats(stats, costs, state.work, prefill, tally, stats.tokens - batch_size, stats.steps)
     ee_model.exit_stats.add(stats)
 
     if not return_dict:

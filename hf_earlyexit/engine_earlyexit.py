@@ -166,11 +166,35 @@ class LayerEngine:
                 elif keep < pending.shape[1]:
                     state.frontier[j] = pending[:, :keep]
             if old[j] > length:
-                state.cache.layers[j].crop(length - old[j])
+                _slice_layer(state.cache.layers[j], old[j], torch.arange(length, device=state.attention_mask.device))
                 state.done[j] = length
         state.frontier.pop(self.num_layers, None)  # final outputs are always handed over by run_to
         state.attention_mask = state.attention_mask[:, :length]
         state.position_ids = state.position_ids[:, :length]
+
+    def compact(self, state: EngineState, ends: Tensor) -> None:
+        """Keep positions `[0, ends[r])` of each row `r` and drop the rest; rows that keep fewer positions than the
+        longest are shifted right and left-padded (masked), so every row stays one contiguous sequence.
+
+        Needs a state with every position computed by every layer (e.g. right after `run_to(state, L)`) and
+        recorded sliding-window layers (`start(..., rollback=True)`).
+        """
+        if state.frontier or any(d != state.length for d in state.done):
+            raise RuntimeError("compact needs every position computed by every layer")
+        ends = ends.to(device=state.attention_mask.device, dtype=torch.long)
+        stored, length = state.length, int(ends.max())
+        if bool((ends == length).all()):
+            self.truncate(state, length)
+            return
+        shift = (length - ends)[:, None]  # (batch, 1)
+        columns = torch.arange(length, device=ends.device)[None, :]  # (1, length)
+        index = (columns - shift).clamp(min=0)  # (batch, length): old position of each new slot
+        padded = columns < shift
+        state.attention_mask = state.attention_mask.gather(1, index).masked_fill(padded, 0)
+        state.position_ids = state.position_ids.gather(1, index).masked_fill(padded, 0)
+        for layer in state.cache.layers[: self.num_layers]:
+            _slice_layer(layer, stored, index)
+        state.done = [length] * self.num_layers
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -291,6 +315,27 @@ class LayerEngine:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)
         return self.final_logits(self.run_to(state, self.num_layers))
+
+
+def _slice_layer(layer, stored: int, index: Tensor) -> None:
+    """Keep stored positions `index` (`(length,)` for every row, or `(batch, length)` per row) of a cache layer."""
+    if not getattr(layer, "is_initialized", False):
+        return
+    have = layer.keys.shape[-2]
+    if have != stored:
+        raise RuntimeError(
+            f"a cache layer stores {have} positions, expected {stored}: sliding-window layers must record their past "
+            "(start the engine state with rollback=True) to roll back"
+        )
+    if index.dim() == 1:
+        layer.keys = layer.keys[:, :, index]
+        layer.values = layer.values[:, :, index]
+    else:
+        gather = index[:, None, :, None]  # (batch, 1, length, 1)
+        layer.keys = layer.keys.gather(2, gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = index.shape[-1]
 
 
 class _KVWritten(Exception):

@@ -135,3 +135,45 @@ def test_run_to_rejects_bad_layer_index():
     state = engine.start(torch.tensor([[5, 6, 7]]))
     with pytest.raises(ValueError, match="k=9 is outside 0..4"):
         engine.run_to(state, 9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_truncate_and_compact_roll_back_to_the_cache_of_the_kept_tokens(arch):
+    """Append extra tokens, roll them back (per row a different number), continue: the next logits equal a fresh
+    pass over the kept tokens (left-padded the same way)."""
+    model = tiny_model(arch)
+    engine = LayerEngine(model)
+    ids, mask = batch([9, 5, 7])
+    extra = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
+    keep = torch.tensor([2, 6, 0])  # tokens of `extra` each row keeps
+    nxt = torch.randint(3, VOCAB, (3, 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        state = engine.start(ids, mask, rollback=True)
+        engine.run_to(state, engine.num_layers)
+        engine.append(state, extra)
+        engine.run_to(state, engine.num_layers)
+        engine.compact(state, ids.shape[1] + keep)
+        engine.append(state, nxt)
+        got = engine.final_logits(engine.run_to(state, engine.num_layers)[:, -1])
+        # oracle: each row alone, kept tokens only, no padding
+        for row in range(3):
+            real = ids[row][mask[row].bool()]
+            seq = torch.cat([real, extra[row, : keep[row]], nxt[row]])[None]
+            want = model(input_ids=seq).logits[:, -1]
+            torch.testing.assert_close(got[row:row + 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_truncate_drops_pending_positions_too():
+    model = tiny_model("llama")
+    engine = LayerEngine(model)
+    ids, mask = batch([6])
+    with torch.no_grad():
+        state = engine.start(ids, mask, rollback=True)
+        engine.run_to(state, engine.num_layers)
+        engine.append(state, torch.tensor([[5, 6, 7]]))
+        engine.run_to(state, 2)  # layers 0-1 hold 9 positions, layers 2-3 hold 6, 3 wait at layer 2
+        engine.truncate(state, 7)
+        assert state.done == [7, 7, 6, 6] and state.frontier[2].shape[1] == 1
+        out = engine.final_logits(engine.run_to(state, engine.num_layers))[:, -1]
+        want = model(input_ids=torch.cat([ids, torch.tensor([[5]])], dim=1)).logits[:, -1]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
