@@ -35,6 +35,7 @@ from .decoding_earlyexit import ExitStats, early_exit_generate
 from .engine_earlyexit import LayerEngine
 from .heads_earlyexit import Cost, ExitHead, build_head, module_cost
 from .metrics_earlyexit import threshold_for_eps
+from .speculative_earlyexit import DEFAULT_MAX_DRAFT, dssd_generate
 
 logger = logging.getLogger(__name__)
 
@@ -302,19 +303,21 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(
         self, inputs: Tensor | None = None, *, mode: str | None = None, eps: float | None = None,
-        kv_fill: str = "recompute", exit_policy: str = "auto", **kwargs,
+        kv_fill: str = "recompute", exit_policy: str = "auto", max_draft: int = DEFAULT_MAX_DRAFT, **kwargs,
     ):
         """Generate token ids; every HF `generate()` argument applies (lengths, sampling, stopping, streamers, ...).
 
         Args:
-            mode: `"plain"` (the base model's own `generate()`) or `"early_exit"` (tokens leave at the first exit
-                whose confidence passes its threshold for `eps`). Default: `"early_exit"` when `eps` is given, else
-                `"plain"`.
-            eps: accuracy target ε in [0, 1] of early exit (default: `config.eps`); 1.0 never exits.
+            mode: `"plain"` (the base model's own `generate()`), `"early_exit"` (lossy: tokens leave at the first
+                exit whose confidence passes its threshold for `eps`) or `"dssd"` (lossless self-speculative
+                decoding: the heads draft while confident, the full model verifies). Default: `"early_exit"` when
+                `eps` is given, else `"plain"`.
+            eps: accuracy target ε in [0, 1] (default: `config.eps`); 1.0 never exits (and never drafts).
             kv_fill: how the KV cache of skipped layers is kept: `"recompute"` (exact, computed later with the next
                 token) or `"propagate"` (the exit hidden state's key/value projections).
             exit_policy: `"auto"` checks only the exits that pay for their head at this ε (simulated on the
                 calibration tokens); `"all"` checks every exit that has a threshold.
+            max_draft: `"dssd"`: most tokens drafted per round.
 
         With `return_dict_in_generate=True`, an early-exit call returns `EarlyExitGenerateOutput` (HF's output plus
         `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
@@ -329,7 +332,10 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         if mode == "early_exit":
             eps = self.config.eps if eps is None else eps
             return early_exit_generate(self, inputs, eps=eps, kv_fill=kv_fill, exit_policy=exit_policy, **kwargs)
-        raise ValueError(f"mode={mode!r} is not one of: plain, early_exit")
+        if mode == "dssd":
+            eps = self.config.eps if eps is None else eps
+            return dssd_generate(self, inputs, eps=eps, max_draft=max_draft, exit_policy=exit_policy, **kwargs)
+        raise ValueError(f"mode={mode!r} is not one of: plain, early_exit, dssd")
 
     def reset_exit_stats(self) -> None:
         """Start counting exits and work afresh (`model.exit_stats`)."""

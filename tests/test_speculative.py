@@ -1,0 +1,154 @@
+"""Self-speculative decoding (DSSD) is lossless: its output is the base model's, whatever the heads do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_decoding import GREEDY, ee_model, set_median_thresholds
+from tiny import ARCHS, VOCAB, batch, tiny_model
+
+from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.architectures_earlyexit import model_parts
+
+NEW = 20
+BATCHES = {"batch1": [7], "batch4_left_padded": [9, 5, 7, 3]}
+
+
+def plain(model, ids, mask, new=NEW):
+    return model.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, **GREEDY)
+
+
+def perfect_heads(arch: str, exit_layer: int = 2) -> EarlyExitForCausalLM:
+    """The layers above `exit_layer` do nothing (all their weights zero: each adds 0 to the residual stream), and
+    the head is a copy of the model's final norm + LM head: it predicts exactly what the full model predicts."""
+    base = tiny_model(arch)
+    with torch.no_grad():
+        for layer in model_parts(base).layers[exit_layer:]:
+            for p in layer.parameters():
+                p.zero_()
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[exit_layer], head="paper", head_init="lm_head")
+    model.config.thresholds = {"0.5": [-1.0]}  # always confident
+    return model
+
+
+@pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_dssd_equals_plain_greedy(arch, lengths):
+    model = ee_model(arch)
+    set_median_thresholds(model, quantile=0.3)
+    ids, mask = batch(lengths)
+    expected = plain(model, ids, mask)
+    for eps, cap in [(0.5, 1), (0.5, 4), (0.5, 16), (1.0, 4)]:
+        key = f"{eps:g}"
+        if key != "1":
+            model.config.thresholds = {key: model.config.thresholds[next(iter(model.config.thresholds))]}
+        model.reset_exit_stats()
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=eps, max_draft=cap,
+                             **GREEDY)
+        assert torch.equal(got, expected), (eps, cap)
+        stats = model.exit_stats
+        assert stats.tokens == len(lengths) * NEW
+        if eps == 1.0:
+            assert stats.drafted == 0
+        else:
+            assert stats.drafted > 0
+
+
+@pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bad_heads_everything_rejected_output_unchanged(arch, lengths):
+    torch.manual_seed(0)
+    model = EarlyExitForCausalLM.from_base(tiny_model(arch), exit_layers=[1, 2], head="paper", head_init="scratch")
+    model.config.thresholds = {"0.5": [-1.0, -1.0]}  # always confident, usually wrong
+    ids, mask = batch(lengths)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, max_draft=5,
+                         return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain(model, ids, mask))
+    stats = out.exit_stats
+    assert stats.drafted > 0 and stats.acceptance_rate < 0.3
+
+
+@pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_perfect_heads_everything_accepted(arch, lengths):
+    model = perfect_heads(arch)
+    ids, mask = batch(lengths)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, max_draft=6,
+                         return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain(model, ids, mask))
+    stats = out.exit_stats
+    assert stats.drafted > 0 and stats.accepted == stats.drafted
+    # rounds of 6 drafts + the bonus token: 19 tokens after the first need 3 rounds per row
+    assert stats.rounds == len(lengths) * 3
+    # every accepted token still runs every layer (in the verify pass), but the weights are read once per round
+    assert stats.layer_tokens == stats.layer_tokens_full
+    assert stats.steps == 3 and stats.weight_bytes < stats.weight_bytes_full
+
+
+def test_eos_and_max_length_stop_each_row():
+    model = ee_model("llama")
+    set_median_thresholds(model, quantile=0.3)
+    ids, mask = batch([9, 5, 7, 3])
+    reference = plain(model, ids, mask)
+    eos = int(reference[1, ids.shape[1] + 4])
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": eos}
+    expected = model.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, **kw)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, **kw)
+    assert torch.equal(got, expected)
+
+
+def _next_token_marginals(base, prompt: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """Exact distributions of generated tokens 1..depth under plain sampling (temperature 1), by enumeration."""
+    marginals = []
+    seqs, weights = prompt[None], torch.ones(1, dtype=torch.float64)
+    for _ in range(depth):
+        with torch.no_grad():
+            probs = torch.softmax(base(input_ids=seqs).logits[:, -1].double(), dim=-1)  # (k, vocab)
+        joint = weights[:, None] * probs  # (k, vocab)
+        marginals.append(joint.sum(0))
+        seqs = torch.cat([seqs.repeat_interleave(VOCAB, 0), torch.arange(VOCAB).repeat(len(seqs))[:, None]], dim=1)
+        weights = joint.reshape(-1)
+    return marginals
+
+
+def test_sampling_dssd_follows_the_base_distribution():
+    """Speculative sampling (accept with min(1, p/q), resample the residual) leaves the distribution unchanged:
+    the empirical distribution of generated tokens 2 and 3 over many rows matches the exact one, while the heads'
+    own (different) distribution would not."""
+    model = ee_model("llama")
+    model.config.thresholds = {"0.5": [-1.0, -1.0, -1.0]}  # the first exit always drafts
+    with torch.no_grad():
+        for p in model.exit_heads[0].parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # a draft distribution clearly unlike the model's
+    prompt = torch.tensor([5, 17, 33, 8, 61])
+    rows = 3000
+    torch.manual_seed(1)
+    out = model.generate(prompt.repeat(rows, 1), max_new_tokens=3, mode="dssd", eps=0.5, max_draft=2,
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None,
+                         return_dict_in_generate=True)
+    stats = out.exit_stats
+    assert 0.05 < stats.acceptance_rate < 0.95, "both accept and reject paths must be exercised"
+    exact = _next_token_marginals(model.get_base_model(), prompt, 3)
+    generated = out.sequences[:, len(prompt):]
+    for position in (1, 2):
+        observed = torch.bincount(generated[:, position], minlength=VOCAB).double()
+        assert chi_square_p(observed, exact[position]) > 1e-3, position
+    # power: had the drafts been taken as they are, token 2 would follow a distribution the test rejects outright
+    seqs = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], dim=1)
+    with torch.no_grad():
+        q = torch.softmax(model(seqs).exit_logits[0][:, -1].double(), dim=-1)  # (vocab t1, vocab t2)
+    drafts_only = (exact[0][:, None] * q).sum(0)
+    assert chi_square_p(drafts_only * rows, exact[1]) < 1e-6
+
+
+def chi_square_p(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson's goodness-of-fit p-value, pooling the categories expected fewer than 5 times into one."""
+    from scipy.stats import chisquare
+
+    expected = expected_probs * observed.sum()
+    small = expected < 5
+    obs, exp = observed[~small], expected[~small]
+    if bool(small.any()):
+        obs = torch.cat([obs, observed[small].sum()[None]])
+        exp = torch.cat([exp, expected[small].sum()[None]])
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
