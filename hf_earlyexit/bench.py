@@ -3,6 +3,7 @@ by side with plain decoding on one fixed prompt set."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -117,31 +118,61 @@ def run_generate(args: GenerateArgs) -> None:
 # -- bench ---------------------------------------------------------------------------------------------------------
 
 
+REPETITIVE_PROMPTS = (
+    "Monday, Tuesday, Wednesday,",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):",
+    "Repeat after me: the cat sat on the mat. The cat sat on the mat. The cat sat on the mat.",
+    "A B C D E F G H",
+    "<ul>\n  <li>apple</li>\n  <li>banana</li>\n  <li>cherry</li>\n",
+    "Row 1: 0 0 0 0\nRow 2: 0 0 0 0\nRow 3:",
+    "SELECT name FROM users;\nSELECT email FROM users;\nSELECT",
+)
+PROMPT_SETS = {"varied": BENCH_PROMPTS, "repetitive": REPETITIVE_PROMPTS}
+BENCH_MODES = ("early_exit", "dssd", "all")
+
+
 @dataclass
 class BenchArgs(ModelArgs):
-    """Tokens/s of early exit at an ε grid vs plain decoding, measured side by side in one run."""
+    """Tokens/s of early exit / self-speculative decoding vs plain decoding (and peers), side by side in one run."""
 
+    mode: str = field(default="early_exit", metadata={
+        "help": "early_exit: plain + early exit at eps_grid + forced exits; dssd: plain + DSSD at dssd_eps_grid + "
+                "peers (HF assistant early exit, prompt lookup, LayerSkip-style fixed drafting) + early exit at the "
+                "same ε; all: both", "choices": BENCH_MODES})
     eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
-                                  metadata={"help": "ε values to measure"})
+                                  metadata={"help": "ε values of early exit"})
+    dssd_eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9],
+                                       metadata={"help": "ε values of DSSD"})
+    max_draft: int = field(default=16, metadata={"help": "DSSD: most tokens drafted per round"})
+    peers: bool = field(default=True, metadata={"help": "dssd mode: also time the peer methods"})
+    layerskip_drafts: list[int] = field(default_factory=lambda: [2, 4, 6],
+                                        metadata={"help": "LayerSkip-style baseline: fixed draft lengths to try"})
+    prompt_lookup_tokens: list[int] = field(default_factory=lambda: [3, 10],
+                                            metadata={"help": "HF prompt lookup: n-gram draft lengths to try"})
+    prompt_sets: list[str] | None = field(default=None, metadata={
+        "help": "prompt sets (varied, repetitive); default: varied for early_exit, both for dssd/all"})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers", "choices": KV_FILLS})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": EXIT_POLICIES})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
     batch_size: int = field(default=1, metadata={"help": "prompts per generate call (left padded)"})
-    num_prompts: int = field(default=len(BENCH_PROMPTS), metadata={"help": "how many bench prompts to use"})
+    num_prompts: int = field(default=len(BENCH_PROMPTS), metadata={"help": "how many prompts of each set to use"})
     repeats: int = field(default=1, metadata={"help": "timed repetitions of every configuration (median kept)"})
-    per_exit: bool = field(default=True, metadata={"help": "also time tokens forced to leave at each exit"})
+    per_exit: bool = field(default=True, metadata={"help": "early_exit mode: also time tokens forced to leave at "
+                                                           "each exit"})
     output_dir: str = field(default="bench", metadata={"help": "where bench.json and bench.png go"})
 
 
 def _agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, list[int | None]]:
     """Fraction of identical new tokens, and per row the first position where they differ (`None`: never)."""
-    same = reference == other  # (batch, new)
+    width = min(reference.shape[1], other.shape[1])
+    same = reference[:, :width] == other[:, :width]  # (batch, new)
     first = []
     for row in same:
         bad = (~row).nonzero()
-        first.append(int(bad[0, 0]) if len(bad) else None)
-    return float(same.float().mean()), first
+        first.append(int(bad[0, 0]) if len(bad) else (None if width == reference.shape[1] else width))
+    return float(same.float().sum() / reference.numel()), first
 
 
 def _forced(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
@@ -151,79 +182,113 @@ def _forced(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
     return {"0": taus}
 
 
-def run_bench(args: BenchArgs) -> dict:
-    """Measure, print, and write `bench.json` + `bench.png` into `args.output_dir`."""
-    for eps in args.eps_grid:
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"eps={eps!r} in eps_grid must lie in [0, 1]")
-    if not 1 <= args.num_prompts <= len(BENCH_PROMPTS):
-        raise ValueError(f"num_prompts={args.num_prompts} must lie in 1..{len(BENCH_PROMPTS)}")
-    model, tokenizer = args.load()
-    tokenizer.padding_side = "left"
-    prompts = list(BENCH_PROMPTS[: args.num_prompts])
-    groups = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    encoded = [tokenizer(g, return_tensors="pt", padding=True) for g in groups]
-    common = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False,
-              "pad_token_id": tokenizer.pad_token_id}
+@dataclass
+class _Config:
+    """One timed configuration of the bench."""
 
-    configs = [("plain", None)] + [("early_exit", eps) for eps in args.eps_grid]
-    if args.per_exit:
-        configs += [("forced", j) for j in range(model.config.num_exits)]
-    saved_thresholds = dict(model.config.thresholds or {})
+    family: str  # plain, early_exit, forced, dssd, hf_early_exit, prompt_lookup, layerskip
+    label: str
+    params: dict
+    run: object  # (encoding) -> (sequences, ExitStats | None)
 
-    def run(kind, value, enc):
-        if kind == "plain":
-            return model.generate(**enc, mode="plain", **common), None
-        if kind == "forced":
-            model.config.thresholds = _forced(model, value)
+
+def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list[_Config]:
+    saved = dict(model.config.thresholds or {})
+
+    def plain(enc):
+        return model.generate(**enc, mode="plain", **common), None
+
+    def ours(mode, eps, thresholds=None, **extra):
+        def run(enc):
+            if thresholds is not None:
+                model.config.thresholds = thresholds
             try:
-                out = model.generate(**enc, eps=0.0, kv_fill=args.kv_fill, exit_policy="all",
-                                     return_dict_in_generate=True, **common)
+                out = model.generate(**enc, mode=mode, eps=eps, return_dict_in_generate=True, **extra, **common)
             finally:
-                model.config.thresholds = saved_thresholds
-        else:
-            out = model.generate(**enc, eps=value, kv_fill=args.kv_fill, exit_policy=args.exit_policy,
-                                 return_dict_in_generate=True, **common)
-        return out.sequences, out.exit_stats
+                model.config.thresholds = saved
+            return out.sequences, out.exit_stats
+        return run
 
-    with torch.inference_mode():
-        run("plain", None, encoded[0])  # warm-up
-        times = {c: [] for c in configs}
-        outputs, stats = {}, {}
-        bar = tqdm(total=args.repeats * len(encoded) * len(configs), desc="Bench", unit="run")
-        for rep in range(args.repeats):
-            order = configs if rep % 2 == 0 else configs[::-1]  # alternate the order against drift
-            for g, enc in enumerate(encoded):
-                for config in order:
-                    start = time.perf_counter()
-                    seqs, st = run(*config, enc)
-                    times[config].append((g, time.perf_counter() - start))
-                    if rep == 0:
-                        outputs[config, g] = seqs[:, enc["input_ids"].shape[1]:]
-                        if st is not None:
-                            stats.setdefault(config, []).append(st)
-                    bar.update()
-        bar.close()
+    def hf(**extra):
+        def run(enc):
+            return model.generate(**enc, mode="plain", **extra, **common), None
+        return run
 
-    tokens = sum(outputs[("plain", None), g].numel() for g in range(len(encoded)))
+    exits = model.config.exit_layers
+    configs = [_Config("plain", "plain", {}, plain)]
+    if args.mode in ("early_exit", "all"):
+        for eps in args.eps_grid:
+            configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
+                                   ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
+        if args.per_exit:
+            for j, layer in enumerate(exits):
+                configs.append(_Config("forced", f"all at exit@{layer}", {"exit": layer},
+                                       ours("early_exit", 0.0, _forced(model, j), kv_fill=args.kv_fill,
+                                            exit_policy="all")))
+    if args.mode in ("dssd", "all"):
+        for eps in args.dssd_eps_grid:
+            configs.append(_Config("dssd", f"DSSD ε={eps:g}", {"eps": eps},
+                                   ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy)))
+        if args.mode == "dssd":  # the lossy mode at the same ε, for comparison
+            for eps in args.dssd_eps_grid:
+                configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
+                                       ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
+        if args.peers:
+            for layer in exits:
+                configs.append(_Config("hf_early_exit", f"HF assistant_early_exit={layer}", {"layer": layer},
+                                       hf(assistant_early_exit=layer)))
+            for n in args.prompt_lookup_tokens:
+                configs.append(_Config("prompt_lookup", f"HF prompt lookup n={n}", {"n": n},
+                                       hf(prompt_lookup_num_tokens=n)))
+            for j, layer in enumerate(exits):
+                for draft in args.layerskip_drafts:
+                    configs.append(_Config(
+                        "layerskip", f"fixed exit@{layer}, {draft} drafts", {"exit": layer, "drafts": draft},
+                        ours("dssd", 0.0, _forced(model, j), max_draft=draft, exit_policy="all"),
+                    ))
+    return configs
+
+
+def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[dict, dict, dict]:
+    times = {c.label: [] for c in configs}
+    outputs, stats = {}, {}
+    bar = tqdm(total=args.repeats * len(encoded) * len(configs), desc="Bench", unit="run")
+    for rep in range(args.repeats):
+        order = configs if rep % 2 == 0 else configs[::-1]  # alternate the order against drift
+        for g, enc in enumerate(encoded):
+            for config in order:
+                start = time.perf_counter()
+                seqs, st = config.run(enc)
+                times[config.label].append((g, time.perf_counter() - start))
+                if rep == 0:
+                    outputs[config.label, g] = seqs[:, enc["input_ids"].shape[1]:]
+                    if st is not None:
+                        stats.setdefault(config.label, []).append(st)
+                bar.update()
+    bar.close()
+    return times, outputs, stats
+
+
+def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, groups: int) -> list[dict]:
+    tokens = sum(outputs["plain", g].numel() for g in range(groups))
     rows = []
     for config in configs:
         per_group = {}
-        for g, seconds in times[config]:
+        for g, seconds in times[config.label]:
             per_group.setdefault(g, []).append(seconds)
         seconds = sum(statistics.median(v) for v in per_group.values())
-        row = {"mode": config[0], "eps": config[1] if config[0] == "early_exit" else None,
-               "exit": model.config.exit_layers[config[1]] if config[0] == "forced" else None,
-               "seconds": seconds, "tokens_per_s": tokens / seconds}
-        if config[0] != "plain":
-            agree, first = zip(*(_agreement(outputs[("plain", None), g], outputs[config, g])
-                                 for g in range(len(encoded))), strict=True)
+        row = {"family": config.family, "label": config.label, **config.params, "seconds": seconds,
+               "tokens_per_s": tokens / seconds}
+        if config.family != "plain":
+            agree, first = zip(*(_agreement(outputs["plain", g], outputs[config.label, g]) for g in range(groups)),
+                               strict=True)
             row["agreement"] = statistics.fmean(agree)
             firsts = [f for group in first for f in group]
             row["first_divergence"] = firsts
             row["identical_sequences"] = sum(f is None for f in firsts)
-            total = stats[config][0]
-            for extra in stats[config][1:]:
+        if config.label in stats:
+            total = copy.deepcopy(stats[config.label][0])
+            for extra in stats[config.label][1:]:
                 total.add(extra)
             row["exit_fractions"] = [c / max(1, total.tokens) for c in total.exit_counts]
             row["layers_fraction"] = total.layers_computed_fraction
@@ -231,18 +296,49 @@ def run_bench(args: BenchArgs) -> dict:
             row["weight_bytes_fraction"] = total.weight_bytes_fraction
             row["wasted_layer_tokens"] = total.wasted_layer_tokens
             row["checked_exits"] = total.checked_exits
+            if total.rounds:
+                row["acceptance_rate"] = total.acceptance_rate
+                row["mean_accepted"] = total.mean_accepted
+                row["drafted"] = total.drafted
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
-    same_loop = next((r["tokens_per_s"] for r in rows if r["mode"] == "early_exit" and r["eps"] == 1.0), None)
+    same_loop = next((r["tokens_per_s"] for r in rows if r["family"] == "early_exit" and r["eps"] == 1.0), None)
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_speed
         row["speedup_vs_eps1"] = row["tokens_per_s"] / same_loop if same_loop else None
+    return rows
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """Measure, print, and write `bench.json` + `bench.png` into `args.output_dir`."""
+    for eps in [*args.eps_grid, *args.dssd_eps_grid]:
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps={eps!r} must lie in [0, 1]")
+    sets = args.prompt_sets or (["varied"] if args.mode == "early_exit" else ["varied", "repetitive"])
+    for name in sets:
+        if name not in PROMPT_SETS:
+            raise ValueError(f"prompt set {name!r} is not one of {', '.join(PROMPT_SETS)}")
+    if not 1 <= args.num_prompts <= len(BENCH_PROMPTS):
+        raise ValueError(f"num_prompts={args.num_prompts} must lie in 1..{len(BENCH_PROMPTS)}")
+    model, tokenizer = args.load()
+    tokenizer.padding_side = "left"
+    common = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False,
+              "pad_token_id": tokenizer.pad_token_id}
+    configs = _configs(args, model, common)
     report = {
-        "model": args.model, "dtype": args.dtype, "kv_fill": args.kv_fill, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "prompts": prompts, "repeats": args.repeats,
+        "model": args.model, "dtype": args.dtype, "mode": args.mode, "kv_fill": args.kv_fill,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "exit_layers": model.config.exit_layers, "num_layers": model.num_layers,
-        "threads": torch.get_num_threads(), "rows": rows, "args": asdict(args),
+        "threads": torch.get_num_threads(), "args": asdict(args), "sets": {},
     }
+    with torch.inference_mode():
+        for name in sets:
+            prompts = list(PROMPT_SETS[name][: args.num_prompts])
+            groups = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+            encoded = [tokenizer(g, return_tensors="pt", padding=True) for g in groups]
+            configs[0].run(encoded[0])  # warm-up
+            times, outputs, stats = _measure(args, configs, encoded)
+            report["sets"][name] = {"prompts": prompts, "rows": _rows(configs, times, outputs, stats, len(encoded))}
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
@@ -252,60 +348,68 @@ def run_bench(args: BenchArgs) -> dict:
     return report
 
 
+def _fmt(value, spec: str = ".2f") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
 def bench_table(report: dict) -> str:
-    """The bench as a Markdown table."""
+    """The bench as Markdown tables, one per prompt set."""
     names = [f"exit@{k}" for k in report["exit_layers"]] + ["full"]
-    lines = [
-        f"{report['dtype']}, batch {report['batch_size']}, {report['max_new_tokens']} new tokens x "
-        f"{len(report['prompts'])} prompts, kv_fill {report['kv_fill']}, {report['threads']} threads",
-        "",
-        "| run | tok/s | vs plain | vs ε=1 | token agreement | identical seqs | layer work | MACs | checked | exits ("
-        + " / ".join(names) + ") |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        name = {"plain": "plain", "early_exit": f"ε={row['eps']}", "forced": f"all at exit@{row['exit']}"}[row["mode"]]
-        if row["mode"] == "plain":
-            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | 1.00 | – | 1.000 | – | 1.00 | 1.00 | – | – |")
-            continue
-        exits = " / ".join(f"{f:.2f}" for f in row["exit_fractions"])
-        vs_eps1 = f"{row['speedup_vs_eps1']:.2f}" if row["speedup_vs_eps1"] else "–"
-        checked = ",".join(str(k) for k in row["checked_exits"] or []) or "none"
-        lines.append(
-            f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f} | {vs_eps1} | {row['agreement']:.3f} | "
-            f"{row['identical_sequences']}/{len(row['first_divergence'])} | {row['layers_fraction']:.2f} | "
-            f"{row['macs_fraction']:.2f} | {checked} | {exits} |"
-        )
+    lines = []
+    for name, part in report["sets"].items():
+        lines += [
+            "",
+            f"{name} prompts: {report['dtype']}, batch {report['batch_size']}, {report['max_new_tokens']} new tokens "
+            f"x {len(part['prompts'])} prompts, {report['threads']} threads",
+            "",
+            "| run | tok/s | vs plain | vs ε=1 | token agreement | identical seqs | accepted / drafted | accepted per "
+            "round | layer work | MACs | exits (" + " / ".join(names) + ") |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in part["rows"]:
+            exits = " / ".join(f"{f:.2f}" for f in row["exit_fractions"]) if "exit_fractions" in row else "–"
+            identical = (f"{row['identical_sequences']}/{len(row['first_divergence'])}"
+                         if "identical_sequences" in row else "–")
+            lines.append(
+                f"| {row['label']} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f} | "
+                f"{_fmt(row['speedup_vs_eps1'])} | {_fmt(row.get('agreement', 1.0), '.3f')} | {identical} | "
+                f"{_fmt(row.get('acceptance_rate'))} | {_fmt(row.get('mean_accepted'))} | "
+                f"{_fmt(row.get('layers_fraction'))} | {_fmt(row.get('macs_fraction'))} | {exits} |"
+            )
     return "\n".join(lines)
 
 
 def plot_bench(report: dict, path: Path) -> None:
-    """Speed-up and agreement against ε, and the exit distribution per ε."""
+    """Per prompt set: speed-up of every run, and token agreement / acceptance against ε."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if r["mode"] == "early_exit"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    if rows:
-        eps = [r["eps"] for r in rows]
-        left.plot(eps, [r["speedup"] for r in rows], "o-", label="tokens/s vs plain")
-        left.plot(eps, [r["agreement"] for r in rows], "s-", label="token agreement with plain greedy")
-        left.axhline(1.0, color="grey", lw=0.8)
-        left.set_xlabel("ε")
-        left.legend()
-        names = [f"exit@{k}" for k in report["exit_layers"]] + ["full"]
-        bottom = [0.0] * len(rows)
-        for j, name in enumerate(names):
-            values = [r["exit_fractions"][j] for r in rows]
-            right.bar([str(e) for e in eps], values, bottom=bottom, label=name)
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    sets = list(report["sets"].items())
+    fig, axes = plt.subplots(len(sets), 2, figsize=(13, 4.5 * len(sets)), squeeze=False)
+    for (name, part), (left, right) in zip(sets, axes, strict=True):
+        rows = part["rows"]
+        left.barh([r["label"] for r in rows], [r["speedup"] for r in rows],
+                  color=[_FAMILY_COLOURS.get(r["family"], "grey") for r in rows])
+        left.axvline(1.0, color="black", lw=0.8)
+        left.invert_yaxis()
+        left.set_xlabel("tokens/s relative to plain greedy")
+        left.set_title(f"{name} prompts ({report['dtype']}, batch {report['batch_size']})")
+        left.tick_params(axis="y", labelsize=7)
+        for family, marker in (("early_exit", "o-"), ("dssd", "s-")):
+            fam = [r for r in rows if r["family"] == family]
+            if fam:
+                right.plot([r["eps"] for r in fam], [r["speedup"] for r in fam], marker, label=f"{family} speed-up")
+                right.plot([r["eps"] for r in fam], [r.get("agreement", 1.0) for r in fam], marker, alpha=0.5,
+                           label=f"{family} token agreement")
+        right.axhline(1.0, color="grey", lw=0.8)
         right.set_xlabel("ε")
-        right.set_ylabel("fraction of tokens")
         right.legend(fontsize=8)
-    left.set_title(f"{report['dtype']}, batch {report['batch_size']}")
-    right.set_title("where tokens leave")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_FAMILY_COLOURS = {"plain": "black", "early_exit": "tab:blue", "forced": "tab:cyan", "dssd": "tab:red",
+                   "hf_early_exit": "tab:orange", "prompt_lookup": "tab:green", "layerskip": "tab:purple"}

@@ -78,9 +78,26 @@ def test_bench_writes_json_and_plot(calibrated_folder, tmp_path, capsys):
                  "--num_prompts", "2", "--batch_size", "2", "--max_new_tokens", "6", "--output_dir", str(out_dir)]) == 0
     report = json.loads((out_dir / "bench.json").read_text())
     assert (out_dir / "bench.png").stat().st_size > 0
-    rows = {(r["mode"], r["eps"], r["exit"]): r for r in report["rows"]}
-    assert rows["early_exit", 1.0, None]["agreement"] == 1.0  # ε = 1 is plain decoding
-    assert rows["early_exit", 1.0, None]["identical_sequences"] == 2
-    forced = rows["forced", None, 1]
+    rows = {r["label"]: r for r in report["sets"]["varied"]["rows"]}
+    assert rows["early exit ε=1"]["agreement"] == 1.0  # ε = 1 is plain decoding
+    assert rows["early exit ε=1"]["identical_sequences"] == 2
+    forced = rows["all at exit@1"]
     assert forced["exit_fractions"][0] > 0.5 and forced["layers_fraction"] < 1.0
     assert "| plain |" in capsys.readouterr().out
+
+
+def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
+    import json
+
+    out_dir = tmp_path / "bench"
+    assert main(["bench", "--model", calibrated_folder, "--dtype", "float32", "--mode", "dssd", "--dssd_eps_grid",
+                 "0.5", "--layerskip_drafts", "2", "--prompt_lookup_tokens", "3", "--num_prompts", "2",
+                 "--max_new_tokens", "8", "--output_dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "bench.json").read_text())
+    assert set(report["sets"]) == {"varied", "repetitive"}
+    for part in report["sets"].values():
+        rows = {r["family"]: r for r in part["rows"]}
+        assert {"plain", "dssd", "early_exit", "hf_early_exit", "prompt_lookup", "layerskip"} <= set(rows)
+        for family in ("dssd", "layerskip", "hf_early_exit", "prompt_lookup"):
+            assert rows[family]["identical_sequences"] == 2, family  # lossless methods reproduce plain greedy
+        assert rows["dssd"]["drafted"] > 0 and 0 <= rows["dssd"]["acceptance_rate"] <= 1
