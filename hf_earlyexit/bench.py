@@ -222,8 +222,10 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
                                    ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
         if args.per_exit:
             for j, layer in enumerate(exits):
+                # propagate: a token that cannot leave (its head's top class is "other") does not drag the
+                # skipped positions through the deep layers, so the time reflects the exit layer alone
                 configs.append(_Config("forced", f"all at exit@{layer}", {"exit": layer},
-                                       ours("early_exit", 0.0, _forced(model, j), kv_fill=args.kv_fill,
+                                       ours("early_exit", 0.0, _forced(model, j), kv_fill="propagate",
                                             exit_policy="all")))
     if args.mode in ("dssd", "all"):
         for eps in args.dssd_eps_grid:
