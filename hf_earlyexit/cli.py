@@ -145,10 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, dataclass_types=list(types()), help=help_text, description=help_text)
         if name in POSITIONAL_PROMPT:
             command.add_argument("positional_prompt", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
+    sub.add_parser("eval", add_help=False, help="lm-eval with --model ee-hf (every lm_eval argument passes through)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from .lm_eval_plugin import run_eval
+
+        run_eval(argv[1:])
+        return 0
     namespace = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if namespace.verbose else logging.WARNING, format="%(message)s")
     types, run, _ = COMMANDS[namespace.command]

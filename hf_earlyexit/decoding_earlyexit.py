@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,8 @@ class ExitStats:
         checked_exits: the exits that were checked (the exit policy may skip exits that seldom fire at this ε).
         drafted / accepted / rounds: self-speculative decoding: draft tokens proposed by the heads, how many the
             full model accepted, and draft-verify rounds (per sequence).
+        seconds: wall-clock time by phase (`draft`, `verify`, `heads` (inside draft), `bookkeeping`), where
+            measured.
     """
 
     exit_layers: list[int]
@@ -79,6 +82,7 @@ class ExitStats:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.exit_counts:
@@ -93,6 +97,8 @@ class ExitStats:
                      "drafted", "accepted", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_counts = [a + b for a, b in zip(self.exit_counts, other.exit_counts, strict=True)]
+        for key, value in other.seconds.items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + value
         if other.checked_exits is not None:
             self.checked_exits = sorted(set(self.checked_exits or []) | set(other.checked_exits))
 
@@ -206,6 +212,7 @@ class Tally:
     head_calls: list[int]
     final_tokens: int = 0
     final_calls: int = 0
+    head_seconds: float = 0.0
 
 
 def finish_stats(
@@ -361,6 +368,7 @@ def exit_cascade(model, state, plan: ExitPlan, todo: Tensor, tokens: Tensor, tal
         hidden = engine.run_to(state, layer)[:, -1]  # (n, hidden): the newest token after `layer` layers
         if plan.active[j]:
             rows = (~decided).nonzero().squeeze(1)
+            started = time.perf_counter()
             head_logits = head(hidden[rows])  # (m, head_vocab)
             tally.head_tokens[j] += len(rows)
             tally.head_calls[j] += 1
@@ -370,6 +378,7 @@ def exit_cascade(model, state, plan: ExitPlan, todo: Tensor, tokens: Tensor, tal
             )
             real_token = head.to_token_ids(head_logits.argmax(dim=-1)) >= 0
             fire = (score >= tau) & real_token
+            tally.head_seconds += time.perf_counter() - started
             if bool(fire.any()):
                 chosen = rows[fire]
                 logits[chosen] = head_logits_full_vocab(head, head_logits[fire], vocab_size)

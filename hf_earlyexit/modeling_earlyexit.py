@@ -118,6 +118,9 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.calibration_stats: dict[str, Tensor] | None = None  # per head and token: score, agreement
         self.exit_stats = ExitStats(exit_layers=list(config.exit_layers), num_layers=self.engine.num_layers)
+        # defaults for `generate()`'s own arguments (mode, eps, kv_fill, exit_policy, max_draft) when a caller that
+        # passes only HF arguments (lm-eval, pipelines) should decode in another mode
+        self.decoding: dict = {}
 
     # -- building and loading ----------------------------------------------------------------------------------
 
@@ -303,7 +306,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(
         self, inputs: Tensor | None = None, *, mode: str | None = None, eps: float | None = None,
-        kv_fill: str = "recompute", exit_policy: str = "auto", max_draft: int = DEFAULT_MAX_DRAFT, **kwargs,
+        kv_fill: str | None = None, exit_policy: str | None = None, max_draft: int | None = None, **kwargs,
     ):
         """Generate token ids; every HF `generate()` argument applies (lengths, sampling, stopping, streamers, ...).
 
@@ -321,8 +324,14 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
         With `return_dict_in_generate=True`, an early-exit call returns `EarlyExitGenerateOutput` (HF's output plus
         `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
-        `reset_exit_stats()`.
+        `reset_exit_stats()`. Arguments left out take their value from `model.decoding` (a dict), then the defaults.
         """
+        defaults = self.decoding
+        mode = defaults.get("mode") if mode is None else mode
+        eps = defaults.get("eps") if eps is None else eps
+        kv_fill = kv_fill or defaults.get("kv_fill", "recompute")
+        exit_policy = exit_policy or defaults.get("exit_policy", "auto")
+        max_draft = max_draft if max_draft is not None else defaults.get("max_draft", DEFAULT_MAX_DRAFT)
         if mode is None:
             mode = "early_exit" if eps is not None else "plain"
         if mode == "plain":

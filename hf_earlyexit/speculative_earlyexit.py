@@ -17,6 +17,7 @@ shorter rows are shifted right behind left padding, so each row stays one contig
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from torch import Tensor
@@ -36,30 +37,71 @@ from .decoding_earlyexit import (
 DEFAULT_MAX_DRAFT = 16
 
 
-class _Rows:
-    """Per-row token bookkeeping of a batch whose rows grow at different speeds."""
+class _Emitter:
+    """Hands accepted tokens to the output one column at a time, the way HF decoding grows `input_ids`.
 
-    def __init__(self, input_ids: Tensor, num_exits: int) -> None:
-        self.prompt = input_ids
-        self.generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-        self.exits: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-        self.finished = [False] * input_ids.shape[0]
-        self.num_exits = num_exits
+    Rows accept different numbers of tokens per round; each row's accepted tokens wait in its queue, and a column
+    is emitted whenever every unfinished row has a token waiting. Stopping criteria (EOS, stop strings, lengths,
+    a caller's own batch-aware criteria) then see the whole batch exactly as in plain decoding; finished rows get
+    padding.
+    """
+
+    def __init__(self, input_ids: Tensor, stopping_criteria, streamer, pad: int, pad_finished: bool,
+                 stats: ExitStats) -> None:
+        self.input_ids = input_ids
+        self.queues: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        self.trace: list[Tensor] = []
+        self.stopping_criteria, self.streamer, self.pad = stopping_criteria, streamer, pad
+        self.pad_finished = pad_finished
+        self.stats = stats
+
+    def pending(self, row: int) -> list[int]:
+        return [t for t, _ in self.queues[row]]
 
     def ids(self, row: int, extra: list[int] = ()) -> Tensor:
-        """`(1, len)`: the row's prompt (with its padding), generated tokens and `extra`."""
-        tail = torch.tensor(self.generated[row] + list(extra), dtype=self.prompt.dtype, device=self.prompt.device)
-        return torch.cat([self.prompt[row], tail])[None]
+        """`(1, len)`: the row's emitted tokens, those waiting, and `extra`."""
+        tail = torch.tensor(self.pending(row) + list(extra), dtype=self.input_ids.dtype, device=self.input_ids.device)
+        return torch.cat([self.input_ids[row], tail])[None]
 
-    def sequences(self, pad: int) -> tuple[Tensor, Tensor]:
-        """All rows right-padded with `pad` to one tensor, and the exit of each generated token (-1: padding)."""
-        width = max(len(g) for g in self.generated)
-        out = torch.full((len(self.generated), width), pad, dtype=self.prompt.dtype, device=self.prompt.device)
-        exits = torch.full((len(self.generated), width), -1, dtype=torch.long, device=self.prompt.device)
-        for r, (tokens, where) in enumerate(zip(self.generated, self.exits, strict=True)):
-            out[r, : len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
-            exits[r, : len(where)] = torch.tensor(where, dtype=torch.long)
-        return torch.cat([self.prompt, out], dim=1), exits
+    def length(self, row: int) -> int:
+        return self.input_ids.shape[1] + len(self.queues[row])
+
+    def push(self, row: int, tokens: list[tuple[int, int]]) -> None:
+        self.queues[row].extend(tokens)
+
+    def needs_tokens(self, row: int) -> bool:
+        """Whether the row still takes real tokens: unfinished, or finished without EOS padding (HF then keeps
+        generating for it until every row has finished)."""
+        return bool(self.unfinished[row]) or not self.pad_finished
+
+    def flush(self) -> None:
+        """Emit every complete column."""
+        rows = range(len(self.queues))
+        while bool(self.unfinished.any()) and all(self.queues[r] for r in rows if self.needs_tokens(r)):
+            tokens, exits = [], []
+            for r in rows:
+                if not self.needs_tokens(r):
+                    tokens.append(self.pad)
+                    exits.append(-1)
+                    continue
+                token, exit_index = self.queues[r].pop(0)
+                if self.unfinished[r]:
+                    self.stats.tokens += 1
+                    self.stats.exit_counts[exit_index] += 1
+                else:
+                    exit_index = -1
+                tokens.append(token)
+                exits.append(exit_index)
+            column = torch.tensor(tokens, dtype=self.input_ids.dtype, device=self.input_ids.device)
+            self.input_ids = torch.cat([self.input_ids, column[:, None]], dim=1)
+            self.trace.append(torch.tensor(exits, device=self.input_ids.device))
+            if self.streamer is not None:
+                self.streamer.put(column.cpu())
+            self.unfinished = self.unfinished & ~self.stopping_criteria(self.input_ids, None)
+            for r in rows:
+                if not self.needs_tokens(r):
+                    self.queues[r].clear()
 
 
 def _pick(scores: Tensor, do_sample: bool) -> Tensor:
@@ -90,8 +132,6 @@ def dssd_decode(
         beams = generation_config.num_beams
         raise ValueError(f"self-speculative decoding is greedy or sampling; got num_beams={beams}")
     batch_size = input_ids.shape[0]
-    if streamer is not None and batch_size > 1:
-        raise ValueError(f"streaming self-speculative decoding needs batch size 1, got {batch_size}")
     engine = ee_model.engine
     exit_layers = list(ee_model.config.exit_layers)
     num_exits, num_layers = len(exit_layers), engine.num_layers
@@ -114,34 +154,34 @@ def dssd_decode(
         layer for layer, on in zip(exit_layers, plan.active, strict=True) if on
     ])
     tally = Tally([0] * num_exits, [0] * num_exits)
-    book = _Rows(input_ids, num_exits)
 
-    def emit(row: int, token: int, exit_index: int) -> bool:
-        """Append one token to `row`; True when the row is finished."""
-        book.generated[row].append(token)
-        book.exits[row].append(exit_index)
-        stats.tokens += 1
-        stats.exit_counts[exit_index] += 1
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        done = bool(stopping_criteria(book.ids(row), None)[0])
-        book.finished[row] = done
-        return done
+    eos = generation_config._eos_token_tensor
+    eos_ids = set(eos.reshape(-1).tolist()) if eos is not None else set()
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    out = _Emitter(input_ids, stopping_criteria, streamer, pad, has_eos, stats)
 
     scores = processors(input_ids, first) if processors else first
     for row, token in enumerate(_pick(scores, do_sample).tolist()):
-        emit(row, token, num_exits)
-    rows = [r for r in range(batch_size) if not book.finished[r]]
-    if len(rows) < batch_size:
-        state = engine.select_rows(state, torch.tensor(rows, device=device))
+        out.push(row, [(token, num_exits)])
+    out.flush()
 
+    def generating(row: int) -> bool:
+        """Still worth drafting for: unfinished, below the length limit, no EOS waiting in its queue."""
+        return (out.needs_tokens(row) and bool(out.unfinished.any()) and out.length(row) < max_length
+                and not (eos_ids and eos_ids & set(out.pending(row))))
+
+    rows = [r for r in range(batch_size) if generating(r)]
+    if len(rows) < batch_size and rows:
+        state = engine.select_rows(state, torch.tensor(rows, device=device))
+    clock = {"draft": 0.0, "verify": 0.0, "bookkeeping": 0.0}
     while rows:
+        started = time.perf_counter()
         n = len(rows)
-        last = torch.tensor([book.generated[r][-1] for r in rows], device=device)
+        last = torch.tensor([int(out.ids(r)[0, -1]) for r in rows], device=device)
         base = state.length
         engine.append(state, last[:, None])
         # a row drafts at most until its length limit (the round also adds the full model's own token)
-        room = torch.tensor([max_length - book.ids(r).shape[1] - 1 for r in rows], device=device)
+        room = torch.tensor([max_length - out.length(r) - 1 for r in rows], device=device)
         drafting = room > 0
         made = torch.zeros(n, dtype=torch.long, device=device)  # real drafts per row (contiguous from the start)
         drafts, draft_exit, draft_probs = [], [], []
@@ -156,7 +196,7 @@ def dssd_decode(
             if processors is not None:
                 head_scores = head_scores.clone()
                 for i in ok.nonzero().squeeze(1).tolist():
-                    prefix = book.ids(rows[i], [int(t[i]) for t in drafts])
+                    prefix = out.ids(rows[i], [int(t[i]) for t in drafts])
                     head_scores[i] = processors(prefix, head_scores[i: i + 1])[0]
             if do_sample:
                 probs = torch.softmax(head_scores, dim=-1)
@@ -174,6 +214,8 @@ def dssd_decode(
             engine.append(state, token[:, None])
 
         # verify every position of the round with the remaining layers, in one pass
+        drafted_at = time.perf_counter()
+        clock["draft"] += drafted_at - started
         hidden = engine.run_to(state, num_layers)  # (n, m + 1, hidden)
         m = len(drafts)
         made = made.tolist()
@@ -182,6 +224,8 @@ def dssd_decode(
         logits[needed] = engine.final_logits(hidden[needed]).float()
         tally.final_tokens += int(needed.sum())
         tally.final_calls += 1
+        verified_at = time.perf_counter()
+        clock["verify"] += verified_at - drafted_at
 
         ends = []
         for i, row in enumerate(rows):
@@ -189,7 +233,7 @@ def dssd_decode(
             for step in range(made[i] + 1):
                 target = logits[i, step: step + 1]
                 if processors is not None:
-                    target = processors(book.ids(row, [t for t, _ in new]), target)
+                    target = processors(out.ids(row, [t for t, _ in new]), target)
                 if step == made[i]:  # no draft here: the full model's token (the bonus after all accepted drafts)
                     new.append((int(_pick(target, do_sample)[0]), num_exits))
                     break
@@ -216,29 +260,30 @@ def dssd_decode(
             stats.drafted += made[i]
             stats.accepted += accepted
             stats.rounds += 1
-            for token, exit_index in new:
-                if emit(row, token, exit_index):
-                    break
+            out.push(row, new)
             ends.append(base + accepted + 1)
         stats.steps += 1
         engine.compact(state, torch.tensor(ends, device=device))
-        keep = [i for i, row in enumerate(rows) if not book.finished[row]]
+        out.flush()
+        keep = [i for i, row in enumerate(rows) if generating(row)]
         if len(keep) < n:
-            if not keep:
-                break
-            state = engine.select_rows(state, torch.tensor(keep, device=device))
             rows = [rows[i] for i in keep]
+            if rows:
+                state = engine.select_rows(state, torch.tensor(keep, device=device))
+        clock["bookkeeping"] += time.perf_counter() - verified_at
+    out.flush()
 
     if streamer is not None:
         streamer.end()
     decode_tokens = stats.tokens - batch_size
-    plain_steps = max(len(g) for g in book.generated) - 1  # one batch pass per token of the longest row
+    plain_steps = out.input_ids.shape[1] - input_ids.shape[1] - 1  # one batch pass per column after the first
     finish_stats(stats, costs, state.work, prefill, tally, decode_tokens, plain_steps)
+    stats.seconds = {**clock, "heads": tally.head_seconds}
     ee_model.exit_stats.add(stats)
-    sequences, exits = book.sequences(pad)
     if not generation_config.return_dict_in_generate:
-        return sequences
-    return EarlyExitGenerateOutput(sequences=sequences, exit_stats=stats, exit_index=exits)
+        return out.input_ids
+    exits = torch.stack(out.trace, dim=1) if out.trace else None
+    return EarlyExitGenerateOutput(sequences=out.input_ids, exit_stats=stats, exit_index=exits)
 
 
 def dssd_generate(

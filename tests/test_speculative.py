@@ -152,3 +152,26 @@ def chi_square_p(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
         obs = torch.cat([obs, observed[small].sum()[None]])
         exp = torch.cat([exp, expected[small].sum()[None]])
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+def test_stop_strings_and_streamer_match_plain_generate():
+    """Column-wise emission: stopping criteria see the whole batch as in plain decoding (rows that stop without
+    EOS keep generating until all have stopped, as HF does), and a streamer gets the same columns."""
+    from test_decoding import Collect
+    from tiny import tiny_tokenizer
+
+    model = ee_model("llama")
+    set_median_thresholds(model, quantile=0.3)
+    tok = tiny_tokenizer()
+    ids, mask = batch([9, 5, 7, 3])
+    reference = plain(model, ids, mask)
+    new = reference[0, ids.shape[1]:].tolist()
+    stop = tok.decode(new[4:6])
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, "eos_token_id": None,
+          "stop_strings": [stop], "tokenizer": tok}
+    expected = model.get_base_model().generate(input_ids=ids, attention_mask=mask, **kw)
+    streamer = Collect()
+    got = model.generate(ids, attention_mask=mask, mode="dssd", eps=0.5, streamer=streamer, **kw)
+    assert torch.equal(got, expected)
+    columns = torch.tensor(streamer.chunks[1:]).T  # (batch, new)
+    assert torch.equal(columns, got[:, ids.shape[1]:]) and streamer.ended

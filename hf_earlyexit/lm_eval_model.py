@@ -1,0 +1,304 @@
+"""lm-eval-harness model type `ee-hf`: any harness task with early exits, exit counts in the results.
+
+`EarlyExitLM` subclasses lm-eval's `HFLM` and overrides only what it must:
+
+- loading: the heads folder (or a base model with fresh heads, or `embedded`) through `hf_earlyexit.load`;
+- `_model_call` (loglikelihood, loglikelihood_rolling): one forward of the base model; each position takes its
+  distribution from the first exit whose confidence passes τ_k(ε), else the full model's (the paper's way of
+  measuring MMLU / HellaSwag / Winogrande against ε);
+- `_model_generate` (generate_until): our `generate()` in the chosen mode.
+
+Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
+`get_model_info()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import time
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from torch.nn import functional as F
+
+from .decoding_earlyexit import ExitStats
+from .metrics_earlyexit import confidence
+
+MODES = ("early_exit", "dssd", "full")
+_OURS = ("eps", "mode", "metric", "kv_fill", "max_draft", "exit_policy")
+
+
+def coerce_eps(value) -> float:
+    """`--model_args` values arrive typed (`eps=1` as int, `eps=0.9` as float, quoted as str): one float in [0, 1]."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps={value!r} must be a number in [0, 1]") from None
+    if isinstance(value, bool) or not math.isfinite(eps) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps={value!r} must be a number in [0, 1]")
+    return eps
+
+
+def _dtype(value):
+    if value in (None, "auto"):
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return getattr(torch, str(value))
+    except AttributeError:
+        raise ValueError(f"dtype={value!r} is not a torch dtype name (e.g. float32, bfloat16)") from None
+
+
+def scoring_log_probs(head, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`(n, head_vocab)` head logits -> `(n, vocab)` log-probabilities over the model vocabulary.
+
+    A draft-vocabulary head names its tokens; the mass of its `OTHER` class is spread evenly over the tokens outside
+    the draft vocabulary, so every continuation gets a finite, honest log-probability.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if not head.is_draft:
+        return logp
+    draft = len(head.token_ids)
+    outside = max(vocab_size - draft, 1)
+    full = (logp[:, draft:draft + 1] - math.log(outside)).expand(-1, vocab_size).clone()
+    full[:, head.token_ids] = logp[:, :draft]
+    return full
+
+
+class EarlyExitLM(HFLM):
+    """`lm_eval --model ee-hf --model_args pretrained=<heads folder | base id | embedded>,eps=0.9[,mode=...]`.
+
+    Args (besides `HFLM`'s):
+        eps: accuracy target ε in [0, 1] (1 = the full model everywhere).
+        mode: `early_exit` (default), `dssd` (generation is lossless; scoring still exits), or `full`.
+        metric: confidence metric override (default: the heads' calibrated one).
+        kv_fill, max_draft, exit_policy: as in `EarlyExitForCausalLM.generate`.
+    """
+
+    def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
+                 kv_fill: str = "recompute", max_draft: int = 16, exit_policy: str = "auto", **kwargs) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        self.ee_eps = 1.0 if mode == "full" else coerce_eps(eps)
+        self.ee_mode = mode
+        self.ee_metric = metric
+        self.ee_generate = {"kv_fill": kv_fill, "max_draft": int(max_draft), "exit_policy": exit_policy}
+        self.ee_task = None
+        self.ee_scoring: dict[str, ExitStats] = {}
+        self.ee_generation: dict[str, ExitStats] = {}
+        self.ee_seconds: dict[str, float] = {}
+        self._exit_map: torch.Tensor | None = None
+        self._exit_row = 0
+        self._ee_dtype_value = _dtype(kwargs.get("dtype"))
+        kwargs.setdefault("backend", "causal")
+        kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
+        super().__init__(pretrained=str(pretrained), **kwargs)
+        if metric is not None:
+            self._model.config.metric = metric
+        self._model.thresholds_for(self.ee_eps)  # fails early, naming ε, when the heads are not calibrated
+        if self.rank == 0:
+            atexit.register(self._print_report)  # after lm-eval's own results table
+
+    def _print_report(self) -> None:
+        report = self.early_exit_report()
+        if report["tasks"]:
+            print("\n" + report_table(report))
+
+    # -- loading: our model instead of AutoModelForCausalLM -------------------------------------------------------
+
+    def _get_config(self, pretrained: str, *, revision: str = "main", trust_remote_code: bool = False,
+                    gguf_file: str | None = None, subfolder: str = "") -> None:
+        from . import load
+
+        self._ee_loaded = load(pretrained, dtype=self._ee_dtype)
+        self._config = self._ee_loaded[0].config
+
+    def _create_model(self, pretrained: str, revision: str | None = "main", dtype=None, **kwargs) -> None:
+        model = self._ee_loaded[0]
+        self._model = model.to(self._device) if str(self._device) != "cpu" else model
+
+    def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
+        if tokenizer is not None:
+            super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
+            return
+        self.tokenizer = self._ee_loaded[1]
+
+    @property
+    def _ee_dtype(self):
+        return getattr(self, "_ee_dtype_value", None)
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        model = self.model
+        base = model.get_base_model()
+        thresholds = model.thresholds_for(self.ee_eps)
+        with torch.no_grad():
+            if all(tau is None for tau in thresholds):
+                logits = base(inps).logits  # the unmodified model, exactly as `--model hf` computes it
+                self._exit_map = torch.full(inps.shape, model.config.num_exits, dtype=torch.long, device=inps.device)
+                self._exit_row = 0
+                return logits
+            out = base(inps, output_hidden_states=True)
+            logits = F.log_softmax(out.logits.float(), dim=-1)
+            vocab = logits.shape[-1]
+            exits = torch.full(inps.shape, model.config.num_exits, dtype=torch.long, device=inps.device)
+            decided = torch.zeros(inps.shape, dtype=torch.bool, device=inps.device)
+            previous = model.get_input_embeddings()(inps)
+            for j, (layer, head, tau) in enumerate(zip(model.config.exit_layers, model.exit_heads, thresholds,
+                                                       strict=True)):
+                hidden = out.hidden_states[layer]  # raw output of decoder layer `layer - 1`
+                if tau is not None:
+                    head_logits = head(hidden)  # (batch, seq, head_vocab)
+                    score = confidence(model.config.metric, logits=head_logits, hidden=hidden,
+                                       previous_hidden=previous)
+                    real = head.to_token_ids(head_logits.argmax(-1)) >= 0
+                    fire = ~decided & (score >= tau) & real
+                    if bool(fire.any()):
+                        logits[fire] = scoring_log_probs(head, head_logits[fire], vocab)
+                        exits[fire] = j
+                        decided |= fire
+                previous = hidden
+        self._exit_map = exits
+        self._exit_row = 0
+        return logits
+
+    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
+        """Also count where the scored positions (continuation tokens only, never padding) left."""
+        if self._exit_map is not None and contlen and inplen:
+            row = self._exit_map[self._exit_row, inplen - contlen: inplen]
+            stats = self._task_stats(self.ee_scoring)
+            counts = torch.bincount(row.cpu(), minlength=len(stats.exit_counts)).tolist()
+            stats.exit_counts = [a + b for a, b in zip(stats.exit_counts, counts, strict=True)]
+            stats.tokens += len(row)
+            depth = torch.tensor(self.model.config.exit_layers + [self.model.num_layers])[row.cpu()]
+            stats.layer_tokens += int(depth.sum())
+            stats.layer_tokens_full += len(row) * self.model.num_layers
+            costs = self._position_costs()
+            stats.macs += int(costs[row.cpu()].sum())
+            stats.macs_full += int(costs[-1]) * len(row)
+        self._exit_row += 1
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _position_costs(self) -> torch.Tensor:
+        """Multiply-adds of a position that leaves at each exit (layers up to it + the heads checked on the way)."""
+        if not hasattr(self, "_ee_costs"):
+            rows = self.model.cost_table()
+            heads = torch.tensor([r["head_macs"] for r in rows[:-1]], dtype=torch.long)
+            layer_macs = torch.tensor([r["layer_macs"] for r in rows], dtype=torch.long)
+            checked = torch.cumsum(heads, 0)
+            per_exit = layer_macs[:-1] + checked
+            full = layer_macs[-1] + rows[-1]["head_macs"] + checked[-1]
+            self._ee_costs = torch.cat([per_exit, full[None]])
+        return self._ee_costs
+
+    def _task_stats(self, table: dict[str, ExitStats]) -> ExitStats:
+        key = self.ee_task or "all"
+        if key not in table:
+            table[key] = ExitStats(exit_layers=list(self.model.config.exit_layers), num_layers=self.model.num_layers)
+        return table[key]
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        if self.ee_mode == "full" or self.ee_eps >= 1.0:
+            mode_kwargs = {"mode": "plain"}
+        else:
+            mode_kwargs = {"mode": self.ee_mode, "eps": self.ee_eps}
+            if self.ee_mode == "early_exit":
+                mode_kwargs.update(kv_fill=self.ee_generate["kv_fill"], exit_policy=self.ee_generate["exit_policy"])
+            else:
+                mode_kwargs.update(max_draft=self.ee_generate["max_draft"],
+                                   exit_policy=self.ee_generate["exit_policy"])
+        model = self.model
+        model.reset_exit_stats()
+        started = time.perf_counter()
+        saved, model.decoding = model.decoding, mode_kwargs  # HFLM calls generate() with HF arguments only
+        try:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        finally:
+            model.decoding = saved
+        key = self.ee_task or "all"
+        self.ee_seconds[key] = self.ee_seconds.get(key, 0.0) + time.perf_counter() - started
+        if mode_kwargs["mode"] != "plain":
+            self._task_stats(self.ee_generation).add(model.exit_stats)
+        else:
+            stats = self._task_stats(self.ee_generation)
+            new = int((out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum())
+            stats.tokens += new
+            stats.exit_counts[-1] += new
+        return out
+
+    # -- per task ---------------------------------------------------------------------------------------------------
+
+    def _per_task(self, method, requests, **kwargs):
+        """Run `method` one task at a time (exit counts per task), results back in the original order."""
+        order: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            order.setdefault(getattr(req, "task_name", None) or "all", []).append(i)
+        results = [None] * len(requests)
+        for task, indices in order.items():
+            self.ee_task = task
+            try:
+                for i, value in zip(indices, method([requests[i] for i in indices], **kwargs), strict=True):
+                    results[i] = value
+            finally:
+                self.ee_task = None
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+
+    def early_exit_report(self) -> dict:
+        """Per task: exit counts and fractions on scored positions, layers / multiply-adds saved, generation speed
+        and DSSD acceptance."""
+        names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
+        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric, "tasks": {}}
+        for kind, table in (("scoring", self.ee_scoring), ("generation", self.ee_generation)):
+            for task, stats in table.items():
+                total = max(stats.tokens, 1)
+                entry = {
+                    "tokens": stats.tokens,
+                    "exit_counts": dict(zip(names, stats.exit_counts, strict=True)),
+                    "exit_fractions": {n: c / total for n, c in zip(names, stats.exit_counts, strict=True)},
+                    "layers_saved": 1 - stats.layers_computed_fraction if stats.layer_tokens_full else None,
+                    "macs_saved": 1 - stats.macs_fraction if stats.macs_full else None,
+                }
+                if kind == "generation":
+                    seconds = self.ee_seconds.get(task)
+                    entry["tokens_per_s"] = stats.tokens / seconds if seconds else None
+                    if stats.rounds:
+                        entry["acceptance_rate"] = stats.acceptance_rate
+                        entry["mean_accepted"] = stats.mean_accepted
+                report["tasks"].setdefault(task, {})[kind] = entry
+        return report
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["early_exit"] = self.early_exit_report()
+        return info
+
+
+def report_table(report: dict) -> str:
+    """The exit report as a small Markdown table (printed after lm-eval's own)."""
+    lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']}", "",
+             "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task, kinds in sorted(report["tasks"].items()):
+        for kind, e in kinds.items():
+            exits = " ".join(f"{n}:{f:.0%}" for n, f in e["exit_fractions"].items())
+            fmt = (lambda v, spec=".1%": "–" if v is None else format(v, spec))  # noqa: E731
+            lines.append(f"| {task} | {kind} | {e['tokens']} | {exits} | {fmt(e['layers_saved'])} | "
+                         f"{fmt(e['macs_saved'])} | {fmt(e.get('tokens_per_s'), '.1f')} | "
+                         f"{fmt(e.get('acceptance_rate'))} |")
+    return "\n".join(lines)

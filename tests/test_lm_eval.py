@@ -1,0 +1,122 @@
+"""`--model ee-hf` in lm-eval-harness against its oracle, `--model hf` on the same base model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_decoding import set_median_thresholds
+from tiny import save_tiny_base, tiny_tokenizer
+
+from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.lm_eval_model import coerce_eps
+from hf_earlyexit.lm_eval_plugin import register
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
+TASKS = ["ee_capitals", "ee_arithmetic"]
+LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    base = save_tiny_base("llama", root / "base")
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
+    set_median_thresholds(model, key="0.5")
+    model.save_pretrained(root / "heads")
+    return base, str(root / "heads")
+
+
+def evaluate(model: str, model_args: str, **kw) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    register()
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args + ",dtype=float32", tasks=TASKS, device="cpu", batch_size=4,
+        limit=LIMIT, task_manager=TaskManager(include_path=str(TASKS_DIR)), **kw,
+    )
+
+
+def metrics(results: dict) -> dict:
+    return {task: {k: v for k, v in values.items() if "," in k} for task, values in results["results"].items()}
+
+
+def responses(results: dict) -> dict:
+    return {task: [s["filtered_resps"] for s in samples] for task, samples in results["samples"].items()}
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    base, _ = folders
+    return evaluate("hf", f"pretrained={base}", log_samples=True)
+
+
+@pytest.mark.parametrize("extra", ["eps=1", "eps=1.0,mode=early_exit", "mode=full", "eps=1,mode=dssd"])
+def test_eps_one_gives_exactly_the_hf_metrics(folders, reference, extra):
+    _, heads = folders
+    got = evaluate("ee-hf", f"pretrained={heads},{extra}", log_samples=True)
+    assert metrics(got) == metrics(reference)
+    assert responses(got) == responses(reference)
+
+
+def test_dssd_generation_is_lossless_while_scoring_exits(folders, reference):
+    _, heads = folders
+    got = evaluate("ee-hf", f"pretrained={heads},eps=0.5,mode=dssd", log_samples=True)
+    assert responses(got)["ee_arithmetic"] == responses(reference)["ee_arithmetic"]
+    report = got["config"]["early_exit"]["tasks"]
+    assert report["ee_arithmetic"]["generation"]["acceptance_rate"] is not None
+
+
+def test_exit_counts_cover_only_scored_positions(folders):
+    _, heads = folders
+    got = evaluate("ee-hf", f"pretrained={heads},eps=0.5")
+    report = got["config"]["early_exit"]
+    assert report["eps"] == 0.5 and report["mode"] == "early_exit"
+    scoring = report["tasks"]["ee_capitals"]["scoring"]
+    # character tokenizer: each choice is scored on " " + choice, one token per character
+    import json
+
+    docs = [json.loads(line) for line in (TASKS_DIR / "ee_capitals.jsonl").read_text().splitlines()[:LIMIT]]
+    assert scoring["tokens"] == sum(1 + len(c) for d in docs for c in d["choices"])
+    assert sum(scoring["exit_counts"].values()) == scoring["tokens"]
+    assert 0 < scoring["exit_fractions"]["full"] < 1 and scoring["layers_saved"] > 0
+    generation = report["tasks"]["ee_arithmetic"]["generation"]
+    assert generation["tokens"] > 0 and generation["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("value, expected", [(1, 1.0), (0.9, 0.9), ("0.5", 0.5), (0, 0.0)])
+def test_eps_values_arrive_typed_and_are_coerced(value, expected):
+    assert coerce_eps(value) == expected
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "abc", True, float("nan")])
+def test_bad_eps_is_named(value):
+    with pytest.raises(ValueError, match="eps="):
+        coerce_eps(value)
+
+
+def test_bad_mode_and_uncalibrated_eps_are_named(folders):
+    _, heads = folders
+    with pytest.raises(ValueError, match="mode='fast'"):
+        evaluate("ee-hf", f"pretrained={heads},mode=fast")
+    with pytest.raises(ValueError, match="eps=0.9"):
+        evaluate("ee-hf", f"pretrained={heads},eps=0.9")
+
+
+def test_plain_lm_eval_cli_finds_ee_hf_and_keeps_its_own_models(folders, tmp_path):
+    """The installed `.pth` hook registers `ee-hf` for the unmodified `lm_eval` command; `--model hf` still works."""
+    base, heads = folders
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    common = ["--tasks", "ee_capitals", "--include_path", str(TASKS_DIR), "--limit", "3", "--device", "cpu"]
+    lm_eval = [sys.executable, "-m", "lm_eval"]
+    ours = subprocess.run([*lm_eval, "--model", "ee-hf", "--model_args", f"pretrained={heads},eps=0.5", *common],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert "ee_capitals" in ours.stdout and "early exit: eps=0.5" in ours.stdout
+    theirs = subprocess.run([*lm_eval, "--model", "hf", "--model_args", f"pretrained={base}", *common],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
