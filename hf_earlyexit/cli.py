@@ -125,6 +125,20 @@ def _bench_types() -> tuple[type, ...]:
     return (BenchArgs,)
 
 
+def _sweep(args) -> None:
+    from .sweep import run_sweep
+
+    result = run_sweep(args)
+    print(f"{len(result['points'])} ε points; written to {args.output_dir}: sweep.csv, sweep.json, "
+          "score_vs_eps.png, speedup_vs_eps.png, exits_vs_eps.png")
+
+
+def _sweep_types() -> tuple[type, ...]:
+    from .sweep import SweepArgs
+
+    return (SweepArgs,)
+
+
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
     "demo": (lambda: (DemoArgs,), _demo, "load the embedded default, attach heads, print costs and a generation"),
@@ -132,6 +146,7 @@ COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], s
     "calibrate": (_calibrate_types, _calibrate, "set per-exit thresholds for a grid of ε on generated text"),
     "generate": (_generate_types, _generate, "generate text with early exits and show where each token left"),
     "bench": (_bench_types, _bench, "tokens/s of early exit at an ε grid vs plain decoding, side by side"),
+    "sweep": (_sweep_types, _sweep, "lm-eval tasks across an ε grid: CSV/JSON and the paper's three plots"),
 }
 # subcommands that also take their dataclass's `prompt` field as positional words
 POSITIONAL_PROMPT = ("generate",)

@@ -101,6 +101,13 @@ class EarlyExitLM(HFLM):
         if self.rank == 0:
             atexit.register(self._print_report)  # after lm-eval's own results table
 
+    def set_eps(self, eps) -> None:
+        """Move to another ε (an ε sweep keeps one loaded model) and start the exit counts afresh."""
+        eps = coerce_eps(eps)
+        self._model.thresholds_for(eps)
+        self.ee_eps = eps
+        self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
+
     def _print_report(self) -> None:
         report = self.early_exit_report()
         if report["tasks"]:

@@ -25,7 +25,9 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     base = save_tiny_base("llama", root / "base")
     model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
+    strict = set_median_thresholds(model, key="0.7", quantile=0.8)
     set_median_thresholds(model, key="0.5")
+    model.config.thresholds["0.7"] = strict
     model.save_pretrained(root / "heads")
     return base, str(root / "heads")
 
@@ -120,3 +122,34 @@ def test_plain_lm_eval_cli_finds_ee_hf_and_keeps_its_own_models(folders, tmp_pat
     theirs = subprocess.run([*lm_eval, "--model", "hf", "--model_args", f"pretrained={base}", *common],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert theirs.returncode == 0, theirs.stderr[-3000:]
+
+
+def test_sweep_writes_points_plots_and_resumes(folders, tmp_path, monkeypatch):
+    import json
+
+    from hf_earlyexit.cli import main
+
+    _, heads = folders
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", heads, "--tasks", "ee_capitals", "--eps", "0.5", "1", "--limit", "4",
+            "--output_dir", str(out)]
+    assert main(args) == 0
+    for name in ("sweep.csv", "sweep.json", "score_vs_eps.png", "speedup_vs_eps.png", "exits_vs_eps.png"):
+        assert (out / name).stat().st_size > 0, name
+    points = json.loads((out / "sweep.json").read_text())
+    assert [p["eps"] for p in points] == [0.5, 1.0]
+    full = points[1]["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"]
+    assert full == 1.0 and points[0]["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"] < 1
+    # resumable: finished points are not rerun
+    stamp = (out / "points" / "eps_0.5.json").stat().st_mtime_ns
+    assert main(args + ["--eps", "0.5", "0.7", "1"]) == 0
+    assert (out / "points" / "eps_0.5.json").stat().st_mtime_ns == stamp
+    assert (out / "points" / "eps_0.7.json").exists()
+
+
+def test_sweep_refuses_a_bad_eps():
+    from hf_earlyexit.sweep import SweepArgs
+
+    with pytest.raises(ValueError, match="eps=2"):
+        SweepArgs(tasks=["ee_capitals"], eps=[0.5, 2])
