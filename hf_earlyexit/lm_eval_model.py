@@ -107,6 +107,7 @@ class EarlyExitLM(HFLM):
         self._model.thresholds_for(eps)
         self.ee_eps = eps
         self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
+        self._ee_global = None
 
     def _print_report(self) -> None:
         report = self.early_exit_report()
@@ -253,7 +254,28 @@ class EarlyExitLM(HFLM):
                     results[i] = value
             finally:
                 self.ee_task = None
+        if self.world_size > 1:  # every rank gets here (the evaluator pads requests), unlike get_model_info
+            self._ee_global = self._gather_tables()
         return results
+
+    def _gather_tables(self) -> tuple[dict, dict, dict]:
+        """Exit counts summed over data-parallel ranks; generation time is the slowest rank's."""
+        import copy
+
+        mine = (self.ee_scoring, self.ee_generation, self.ee_seconds)
+        everyone = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        scoring, generation, seconds = {}, {}, {}
+        for rank_scoring, rank_generation, rank_seconds in everyone:
+            for merged, table in ((scoring, rank_scoring), (generation, rank_generation)):
+                for task, stats in table.items():
+                    if task in merged:
+                        merged[task].add(stats)
+                    else:
+                        merged[task] = copy.deepcopy(stats)
+            for task, value in rank_seconds.items():
+                seconds[task] = max(seconds.get(task, 0.0), value)
+        return scoring, generation, seconds
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
@@ -270,8 +292,11 @@ class EarlyExitLM(HFLM):
         """Per task: exit counts and fractions on scored positions, layers / multiply-adds saved, generation speed
         and DSSD acceptance."""
         names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
-        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric, "tasks": {}}
-        for kind, table in (("scoring", self.ee_scoring), ("generation", self.ee_generation)):
+        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric, "tasks": {},
+                  "ranks": self.world_size}
+        scoring, generation, seconds = getattr(self, "_ee_global", None) or (
+            self.ee_scoring, self.ee_generation, self.ee_seconds)
+        for kind, table in (("scoring", scoring), ("generation", generation)):
             for task, stats in table.items():
                 total = max(stats.tokens, 1)
                 entry = {
@@ -282,8 +307,8 @@ class EarlyExitLM(HFLM):
                     "macs_saved": 1 - stats.macs_fraction if stats.macs_full else None,
                 }
                 if kind == "generation":
-                    seconds = self.ee_seconds.get(task)
-                    entry["tokens_per_s"] = stats.tokens / seconds if seconds else None
+                    spent = seconds.get(task)
+                    entry["tokens_per_s"] = stats.tokens / spent if spent else None
                     if stats.rounds:
                         entry["acceptance_rate"] = stats.acceptance_rate
                         entry["mean_accepted"] = stats.mean_accepted
