@@ -129,7 +129,7 @@ REPETITIVE_PROMPTS = (
     "SELECT name FROM users;\nSELECT email FROM users;\nSELECT",
 )
 PROMPT_SETS = {"varied": BENCH_PROMPTS, "repetitive": REPETITIVE_PROMPTS}
-BENCH_MODES = ("early_exit", "dssd", "all")
+BENCH_MODES = ("early_exit", "dssd", "all", "vocab")
 
 
 @dataclass
@@ -139,7 +139,8 @@ class BenchArgs(ModelArgs):
     mode: str = field(default="early_exit", metadata={
         "help": "early_exit: plain + early exit at eps_grid + forced exits; dssd: plain + DSSD at dssd_eps_grid + "
                 "peers (HF assistant early exit, prompt lookup, LayerSkip-style fixed drafting) + early exit at the "
-                "same ε; all: both", "choices": BENCH_MODES})
+                "same ε; all: both; vocab: draft-vocabulary size study (coverage vs head cost)",
+        "choices": BENCH_MODES})
     eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
                                   metadata={"help": "ε values of early exit"})
     dssd_eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9],
@@ -161,7 +162,66 @@ class BenchArgs(ModelArgs):
     repeats: int = field(default=1, metadata={"help": "timed repetitions of every configuration (median kept)"})
     per_exit: bool = field(default=True, metadata={"help": "early_exit mode: also time tokens forced to leave at "
                                                            "each exit"})
+    vocab_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768, 65536],
+                                   metadata={"help": "vocab mode: draft vocabulary sizes to compare"})
+    vocab_sequences: int = field(default=96, metadata={
+        "help": "vocab mode: generated sequences the frequencies come from (96 = the README's training data)"})
     output_dir: str = field(default="bench", metadata={"help": "where bench.json and bench.png go"})
+
+
+def vocab_study(args: BenchArgs, model: EarlyExitForCausalLM, tokenizer) -> dict:
+    """Which draft-vocabulary size: coverage of the full model's greedy tokens on the bench prompts by the most
+    frequent tokens of the model's own generations, against the time of one head evaluation (and one decoder
+    layer, and the full LM head), measured side by side."""
+    from .data import GenerationSpec, draft_vocabulary, generate_corpus
+
+    corpus = generate_corpus(model.backbone, tokenizer, GenerationSpec(num_sequences=args.vocab_sequences),
+                             model.config.base_model_name_or_path)
+    prompts = list(BENCH_PROMPTS[: args.num_prompts]) + list(REPETITIVE_PROMPTS[: args.num_prompts])
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    greedy = model.generate(**enc, mode="plain", max_new_tokens=args.max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    targets = greedy[greedy != tokenizer.pad_token_id]
+    parts = model.engine.parts
+    weight = parts.lm_head.weight.detach()  # (vocab, hidden)
+    hidden = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+
+    def timed(fn, reps: int = 30) -> float:
+        fn()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples) * 1000
+
+    engine = model.engine
+    state = engine.start(enc["input_ids"][:1])
+    engine.run_to(state, engine.num_layers)
+    token = torch.zeros(1, 1, dtype=torch.long)
+
+    def one_layer():  # embed one new token and run decoder layer 0 on it
+        engine.append(state, token)
+        engine.run_to(state, 1)
+
+    rows = []
+    full_ms = timed(lambda: torch.nn.functional.linear(hidden, weight))
+    layer_ms = timed(one_layer)
+    for size in args.vocab_sizes:
+        ids = draft_vocabulary(corpus, weight.shape[0], min(size, weight.shape[0]))
+        rows_w = weight[ids].contiguous()
+        coverage = float(torch.isin(targets, ids).float().mean())
+        rows.append({"size": size, "coverage": coverage,
+                     "head_ms": timed(lambda w=rows_w: torch.nn.functional.linear(hidden, w))})
+    report = {"dtype": args.dtype, "targets": int(targets.numel()), "layer_ms": layer_ms, "full_head_ms": full_ms,
+              "vocab": weight.shape[0], "rows": rows}
+    lines = [f"draft vocabulary study ({args.dtype}): coverage of {report['targets']} greedy tokens; one decoder "
+             f"layer {layer_ms:.2f} ms, full {weight.shape[0]}-row LM head {full_ms:.2f} ms", "",
+             "| draft vocabulary | coverage of greedy tokens | head ms | head / layer |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['coverage']:.3f} | {r['head_ms']:.2f} | {r['head_ms'] / layer_ms:.2f} |")
+    print("\n".join(lines))
+    return report
 
 
 def _agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, list[int | None]]:
@@ -324,6 +384,13 @@ def run_bench(args: BenchArgs) -> dict:
         raise ValueError(f"num_prompts={args.num_prompts} must lie in 1..{len(BENCH_PROMPTS)}")
     model, tokenizer = args.load()
     tokenizer.padding_side = "left"
+    if args.mode == "vocab":
+        with torch.inference_mode():
+            report = vocab_study(args, model, tokenizer)
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "vocab.json").write_text(json.dumps(report, indent=2))
+        return report
     common = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False,
               "pad_token_id": tokenizer.pad_token_id}
     configs = _configs(args, model, common)
