@@ -101,3 +101,18 @@ def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
         for family in ("dssd", "layerskip", "hf_early_exit", "prompt_lookup"):
             assert rows[family]["identical_sequences"] == 2, family  # lossless methods reproduce plain greedy
         assert rows["dssd"]["drafted"] > 0 and 0 <= rows["dssd"]["acceptance_rate"] <= 1
+
+
+def test_bench_vocab_study(calibrated_folder, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    out_dir = tmp_path / "vocab"
+    assert main(["bench", "--model", calibrated_folder, "--dtype", "float32", "--mode", "vocab", "--vocab_sizes",
+                 "8", "40", "97", "--vocab_sequences", "4", "--num_prompts", "2", "--max_new_tokens", "6",
+                 "--output_dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "vocab.json").read_text())
+    coverage = [r["coverage"] for r in report["rows"]]
+    assert coverage == sorted(coverage) and coverage[-1] == 1.0  # the whole vocabulary covers every token
+    assert all(r["head_ms"] > 0 for r in report["rows"]) and report["layer_ms"] > 0
+    assert "draft vocabulary study" in capsys.readouterr().out
