@@ -180,7 +180,7 @@ def vocab_study(args: BenchArgs, model: EarlyExitForCausalLM, tokenizer) -> dict
     prompts = list(BENCH_PROMPTS[: args.num_prompts]) + list(REPETITIVE_PROMPTS[: args.num_prompts])
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     greedy = model.generate(**enc, mode="plain", max_new_tokens=args.max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+                            eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
     targets = greedy[greedy != tokenizer.pad_token_id]
     parts = model.engine.parts
     weight = parts.lm_head.weight.detach()  # (vocab, hidden)
@@ -391,7 +391,8 @@ def run_bench(args: BenchArgs) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "vocab.json").write_text(json.dumps(report, indent=2))
         return report
-    common = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False,
+    # EOS off (no extra logits processor), so every run writes exactly max_new_tokens tokens
+    common = {"max_new_tokens": args.max_new_tokens, "eos_token_id": None, "do_sample": False,
               "pad_token_id": tokenizer.pad_token_id}
     configs = _configs(args, model, common)
     report = {
