@@ -130,3 +130,27 @@ def test_embedded_forced_exit_skips_layers(tokenizer):
     assert out.exit_index[0, 1:].tolist() == [0] * 7
     assert calls[:4] == [8] * 4 and calls[4:] == [2] * (model.num_layers - 4)
     assert out.exit_stats.layers_computed_fraction == pytest.approx(4 / model.num_layers)
+
+
+def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
+    """`--model ee-hf` with ε = 1 gives exactly `--model hf`'s metrics and generations on the embedded model."""
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hf_earlyexit.base_earlyexit import embedded_dir
+    from hf_earlyexit.lm_eval_plugin import register
+
+    register()
+    tasks_dir = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
+    common = {"tasks": ["ee_capitals", "ee_arithmetic"], "device": "cpu", "batch_size": 4, "limit": 4,
+              "log_samples": True, "task_manager": TaskManager(include_path=str(tasks_dir))}
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={embedded_dir()},dtype=float32", **common)
+    ours = lm_eval.simple_evaluate(model="ee-hf", model_args="pretrained=embedded,eps=1,dtype=float32", **common)
+    for task in common["tasks"]:
+        assert ours["results"][task] == hf["results"][task]
+        def answers(results, task=task):
+            return [s["filtered_resps"] for s in results["samples"][task]]
+
+        assert answers(ours) == answers(hf)
