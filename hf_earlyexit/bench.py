@@ -147,6 +147,8 @@ class BenchArgs(ModelArgs):
                                        metadata={"help": "ε values of DSSD"})
     max_draft: int = field(default=16, metadata={"help": "DSSD: most tokens drafted per round"})
     peers: bool = field(default=True, metadata={"help": "dssd mode: also time the peer methods"})
+    hf_early_exit_layers: list[int] | None = field(default=None, metadata={
+        "help": "HF assistant_early_exit layers to try (default: the heads' exit layers)"})
     layerskip_drafts: list[int] = field(default_factory=lambda: [2, 4, 6],
                                         metadata={"help": "LayerSkip-style baseline: fixed draft lengths to try"})
     prompt_lookup_tokens: list[int] = field(default_factory=lambda: [3, 10],
@@ -296,7 +298,7 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
                 configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
                                        ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
         if args.peers:
-            for layer in exits:
+            for layer in args.hf_early_exit_layers or exits:
                 configs.append(_Config("hf_early_exit", f"HF assistant_early_exit={layer}", {"layer": layer},
                                        hf(assistant_early_exit=layer)))
             for n in args.prompt_lookup_tokens:
