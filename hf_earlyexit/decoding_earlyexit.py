@@ -529,14 +529,19 @@ def early_exit_generate(
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy={exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
     ee_model.thresholds_for(eps)  # checks eps and that the heads are calibrated, before any work
-    for key in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate"):
+    return run_decoding_loop(ee_model, early_exit_decode, "early-exit generation", inputs, kwargs,
+                             ee_eps=float(eps), ee_kv_fill=kv_fill, ee_exit_policy=exit_policy)
+
+
+def run_decoding_loop(ee_model, loop, what: str, inputs: Tensor | None, kwargs: dict, **loop_kwargs):
+    """Let the base model's `generate()` prepare everything (configs, processors, stopping criteria) and run `loop`
+    as its `custom_generate` decoding loop."""
+    for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "custom_generate"):
         if kwargs.get(key) is not None:
-            raise ValueError(f"{key} cannot be combined with early-exit generation")
+            raise ValueError(f"{key} cannot be combined with {what}")
     _move_stop_strings(ee_model, kwargs)
-    decode = functools.partial(
-        early_exit_decode, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_eps=float(eps), ee_kv_fill=kv_fill,
-        ee_exit_policy=exit_policy,
-    )
+    # HF hands a callable loop neither the streamer nor the tokenizer, so the streamer is bound here
+    decode = functools.partial(loop, streamer=kwargs.get("streamer"), ee_model=ee_model, **loop_kwargs)
     return ee_model.backbone.generate(inputs, custom_generate=decode, **kwargs)
 
 

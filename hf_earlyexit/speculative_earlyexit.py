@@ -16,7 +16,6 @@ shorter rows are shifted right behind left padding, so each row stays one contig
 
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -29,9 +28,9 @@ from .decoding_earlyexit import (
     ExitStats,
     Tally,
     _costs,
-    _move_stop_strings,
     exit_cascade,
     finish_stats,
+    run_decoding_loop,
 )
 
 DEFAULT_MAX_DRAFT = 16
@@ -295,13 +294,6 @@ def dssd_generate(
         raise ValueError(f"max_draft={max_draft!r} must be a positive integer")
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy={exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
-    ee_model.thresholds_for(eps)
-    for key in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"{key} cannot be combined with self-speculative decoding")
-    _move_stop_strings(ee_model, kwargs)
-    decode = functools.partial(
-        dssd_decode, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_eps=float(eps), ee_max_draft=max_draft,
-        ee_exit_policy=exit_policy,
-    )
-    return ee_model.backbone.generate(inputs, custom_generate=decode, **kwargs)
+    ee_model.thresholds_for(eps)  # checks eps and that the heads are calibrated, before any work
+    return run_decoding_loop(ee_model, dssd_decode, "self-speculative decoding", inputs, kwargs,
+                             ee_eps=float(eps), ee_max_draft=max_draft, ee_exit_policy=exit_policy)
