@@ -360,6 +360,8 @@ def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, group
             row["weight_bytes_fraction"] = total.weight_bytes_fraction
             row["wasted_layer_tokens"] = total.wasted_layer_tokens
             row["checked_exits"] = total.checked_exits
+            if total.seconds:
+                row["seconds_by_phase"] = total.seconds
             if total.rounds:
                 row["acceptance_rate"] = total.acceptance_rate
                 row["mean_accepted"] = total.mean_accepted
