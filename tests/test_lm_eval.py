@@ -153,3 +153,29 @@ def test_sweep_refuses_a_bad_eps():
 
     with pytest.raises(ValueError, match="eps=2"):
         SweepArgs(tasks=["ee_capitals"], eps=[0.5, 2])
+
+
+def test_non_editable_install_registers_ee_hf(folders, tmp_path):
+    """`pip install .` (a built wheel, not the editable hook) also installs the `.pth`: the plain `lm_eval` finds
+    `ee-hf` from that copy, and `--model hf` still works beside it."""
+    import venv
+
+    base, heads = folders
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    python = env_dir / "bin" / "python"
+    repo = Path(__file__).resolve().parents[1]
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(repo)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    where = subprocess.run([str(python), "-c", "import hf_earlyexit; print(hf_earlyexit.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert str(env_dir) in where.stdout, where.stdout + where.stderr  # the installed copy, not the source tree
+    assert list(env_dir.glob("lib/python*/site-packages/hf_earlyexit_lm_eval.pth")), "the wheel installs the hook"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    common = ["--tasks", "ee_capitals", "--include_path", str(TASKS_DIR), "--limit", "2", "--device", "cpu"]
+    for model, args in (("ee-hf", f"pretrained={heads},eps=0.5"), ("hf", f"pretrained={base}")):
+        run = subprocess.run([str(python), "-m", "lm_eval", "--model", model, "--model_args", args, *common],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, (model, run.stderr[-3000:])
+        assert "ee_capitals" in run.stdout
