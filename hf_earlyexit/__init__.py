@@ -13,6 +13,7 @@ from .configuration_earlyexit import EarlyExitConfig
 from .engine_earlyexit import EngineState, LayerEngine
 from .heads_earlyexit import Cost, PaperHead, SharedHead
 from .modeling_earlyexit import EarlyExitForCausalLM, EarlyExitOutput, HeadsMismatchError
+from .shipped import SHIPPED, resolve, shipped_dir
 
 try:
     __version__ = metadata.version("hf-earlyexit")
@@ -21,8 +22,9 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 
 __all__ = [
     "ARCHITECTURES", "EMBEDDED", "Cost", "EarlyExitConfig", "EarlyExitForCausalLM", "EarlyExitOutput",
-    "EngineState", "HeadsMismatchError", "LayerEngine", "PaperHead", "SharedHead", "UnsupportedArchitectureError",
-    "arch_spec", "cache_root", "is_heads_folder", "load", "load_base_model", "load_tokenizer",
+    "EngineState", "HeadsMismatchError", "LayerEngine", "PaperHead", "SHIPPED", "SharedHead",
+    "UnsupportedArchitectureError", "arch_spec", "cache_root", "is_heads_folder", "load", "load_base_model",
+    "load_tokenizer", "shipped_dir",
 ]
 
 
@@ -30,6 +32,7 @@ def is_heads_folder(name_or_path: str, **hub) -> bool:
     """Whether `name_or_path` (folder or Hub repo) holds saved exit heads rather than a base model."""
     if name_or_path == EMBEDDED:
         return False
+    name_or_path = resolve(name_or_path)
     config, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
     return config.get("model_type") == EarlyExitConfig.model_type
 
@@ -40,13 +43,15 @@ def load(
     """Load a model with exit heads and its tokenizer in one line.
 
     Args:
-        name_or_path: a saved heads folder / Hub repo, or a base model (Hub id, local path, `"embedded"`), to
-            which fresh heads are attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
+        name_or_path: a saved heads folder / Hub repo, `"shipped"` (the embedded model with the trained heads that
+            ship in the package), or a base model (Hub id, local path, `"embedded"`), to which fresh heads are
+            attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
         dtype: dtype of the base model (e.g. `torch.bfloat16`); default: as stored.
 
     Returns:
         `(model, tokenizer)`.
     """
+    name_or_path = resolve(name_or_path)
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
         try:

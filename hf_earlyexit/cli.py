@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import HfArgumentParser
 
-from .base_earlyexit import EMBEDDED
 from .configuration_earlyexit import HEAD_TYPES
+from .shipped import SHIPPED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
@@ -22,8 +22,9 @@ class ModelArgs:
     """Which model to load and, for a base model, which fresh heads to attach."""
 
     model: str = field(
-        default=EMBEDDED,
-        metadata={"help": "saved heads (folder or Hub repo), or a base model (Hub id, local path, 'embedded')"},
+        default=SHIPPED,
+        metadata={"help": "saved heads (folder or Hub repo), 'shipped' (the embedded model with the heads shipped "
+                          "in the package), or a base model with fresh heads (Hub id, local path, 'embedded')"},
     )
     dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
     exit_layers: list[int] | None = field(
@@ -44,13 +45,25 @@ class ModelArgs:
         return load(self.model, dtype=DTYPES[self.dtype], **{k: v for k, v in fresh.items() if v is not None})
 
 
+DEMO_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Photosynthesis is the process by which",
+)
+
+
 @dataclass
 class DemoArgs(ModelArgs):
-    """Demo on the embedded default: load, attach heads, show per-exit cost and a generation."""
+    """Demo: the embedded model with its shipped heads, plain vs early exit vs DSSD, side by side."""
 
+    model: str = field(default=SHIPPED, metadata={
+        "help": "calibrated heads (folder or Hub repo); default: the embedded Gemma 3 270M with its shipped heads"})
     dtype: str = field(default="bfloat16", metadata={"help": "base model dtype", "choices": list(DTYPES)})
-    prompt: str = field(default="The capital of France is", metadata={"help": "prompt to continue"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
+    prompt: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS), metadata={"help": "prompts to continue"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens to generate per prompt"})
+    eps: float = field(default=0.9, metadata={"help": "early exit: accuracy target ε"})
+    dssd_eps: float = field(default=0.8, metadata={"help": "self-speculative decoding: ε of the drafts"})
+    output_dir: str = field(default="demo", metadata={"help": "where demo.json and demo.png go"})
 
 
 def _info(args: ModelArgs) -> None:
@@ -141,7 +154,7 @@ def _sweep_types() -> tuple[type, ...]:
 
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
-    "demo": (lambda: (DemoArgs,), _demo, "load the embedded default, attach heads, print costs and a generation"),
+    "demo": (lambda: (DemoArgs,), _demo, "embedded model + shipped heads: plain vs early exit vs DSSD side by side"),
     "train": (_train_types, _train, "self-supervised head training on text the model writes itself"),
     "calibrate": (_calibrate_types, _calibrate, "set per-exit thresholds for a grid of ε on generated text"),
     "generate": (_generate_types, _generate, "generate text with early exits and show where each token left"),

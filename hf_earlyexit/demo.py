@@ -1,34 +1,137 @@
-"""The main job's demo: the embedded default with exit heads, their costs and a generation."""
+"""The main job's demo: the embedded Gemma 3 270M with its shipped heads, decoded three ways side by side.
+
+For a few prompts (batch 1, greedy) it times plain decoding (HF `generate`), early exit at `eps` and self-speculative
+decoding at `dssd_eps`, prints tokens/s, agreement with plain decoding, the exit distribution and the DSSD
+acceptance, shows each token coloured by the exit it left from, and writes `demo.json` + `demo.png`.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .report import print_model_info
+from .bench import _agreement, colour_legend, colour_tokens
+from .decoding_earlyexit import ExitStats
+from .report import print_model_info, print_table
 
 if TYPE_CHECKING:
     from .cli import DemoArgs
 
 
-def run_demo(args: DemoArgs) -> None:
-    """Load `args.model`, print its exits and costs, how often each exit agrees with the full model on the prompt,
-    and a greedy generation."""
+@dataclass
+class _Run:
+    """One decoding mode over every prompt."""
+
+    name: str
+    seconds: float = 0.0
+    tokens: int = 0
+    sequences: list | None = None  # one (1, new) tensor per prompt
+    exits: list | None = None  # one (new,) exit-index list per prompt (None for plain decoding)
+    stats: ExitStats | None = None
+
+
+def _decode(model, encoded: list, name: str, pad: int, **kwargs) -> _Run:
+    run = _Run(name, sequences=[], exits=[])
+    for enc in encoded:
+        width = enc["input_ids"].shape[1]
+        start = time.perf_counter()
+        out = model.generate(**enc, return_dict_in_generate=True, pad_token_id=pad, **kwargs)
+        run.seconds += time.perf_counter() - start
+        run.sequences.append(out.sequences[:, width:])
+        run.tokens += out.sequences.shape[1] - width
+        exit_index = getattr(out, "exit_index", None)
+        run.exits.append(exit_index[0].tolist() if exit_index is not None else None)
+        stats = getattr(out, "exit_stats", None)
+        if stats is not None and run.stats is None:
+            run.stats = copy.deepcopy(stats)
+        elif stats is not None:
+            run.stats.add(stats)
+    return run
+
+
+def _row(run: _Run, plain: _Run, names: list[str]) -> dict:
+    agreement, firsts = zip(*(_agreement(p, o) for p, o in zip(plain.sequences, run.sequences, strict=True)),
+                            strict=True)
+    row = {"mode": run.name, "tok/s": run.tokens / run.seconds,
+           "vs plain": plain.seconds / plain.tokens * run.tokens / run.seconds,
+           "agreement": sum(agreement) / len(agreement),
+           "identical": f"{sum(f[0] is None for f in firsts)}/{len(firsts)}"}
+    if run.stats is not None:
+        fractions = [c / max(1, run.stats.tokens) for c in run.stats.exit_counts]
+        row["exits " + "/".join(names)] = " ".join(f"{f:.2f}" for f in fractions)
+        row["accepted/drafted"] = f"{run.stats.acceptance_rate:.2f}" if run.stats.rounds else "–"
+    return row
+
+
+def run_demo(args: DemoArgs) -> dict:
+    """Load `args.model`, print its exits and costs, decode the prompts in three modes, print and plot."""
     model, tokenizer = args.load()
     print_model_info(model)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if not model.config.thresholds:
+        raise ValueError(f"{args.model} has no calibrated thresholds: the demo needs trained, calibrated heads "
+                         "(the default --model shipped has them; or run hf-earlyexit train + calibrate)")
+    names = [f"exit@{k}" for k in model.config.exit_layers] + ["full"]
+    encoded = [tokenizer(p, return_tensors="pt") for p in args.prompt]
+    common = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    pad = tokenizer.pad_token_id
     with torch.inference_mode():
-        out = model(**inputs)
-        final = out.logits.argmax(-1)  # (1, seq)
-        print("\nagreement of each exit's top-1 with the full model over the prompt positions:")
-        for layer, head, logits in zip(model.config.exit_layers, model.exit_heads, out.exit_logits, strict=False):
-            agree = (head.to_token_ids(logits.argmax(-1)) == final).float().mean().item()
-            print(f"  exit@{layer}: {agree:.0%}")
-        start = time.perf_counter()
-        ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-    new = ids.shape[1] - inputs["input_ids"].shape[1]
-    text = tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"\ngreedy generation ({new} tokens, {new / seconds:.1f} tok/s):\n{args.prompt}{text}")
+        model.generate(**encoded[0], mode="plain", max_new_tokens=4, pad_token_id=pad)  # warm-up
+        runs = [
+            _decode(model, encoded, "plain (HF generate)", pad, mode="plain", **common),
+            _decode(model, encoded, f"early exit ε={args.eps:g}", pad, mode="early_exit", eps=args.eps, **common),
+            _decode(model, encoded, f"DSSD ε={args.dssd_eps:g}", pad, mode="dssd", eps=args.dssd_eps, **common),
+        ]
+    plain = runs[0]
+    rows = [_row(run, plain, names) for run in runs]
+    print(f"\n{len(encoded)} prompts x up to {args.max_new_tokens} new tokens, batch 1, greedy, {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    print(print_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    for run in runs[1:]:
+        print(f"\n{run.name}, each token coloured by the exit it left from:")
+        for prompt, seq, exits in zip(args.prompt, run.sequences, run.exits, strict=True):
+            text = colour_tokens(tokenizer, seq[0].tolist(), exits, model.config.num_exits)
+            print(f"  {prompt}{text}")
+    print(colour_legend(model.config.exit_layers))
+    report = {"model": args.model, "dtype": args.dtype, "prompts": list(args.prompt), "rows": rows,
+              "exit_names": names,
+              "exit_fractions": {r.name: [c / max(1, r.stats.tokens) for c in r.stats.exit_counts]
+                                 for r in runs if r.stats is not None}}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo.json").write_text(json.dumps(report, indent=2))
+    plot_demo(report, out_dir / "demo.png")
+    print(f"\nwritten: {out_dir / 'demo.json'}, {out_dir / 'demo.png'}")
+    return report
+
+
+def plot_demo(report: dict, path: Path) -> None:
+    """Left: tokens/s per mode; right: where tokens left, per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.bar([r["mode"] for r in rows], [r["tok/s"] for r in rows], color=["black", "tab:blue", "tab:red"])
+    left.set_ylabel("tokens/s")
+    left.set_title(f"{report['model']} ({report['dtype']}), batch 1, greedy")
+    names = report["exit_names"]
+    bottom = None
+    modes = list(report["exit_fractions"])
+    for j, name in enumerate(names):
+        values = [report["exit_fractions"][m][j] for m in modes]
+        right.bar(modes, values, bottom=bottom, label=name)
+        bottom = values if bottom is None else [a + b for a, b in zip(bottom, values, strict=True)]
+    right.set_ylabel("fraction of tokens")
+    right.set_title("where tokens left (DSSD: accepted drafts per head)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

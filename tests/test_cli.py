@@ -116,3 +116,28 @@ def test_bench_vocab_study(calibrated_folder, tmp_path, monkeypatch, capsys):
     assert coverage == sorted(coverage) and coverage[-1] == 1.0  # the whole vocabulary covers every token
     assert all(r["head_ms"] > 0 for r in report["rows"]) and report["layer_ms"] > 0
     assert "draft vocabulary study" in capsys.readouterr().out
+
+
+def test_demo_decodes_three_ways_and_dssd_matches_plain(calibrated_folder, tmp_path, capsys):
+    import json
+
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--model", calibrated_folder, "--dtype", "float32", "--eps", "0.5", "--dssd_eps", "0.5",
+                 "--prompt", "hello world", "the cat", "--max_new_tokens", "8", "--output_dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "demo.json").read_text())
+    assert (out_dir / "demo.png").stat().st_size > 0
+    plain, early, dssd = report["rows"]
+    assert plain["identical"] == "2/2" and plain["agreement"] == 1.0
+    assert dssd["identical"] == "2/2"  # lossless: the plain model's tokens (fp32)
+    assert 0.0 <= float(dssd["accepted/drafted"]) <= 1.0
+    for name in ("early exit ε=0.5", "DSSD ε=0.5"):
+        fractions = report["exit_fractions"][name]
+        assert len(fractions) == 4 and abs(sum(fractions) - 1.0) < 1e-9
+    out = capsys.readouterr().out
+    assert "\033[" in out and "tok/s" in out and "exit@1" in out
+
+
+def test_demo_refuses_uncalibrated_heads(tmp_path):
+    base = save_tiny_base("llama", tmp_path / "base")
+    with pytest.raises(ValueError, match="no calibrated thresholds"):
+        main(["demo", "--model", base, "--dtype", "float32", "--output_dir", str(tmp_path / "demo")])
