@@ -17,6 +17,13 @@ HEAD_INITS = ("lm_head", "scratch")
 METRICS = ("breaking_ties", "max_prob", "entropy", "hidden_similarity")
 EMBEDDED = "embedded"
 DEFAULT_NUM_EXITS = 4
+# version of the saved heads folder (the adapter format): config fields, file names and what they hold. Bump it when
+# a folder written by this code could be misread by older code; folders without the field are version 1.
+FORMAT_VERSION = 1
+
+
+class UnsupportedFormatError(ValueError):
+    """A heads folder written in a newer format than this code reads."""
 
 
 def default_exit_layers(num_layers: int, num_exits: int = DEFAULT_NUM_EXITS) -> list[int]:
@@ -46,7 +53,11 @@ class EarlyExitConfig(PreTrainedConfig):
         eps (`float`): default accuracy target ε in (0, 1].
         base_fingerprint (`list[float]`, *optional*): mean |w| per part of the base the heads were built on.
         training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
-        calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date).
+        calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date), the
+            per-head coverage / agreement of every ε on held-out tokens (`check`) and the whole rule's (`cascade`).
+        base_subfolder (`str`, *optional*): subfolder of this folder / repo that holds a full copy of the base
+            model (a merged push); `None`: the base is loaded from `base_model_name_or_path`.
+        format_version (`int`): version of the folder format; newer versions than `FORMAT_VERSION` are refused.
     """
 
     model_type = "earlyexit"
@@ -68,8 +79,11 @@ class EarlyExitConfig(PreTrainedConfig):
     base_fingerprint: list[float] | None = None
     training: dict | None = None
     calibration: dict | None = None
+    base_subfolder: str | None = None
+    format_version: int = 1  # what a folder without the field is; `save_pretrained` writes `FORMAT_VERSION`
 
     def __post_init__(self, **kwargs: Any) -> None:
+        check_format_version(self.format_version)  # first: a newer folder may hold fields this code misreads
         super().__post_init__(**kwargs)
         if self.text_config is None:
             return  # an empty config, as `PreTrainedConfig` machinery builds for defaults and diffs
@@ -113,6 +127,18 @@ class EarlyExitConfig(PreTrainedConfig):
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers or [])
+
+
+def check_format_version(version: Any) -> None:
+    """Refuse a folder format this code does not know, naming both versions."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UnsupportedFormatError(f"format_version={version!r} is not a format version (a positive integer)")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"this heads folder was written by a newer hf-earlyexit, format {version}; this version reads up to "
+            f"format {FORMAT_VERSION}. Upgrade hf-earlyexit (pip install -U hf-earlyexit), or load the folder with "
+            "trust_remote_code=True so that its own code reads it"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

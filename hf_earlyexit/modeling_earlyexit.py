@@ -1,12 +1,15 @@
 """`EarlyExitForCausalLM`: a frozen HF causal LM plus exit heads (portable: torch, transformers, safetensors).
 
 A saved folder holds only what the heads own: `config.json` (with `auto_map`, the base model id + revision, exits,
-head type, metric, thresholds), `exit_heads.safetensors`, the tokenizer and these portable files. Loading pulls the
-base weights from the recorded id/revision (or the embedded default) and checks that the heads fit them.
+head type, metric, thresholds, format version), `exit_heads.safetensors`, the tokenizer, these portable files and a
+model card (layout and Hub upload: `hub_earlyexit.py`). Loading pulls the base weights from the recorded
+id/revision (or the embedded default, or the folder's own `base/` copy when it was saved merged) and checks that the
+heads fit them.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -14,34 +17,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
 from .architectures_earlyexit import arch_spec
 from .base_earlyexit import (
     EMBEDDED,
     canonical_name,
     embedded_revision,
-    fingerprint_mismatch,
     load_base_model,
     load_tokenizer,
     weight_fingerprint,
 )
-from .configuration_earlyexit import EarlyExitConfig
+from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig
 from .decoding_earlyexit import ExitStats, early_exit_generate
 from .engine_earlyexit import LayerEngine
+from .folder_earlyexit import (
+    BASE_SUBFOLDER,
+    CALIBRATION_FILE,
+    HEADS_FILE,
+    HeadsMismatchError,
+    check_compatible,
+    check_revision,
+    load_recorded_base,
+    read_calibration,
+    read_heads,
+    replace_dir,
+    resolved_commit,
+)
 from .heads_earlyexit import Cost, ExitHead, build_head, module_cost
+from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
 from .metrics_earlyexit import threshold_for_eps
 from .speculative_earlyexit import DEFAULT_MAX_DRAFT, dssd_generate
 
 logger = logging.getLogger(__name__)
 
-HEADS_FILE = "exit_heads.safetensors"
-CALIBRATION_FILE = "calibration.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 AUTO_MAP = {
     "AutoConfig": "configuration_earlyexit.EarlyExitConfig",
     "AutoModel": "modeling_earlyexit.EarlyExitForCausalLM",
@@ -52,10 +64,6 @@ _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_o
 _DROPPED_KWARGS = (
     "trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs",
 )
-
-
-class HeadsMismatchError(ValueError):
-    """Heads were saved for a different base model than the one they are attached to."""
 
 
 @dataclass
@@ -155,7 +163,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             name = base
             if tokenizer is None:
                 tokenizer = load_tokenizer(base, revision)
-            revision = embedded_revision() if base == EMBEDDED else revision
+            revision = embedded_revision() if base == EMBEDDED else resolved_commit(name, revision, base_kwargs)
             base = load_base_model(name, revision, dtype=dtype, **base_kwargs)
         else:
             name, known_revision = canonical_name(base)
@@ -184,9 +192,24 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         base_model: PreTrainedModel | None = None,
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,
+        base_model_revision: str | None = None,
+        ignore_base_mismatch: bool = False,
         **kwargs,
     ) -> EarlyExitForCausalLM:
-        """Load saved heads and their base model (or attach them to `base_model`, a model you already hold)."""
+        """Load saved heads (a folder or a Hub repo id) and their base model, or attach them to `base_model`.
+
+        Args:
+            pretrained_model_name_or_path: heads folder or Hub repo id (`"user/repo"`).
+            base_model: a loaded base model you already hold; default: the one the heads record (id + revision), or
+                the folder's own `base/` copy when it was pushed merged.
+            revision: revision of the heads repo.
+            base_model_revision: load the base at this revision instead of the recorded one (a mismatch error
+                unless `ignore_base_mismatch`).
+            ignore_base_mismatch: turn a different base revision or weight fingerprint into a warning (heads built
+                for another shape still fail).
+            kwargs: hub arguments (`token`, `cache_dir`, ...) apply to heads and base; the rest go to the base's
+                `from_pretrained`.
+        """
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args!r}")
         dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
@@ -198,8 +221,12 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             config = EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
         state = read_heads(source, revision=revision, **hub)
         if base_model is None:
-            base_model = load_base_model(config.base_model_name_or_path, config.base_revision, dtype=dtype, **kwargs)
-        check_compatible(config, base_model)
+            base_model = load_recorded_base(
+                config, source, revision, hub, base_model_revision, ignore_base_mismatch, dtype=dtype, **kwargs
+            )
+        else:
+            check_revision(config, canonical_name(base_model)[1], ignore_base_mismatch)
+        check_compatible(config, base_model, ignore_base_mismatch=ignore_base_mismatch)
         model = cls(config, backbone=base_model)
         model.load_heads_state(state, source)
         model.calibration_stats = read_calibration(source, revision=revision, **hub)
@@ -231,12 +258,18 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         overwrite: bool = False,
         tokenizer: PreTrainedTokenizerBase | None = None,
         extra_files: dict[str, Path] | None = None,
+        merged: bool = False,
+        repo_id: str | None = None,
         **kwargs,
     ) -> None:
-        """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code.
+        """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code and
+        the model card `README.md`.
 
         Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind.
-        `extra_files` (name -> existing file) are copied in too (logs, plots).
+        `extra_files` (name -> existing file) are copied in too (logs, plots, `bench.json`, `eval_results.json`,
+        which the card reports; a `README.md` among them replaces the rendered card). `merged=True` also writes a
+        full copy of the base model under `base/` (large; loading then needs no other base). `repo_id` names the
+        Hub repo in the card's usage snippets.
         """
         target = Path(save_directory)
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
@@ -246,16 +279,22 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            self._write_folder(staging, tokenizer or self.tokenizer)
+            config = self._write_folder(staging, tokenizer or self.tokenizer, merged)
             for name, source in (extra_files or {}).items():
                 shutil.copyfile(source, staging / name)
-            _replace_dir(staging, target)
+            write_card(staging, config, repo_id)
+            replace_dir(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _write_folder(self, folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        self.config.auto_map = dict(AUTO_MAP)
-        self.config.save_pretrained(folder)
+    def _write_folder(self, folder: Path, tokenizer: PreTrainedTokenizerBase | None, merged: bool) -> EarlyExitConfig:
+        config = copy.deepcopy(self.config)
+        config.auto_map = dict(AUTO_MAP)
+        config.format_version = FORMAT_VERSION
+        config.base_subfolder = BASE_SUBFOLDER if merged else None
+        config.save_pretrained(folder)
+        if merged:
+            self.backbone.save_pretrained(folder / BASE_SUBFOLDER)
         state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
         save_file(state, folder / HEADS_FILE, metadata={"format": "pt"})
         if self.calibration_stats:
@@ -264,6 +303,44 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             tokenizer.save_pretrained(folder)
         for source in sorted(Path(__file__).parent.glob("*_earlyexit.py")):
             shutil.copyfile(source, folder / source.name)
+        return config
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        force: bool = False,
+        merged: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        extra_files: dict[str, Path] | None = None,
+    ):
+        """Upload the heads folder (as `save_pretrained` writes it, with its model card) to the Hub in one commit.
+
+        Args:
+            repo_id: `"user/name"` or `"org/name"`; created (with `private`) when it does not exist.
+            revision: branch to commit to (created when absent).
+            force: push heads that were never trained (refused otherwise).
+            merged: also upload a full copy of the base model under `base/` (off: only the heads' own files go up,
+                never base weights).
+            extra_files: name -> file to include (`bench.json`, `eval_results.json` feed the card's results).
+
+        Returns:
+            huggingface_hub's `CommitInfo`.
+        """
+        check_repo_id(repo_id)
+        check_pushable(self.config, force)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "heads"
+            self.save_pretrained(folder, tokenizer=tokenizer, extra_files=extra_files, merged=merged, repo_id=repo_id)
+            return upload_heads_folder(
+                folder, repo_id, private=private, token=token, revision=revision, commit_message=commit_message,
+                create_pr=create_pr, merged=merged,
+            )
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -393,56 +470,6 @@ def _cost_row(name: str, layers: int, body: Cost, head: Cost) -> dict:
     }
 
 
-def read_heads(source: str, revision: str | None = None, **hub) -> dict[str, Tensor]:
-    """Read `exit_heads.safetensors` from a folder or Hub repo; refuse pickles, report corrupt files clearly."""
-    local = Path(source)
-    if local.is_file():
-        raise ValueError(f"{source} is a file; pass the heads folder that contains {HEADS_FILE}")
-    path = cached_file(source, HEADS_FILE, revision=revision, _raise_exceptions_for_missing_entries=False, **hub)
-    if path is None:
-        pickles = sorted(p.name for p in local.glob("*") if p.suffix in PICKLE_SUFFIXES) if local.is_dir() else []
-        if pickles:
-            raise ValueError(
-                f"{source} holds {pickles} but no {HEADS_FILE}: hf-earlyexit loads head weights from safetensors "
-                "only and never unpickles"
-            )
-        raise FileNotFoundError(f"{source} has no {HEADS_FILE}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"head file {path} is corrupt or not a safetensors file ({err})") from err
-
-
-def read_calibration(source: str, revision: str | None = None, **hub) -> dict[str, Tensor] | None:
-    """The calibration statistics of a heads folder, or `None` when it was never calibrated."""
-    path = cached_file(source, CALIBRATION_FILE, revision=revision, _raise_exceptions_for_missing_entries=False, **hub)
-    if path is None:
-        return None
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"calibration file {path} is corrupt or not a safetensors file ({err})") from err
-
-
-def check_compatible(config: EarlyExitConfig, base: PreTrainedModel) -> None:
-    """Raise `HeadsMismatchError` naming both values when the heads were saved for a different base."""
-    saved, current = config.text_config, base.config.get_text_config()
-    for field in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
-        a, b = getattr(saved, field, None), getattr(current, field, None)
-        if a != b:
-            raise HeadsMismatchError(f"heads were saved for a base with {field}={a!r}; this base has {field}={b!r}")
-    if config.base_fingerprint:
-        current_fp = weight_fingerprint(base)
-        bad = fingerprint_mismatch(config.base_fingerprint, current_fp)
-        if bad is not None:
-            a = config.base_fingerprint[bad] if bad < len(config.base_fingerprint) else None
-            b = current_fp[bad] if bad < len(current_fp) else None
-            raise HeadsMismatchError(
-                f"heads were trained on different base weights: weight fingerprint part {bad} is {a!r} in the "
-                f"heads' config but {b!r} in this base model ({config.base_model_name_or_path!r})"
-            )
-
-
 def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
     if token_ids.dim() != 1 or len(token_ids) == 0:
         raise ValueError(f"draft_token_ids must be a non-empty 1-D list of ids, got shape {tuple(token_ids.shape)}")
@@ -451,15 +478,3 @@ def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
         raise ValueError(f"draft_token_ids must lie in 0..{vocab - 1}, got ids from {low} to {high}")
     if len(set(token_ids.tolist())) != len(token_ids):
         raise ValueError("draft_token_ids contains duplicates")
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move a fully written `staging` folder to `target`, replacing what was there only at the last moment."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    backup = target.with_name(f".{target.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    target.rename(backup)
-    staging.rename(target)
-    shutil.rmtree(backup, ignore_errors=True)
