@@ -41,10 +41,14 @@ class GenerateArgs(ModelArgs):
     dtype: str = field(default="bfloat16", metadata={"help": "base model dtype", "choices": ["float32", "bfloat16"]})
     prompt: list[str] | None = field(default=None, metadata={"help": "prompt(s) to continue (also positional)"})
     eps: float = field(default=0.9, metadata={"help": "accuracy target ε in [0, 1]; 1.0 = plain decoding"})
-    mode: str = field(default="early_exit", metadata={"help": "decoding mode", "choices": ["early_exit", "plain"]})
+    mode: str = field(default="early_exit", metadata={
+        "help": "early_exit (lossy), dssd (lossless self-speculative decoding) or plain",
+        "choices": ["early_exit", "dssd", "plain"]})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers", "choices": KV_FILLS})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": EXIT_POLICIES})
+    max_draft: int = field(default=16, metadata={"help": "dssd: most tokens drafted per round"})
+    lookup: int = field(default=0, metadata={"help": "dssd: also draft by prompt lookup of n-grams up to this size"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -94,8 +98,10 @@ def run_generate(args: GenerateArgs) -> None:
         sequences = model.generate(**inputs, mode="plain", **kwargs)
         exits = None
     else:
-        out = model.generate(**inputs, mode="early_exit", eps=args.eps, kv_fill=args.kv_fill,
-                             exit_policy=args.exit_policy, return_dict_in_generate=True, **kwargs)
+        extra = ({"kv_fill": args.kv_fill} if args.mode == "early_exit"
+                 else {"max_draft": args.max_draft, "lookup": args.lookup})
+        out = model.generate(**inputs, mode=args.mode, eps=args.eps, exit_policy=args.exit_policy,
+                             return_dict_in_generate=True, **extra, **kwargs)
         sequences, exits = out.sequences, out.exit_index
     seconds = time.perf_counter() - start
     width = inputs["input_ids"].shape[1]
@@ -110,7 +116,8 @@ def run_generate(args: GenerateArgs) -> None:
         print(colour_legend(model.config.exit_layers))
     generated = int((sequences[:, width:] != tokenizer.pad_token_id).sum())
     print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.1f} tok/s), mode {args.mode}"
-          + (f", eps {args.eps}, kv_fill {args.kv_fill}" if args.mode != "plain" else ""))
+          + (f", eps {args.eps}" if args.mode != "plain" else "")
+          + (f", kv_fill {args.kv_fill}" if args.mode == "early_exit" else ""))
     if args.mode != "plain":
         print(model.exit_stats.summary())
 
@@ -146,6 +153,9 @@ class BenchArgs(ModelArgs):
     dssd_eps_grid: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9],
                                        metadata={"help": "ε values of DSSD"})
     max_draft: int = field(default=16, metadata={"help": "DSSD: most tokens drafted per round"})
+    dssd_lookup: list[int] = field(default_factory=lambda: [2], metadata={
+        "help": "DSSD + prompt lookup: n-gram sizes to time (the heads draft where lookup finds nothing); "
+                "give 0 alone for none"})
     peers: bool = field(default=True, metadata={"help": "dssd mode: also time the peer methods"})
     hf_early_exit_layers: list[int] | None = field(default=None, metadata={
         "help": "HF assistant_early_exit layers to try (default: the heads' exit layers)"})
@@ -293,6 +303,11 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
         for eps in args.dssd_eps_grid:
             configs.append(_Config("dssd", f"DSSD ε={eps:g}", {"eps": eps},
                                    ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy)))
+        for n in (n for n in args.dssd_lookup if n > 0):
+            for eps in args.dssd_eps_grid:
+                configs.append(_Config("dssd_lookup", f"DSSD ε={eps:g} + lookup n={n}", {"eps": eps, "lookup": n},
+                                       ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy,
+                                            lookup=n)))
         if args.mode == "dssd":  # the lossy mode at the same ε, for comparison
             for eps in args.dssd_eps_grid:
                 configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
@@ -366,6 +381,7 @@ def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, group
                 row["acceptance_rate"] = total.acceptance_rate
                 row["mean_accepted"] = total.mean_accepted
                 row["drafted"] = total.drafted
+                row["lookup_drafted"], row["lookup_accepted"] = total.lookup_drafted, total.lookup_accepted
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
     same_loop = next((r["tokens_per_s"] for r in rows if r["family"] == "early_exit" and r["eps"] == 1.0), None)
@@ -471,7 +487,7 @@ def plot_bench(report: dict, path: Path) -> None:
         left.set_xlabel("tokens/s relative to plain greedy")
         left.set_title(f"{name} prompts ({report['dtype']}, batch {report['batch_size']})")
         left.tick_params(axis="y", labelsize=7)
-        for family, marker in (("early_exit", "o-"), ("dssd", "s-")):
+        for family, marker in (("early_exit", "o-"), ("dssd", "s-"), ("dssd_lookup", "^-")):
             fam = [r for r in rows if r["family"] == family]
             if fam:
                 right.plot([r["eps"] for r in fam], [r["speedup"] for r in fam], marker, label=f"{family} speed-up")
@@ -486,4 +502,5 @@ def plot_bench(report: dict, path: Path) -> None:
 
 
 _FAMILY_COLOURS = {"plain": "black", "early_exit": "tab:blue", "forced": "tab:cyan", "dssd": "tab:red",
+                   "dssd_lookup": "tab:pink",
                    "hf_early_exit": "tab:orange", "prompt_lookup": "tab:green", "layerskip": "tab:purple"}

@@ -58,8 +58,10 @@ class ExitStats:
         macs / macs_full: weight multiply-adds spent vs the plain model (attention over the context not counted).
         weight_bytes / weight_bytes_full: bytes of weights read (once per pass, shared by the batch) vs plain.
         checked_exits: the exits that were checked (the exit policy may skip exits that seldom fire at this ε).
-        drafted / accepted / rounds: self-speculative decoding: draft tokens proposed by the heads, how many the
-            full model accepted, and draft-verify rounds (per sequence).
+        drafted / accepted / rounds: self-speculative decoding: draft tokens proposed (by the heads, or by prompt
+            lookup when it is on), how many the full model accepted, and draft-verify rounds (per sequence).
+        lookup_drafted / lookup_accepted: the part of `drafted` / `accepted` that came from prompt lookup (their
+            accepted tokens count as full-model tokens in `exit_counts`: no head produced them).
         seconds: wall-clock time by phase (`draft`, `verify`, `heads` (inside draft), `bookkeeping`), where
             measured.
     """
@@ -82,6 +84,8 @@ class ExitStats:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,7 +98,7 @@ class ExitStats:
             raise ValueError(f"cannot add stats for exits {other.exit_layers} to stats for {self.exit_layers}")
         for name in ("tokens", "steps", "layer_tokens", "layer_tokens_full", "kv_fill_tokens",
                      "wasted_layer_tokens", "head_tokens", "macs", "macs_full", "weight_bytes", "weight_bytes_full",
-                     "drafted", "accepted", "rounds"):
+                     "drafted", "accepted", "rounds", "lookup_drafted", "lookup_accepted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_counts = [a + b for a, b in zip(self.exit_counts, other.exit_counts, strict=True)]
         for key, value in other.seconds.items():
@@ -146,6 +150,8 @@ class ExitStats:
         if self.rounds:
             exits += (f"; drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.0%}), "
                       f"{self.mean_accepted:.2f} accepted per round")
+            if self.lookup_drafted:
+                exits += f" (prompt lookup: drafted {self.lookup_drafted}, accepted {self.lookup_accepted})"
         return (
             f"{self.tokens} tokens: {exits}; decoder-layer work {self.layers_computed_fraction:.2f}x, "
             f"multiply-adds {self.macs_fraction:.2f}x, weight bytes {self.weight_bytes_fraction:.2f}x of plain decoding"

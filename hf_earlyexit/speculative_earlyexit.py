@@ -17,6 +17,7 @@ shorter rows are shifted right behind left padding, so each row stays one contig
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -110,6 +111,166 @@ def _pick(scores: Tensor, do_sample: bool) -> Tensor:
     return scores.argmax(dim=-1)
 
 
+def lookup_token(history: list[int], max_ngram: int, pad: int) -> int:
+    """Prompt lookup: the token that followed the latest earlier occurrence of the longest suffix n-gram of
+    `history` (n from `max_ngram` down to 1), or -1 when no suffix occurred before (or it was followed by `pad`)."""
+    length = len(history)
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        suffix = history[length - n:]
+        for begin in range(length - n - 1, -1, -1):
+            if history[begin: begin + n] == suffix:
+                token = history[begin + n]
+                if token != pad:
+                    return token
+                break
+    return -1
+
+
+@dataclass
+class _Drafts:
+    """What one round drafted, per step `(n,)` tensors over the round's rows."""
+
+    made: Tensor  # (n,) long: real drafts per row (contiguous from the round's start)
+    tokens: list[Tensor] = field(default_factory=list)
+    exits: list[Tensor] = field(default_factory=list)  # exit index of each draft (len(exits): prompt lookup)
+    looked_up: list[Tensor] = field(default_factory=list)  # (n,) bool: the draft came from prompt lookup
+    probs: list[Tensor | None] = field(default_factory=list)  # (n, vocab) draft distribution q when sampling
+
+
+@dataclass
+class _Round:
+    """Fixed inputs of one generate call's rounds."""
+
+    ee_model: object
+    plan: ExitPlan
+    tally: Tally
+    processors: object
+    do_sample: bool
+    pad: int
+    num_exits: int
+    max_draft: int
+    lookup: int
+
+
+def _draft(ctx: _Round, state, history: list[list[int]], last: Tensor, room: Tensor) -> _Drafts:
+    """Draft: each step, a row takes its prompt-lookup token when lookup is on and finds one, else runs up the exits
+    and takes the first confident head's token; a row's draft ends at its first step with neither."""
+    engine = ctx.ee_model.engine
+    n = last.shape[0]
+    drafts = _Drafts(made=torch.zeros(n, dtype=torch.long, device=last.device))
+    drafting = room > 0
+    newest = last
+    while bool(drafting.any()) and len(drafts.tokens) < ctx.max_draft:
+        looked = torch.full_like(newest, -1)
+        if ctx.lookup:
+            for i in drafting.nonzero().squeeze(1).tolist():
+                looked[i] = lookup_token(history[i], ctx.lookup, ctx.pad)
+        from_lookup = drafting & (looked >= 0)
+        need_head = drafting & ~from_lookup
+        fired = torch.zeros_like(drafting)
+        exit_index = torch.full_like(newest, ctx.num_exits)
+        head_scores = None
+        if bool(need_head.any()):
+            result = exit_cascade(ctx.ee_model, state, ctx.plan, need_head, newest, ctx.tally)
+            fired, exit_index, head_scores = need_head & result.fired, result.exit_index, result.logits
+        ok = from_lookup | fired
+        if not bool(ok.any()):
+            break
+        token, probs = _draft_tokens(ctx, head_scores, fired, from_lookup, looked, history)
+        drafts.tokens.append(token)
+        drafts.exits.append(torch.where(from_lookup, ctx.num_exits, exit_index))
+        drafts.looked_up.append(from_lookup)
+        drafts.probs.append(probs)
+        drafts.made += ok.long()
+        drafting = ok & (room > len(drafts.tokens))
+        newest = token
+        engine.append(state, token[:, None])
+        for i in ok.nonzero().squeeze(1).tolist():
+            history[i].append(int(token[i]))
+    return drafts
+
+
+def _draft_tokens(ctx: _Round, head_scores: Tensor | None, fired: Tensor, from_lookup: Tensor, looked: Tensor,
+                  history: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    """`(n,)` draft tokens (a filler `pad` for rows that stopped) and, when sampling, `(n, vocab)` their draft
+    distributions q (a head's processed softmax; one-hot for a looked-up token)."""
+    n = fired.shape[0]
+    if head_scores is not None and ctx.processors is not None:
+        head_scores = head_scores.clone()
+        for i in fired.nonzero().squeeze(1).tolist():
+            prefix = torch.tensor(history[i], dtype=torch.long, device=head_scores.device)[None]
+            head_scores[i] = ctx.processors(prefix, head_scores[i: i + 1])[0]
+    token = torch.where(from_lookup, looked, torch.full_like(looked, ctx.pad))
+    if not ctx.do_sample:
+        if head_scores is not None:
+            token = torch.where(fired, head_scores.argmax(dim=-1), token)
+        return token, None
+    vocab = ctx.ee_model.engine.config.vocab_size
+    probs = torch.zeros(n, vocab, dtype=torch.float32, device=fired.device)
+    if head_scores is not None:
+        probs[fired] = torch.softmax(head_scores[fired], dim=-1)
+    rows = from_lookup.nonzero().squeeze(1)
+    probs[rows, looked[rows]] = 1.0
+    idle = ~(fired | from_lookup)
+    probs[idle, ctx.pad] = 1.0  # rows that stopped drafting: a filler, never verified
+    sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.where(fired, sampled, token), probs
+
+
+def _verify(ctx: _Round, state, made: list[int], drafted: int, vocab: int) -> Tensor:
+    """One pass of the remaining layers over every position of the round; `(n, m + 1, vocab)` float32 logits at
+    the positions each row needs (its drafts and the one after them; zeros elsewhere)."""
+    engine = ctx.ee_model.engine
+    hidden = engine.run_to(state, engine.num_layers)  # (n, m + 1, hidden)
+    n = hidden.shape[0]
+    needed = torch.arange(drafted + 1, device=hidden.device)[None, :] <= torch.tensor(made, device=hidden.device)[
+        :, None]  # (n, m + 1)
+    logits = torch.zeros(n, drafted + 1, vocab, dtype=torch.float32, device=hidden.device)
+    logits[needed] = engine.final_logits(hidden[needed]).float()
+    ctx.tally.final_tokens += int(needed.sum())
+    ctx.tally.final_calls += 1
+    return logits
+
+
+def _accept(ctx: _Round, logits: Tensor, drafts: _Drafts, i: int, made: int, prefix: list[int]
+            ) -> tuple[list[tuple[int, int]], int, int]:
+    """Row `i`'s new tokens `(token, exit index)`: its drafts while the full model agrees (greedy) or accepts them
+    (min(1, p/q)), then the full model's own token. Returns them with the accepted draft and lookup counts."""
+    new, accepted, looked_up = [], 0, 0
+    for step in range(made + 1):
+        target = logits[i, step: step + 1]  # (1, vocab)
+        if ctx.processors is not None:
+            ids = torch.tensor(prefix + [t for t, _ in new], dtype=torch.long, device=logits.device)[None]
+            target = ctx.processors(ids, target)
+        if step == made:  # no draft here: the full model's token (the bonus after all accepted drafts)
+            new.append((int(_pick(target, ctx.do_sample)[0]), ctx.num_exits))
+            break
+        draft = int(drafts.tokens[step][i])
+        correction = _judge(target[0], draft, drafts.probs[step][i] if ctx.do_sample else None)
+        if correction is not None:
+            new.append((correction, ctx.num_exits))
+            break
+        new.append((draft, int(drafts.exits[step][i])))
+        accepted += 1
+        looked_up += int(drafts.looked_up[step][i])
+    return new, accepted, looked_up
+
+
+def _judge(target: Tensor, draft: int, q: Tensor | None) -> int | None:
+    """`None` when the full model keeps `draft`, else its own token instead. Greedy (`q` is `None`): keep when the
+    draft is the argmax of `target` `(vocab,)`. Sampling: keep with probability min(1, p/q) at the draft, else
+    sample from the residual max(0, p - q)."""
+    if q is None:
+        chosen = int(target.argmax())
+        return None if chosen == draft else chosen
+    p = torch.softmax(target, dim=-1)
+    if float(torch.rand(())) < min(1.0, float(p[draft] / q[draft])):
+        return None
+    residual = (p - q).clamp(min=0)
+    total = residual.sum()
+    return int(torch.multinomial(residual / total, 1)) if total > 0 else int(p.argmax())
+
+
 @torch.no_grad()
 def dssd_decode(
     model,
@@ -124,6 +285,7 @@ def dssd_decode(
     ee_eps: float,
     ee_max_draft: int = DEFAULT_MAX_DRAFT,
     ee_exit_policy: str = "auto",
+    ee_lookup: int = 0,
     **model_kwargs,
 ):
     """The decoding loop HF `generate()` calls (as `custom_generate`) for self-speculative decoding."""
@@ -136,12 +298,14 @@ def dssd_decode(
     num_exits, num_layers = len(exit_layers), engine.num_layers
     plan = ExitPlan.build(ee_model, ee_eps, ee_exit_policy)
     costs = _costs(ee_model)
-    do_sample = generation_config.do_sample
     processors = logits_processor if len(logits_processor) else None
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else 0
     max_length = generation_config.max_length
     device = input_ids.device
+    tally = Tally([0] * num_exits, [0] * num_exits)
+    ctx = _Round(ee_model, plan, tally, processors, generation_config.do_sample, pad, num_exits, ee_max_draft,
+                 ee_lookup)
 
     mask = model_kwargs.get("attention_mask")
     if mask is None:
@@ -152,7 +316,6 @@ def dssd_decode(
     stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers, checked_exits=[
         layer for layer, on in zip(exit_layers, plan.active, strict=True) if on
     ])
-    tally = Tally([0] * num_exits, [0] * num_exits)
 
     eos = generation_config._eos_token_tensor
     eos_ids = set(eos.reshape(-1).tolist()) if eos is not None else set()
@@ -160,7 +323,7 @@ def dssd_decode(
     out = _Emitter(input_ids, stopping_criteria, streamer, pad, has_eos, stats)
 
     scores = processors(input_ids, first) if processors else first
-    for row, token in enumerate(_pick(scores, do_sample).tolist()):
+    for row, token in enumerate(_pick(scores, ctx.do_sample).tolist()):
         out.push(row, [(token, num_exits)])
     out.flush()
 
@@ -175,89 +338,29 @@ def dssd_decode(
     clock = {"draft": 0.0, "verify": 0.0, "bookkeeping": 0.0}
     while rows:
         started = time.perf_counter()
-        n = len(rows)
-        last = torch.tensor([int(out.ids(r)[0, -1]) for r in rows], device=device)
+        history = [out.ids(r)[0].tolist() for r in rows]  # each row's tokens so far, drafts appended as made
+        prefixes = [list(h) for h in history] if processors is not None else None
+        last = torch.tensor([h[-1] for h in history], device=device)
         base = state.length
         engine.append(state, last[:, None])
         # a row drafts at most until its length limit (the round also adds the full model's own token)
         room = torch.tensor([max_length - out.length(r) - 1 for r in rows], device=device)
-        drafting = room > 0
-        made = torch.zeros(n, dtype=torch.long, device=device)  # real drafts per row (contiguous from the start)
-        drafts, draft_exit, draft_probs = [], [], []
-        newest = last
-        while bool(drafting.any()) and len(drafts) < ee_max_draft:
-            result = exit_cascade(ee_model, state, plan, drafting, newest, tally)
-            ok = drafting & result.fired
-            if not bool(ok.any()):
-                break
-            head_scores = result.logits  # (n, vocab); rows that fired hold their head's logits
-            probs = None
-            if processors is not None:
-                head_scores = head_scores.clone()
-                for i in ok.nonzero().squeeze(1).tolist():
-                    prefix = out.ids(rows[i], [int(t[i]) for t in drafts])
-                    head_scores[i] = processors(prefix, head_scores[i: i + 1])[0]
-            if do_sample:
-                probs = torch.softmax(head_scores, dim=-1)
-                probs = torch.where(ok[:, None], probs, torch.zeros_like(probs))
-                probs[~ok, pad] = 1.0  # rows that stopped drafting: a filler, never verified
-                token = torch.multinomial(probs, num_samples=1).squeeze(1)
-            else:
-                token = torch.where(ok, head_scores.argmax(dim=-1), torch.full_like(newest, pad))
-            drafts.append(token)
-            draft_exit.append(result.exit_index)
-            draft_probs.append(probs)
-            made += ok.long()
-            drafting = ok & (room > len(drafts))
-            newest = token
-            engine.append(state, token[:, None])
-
-        # verify every position of the round with the remaining layers, in one pass
+        drafts = _draft(ctx, state, history, last, room)
         drafted_at = time.perf_counter()
         clock["draft"] += drafted_at - started
-        hidden = engine.run_to(state, num_layers)  # (n, m + 1, hidden)
-        m = len(drafts)
-        made = made.tolist()
-        needed = torch.tensor([[p <= made[i] for p in range(m + 1)] for i in range(n)], device=device)
-        logits = torch.zeros(n, m + 1, first.shape[-1], dtype=torch.float32, device=device)
-        logits[needed] = engine.final_logits(hidden[needed]).float()
-        tally.final_tokens += int(needed.sum())
-        tally.final_calls += 1
+
+        made = drafts.made.tolist()
+        logits = _verify(ctx, state, made, len(drafts.tokens), first.shape[-1])
         verified_at = time.perf_counter()
         clock["verify"] += verified_at - drafted_at
 
         ends = []
         for i, row in enumerate(rows):
-            accepted, new = 0, []  # new: (token, exit index)
-            for step in range(made[i] + 1):
-                target = logits[i, step: step + 1]
-                if processors is not None:
-                    target = processors(out.ids(row, [t for t, _ in new]), target)
-                if step == made[i]:  # no draft here: the full model's token (the bonus after all accepted drafts)
-                    new.append((int(_pick(target, do_sample)[0]), num_exits))
-                    break
-                draft = int(drafts[step][i])
-                if do_sample:
-                    p = torch.softmax(target[0], dim=-1)
-                    q = draft_probs[step][i]
-                    if float(torch.rand(())) < min(1.0, float(p[draft] / q[draft])):
-                        new.append((draft, int(draft_exit[step][i])))
-                        accepted += 1
-                        continue
-                    residual = (p - q).clamp(min=0)
-                    total = residual.sum()
-                    token = int(torch.multinomial(residual / total, 1)) if total > 0 else int(p.argmax())
-                    new.append((token, num_exits))
-                    break
-                chosen = int(target[0].argmax())
-                if chosen == draft:
-                    new.append((draft, int(draft_exit[step][i])))
-                    accepted += 1
-                    continue
-                new.append((chosen, num_exits))
-                break
+            new, accepted, looked_up = _accept(ctx, logits, drafts, i, made[i], prefixes[i] if prefixes else [])
             stats.drafted += made[i]
             stats.accepted += accepted
+            stats.lookup_drafted += sum(int(d[i]) for d in drafts.looked_up[: made[i]])
+            stats.lookup_accepted += looked_up
             stats.rounds += 1
             out.push(row, new)
             ends.append(base + accepted + 1)
@@ -265,7 +368,7 @@ def dssd_decode(
         engine.compact(state, torch.tensor(ends, device=device))
         out.flush()
         keep = [i for i, row in enumerate(rows) if generating(row)]
-        if len(keep) < n:
+        if len(keep) < len(rows):
             rows = [rows[i] for i in keep]
             if rows:
                 state = engine.select_rows(state, torch.tensor(keep, device=device))
@@ -287,13 +390,20 @@ def dssd_decode(
 
 def dssd_generate(
     ee_model, inputs: Tensor | None = None, *, eps: float, max_draft: int = DEFAULT_MAX_DRAFT,
-    exit_policy: str = "auto", **kwargs,
+    exit_policy: str = "auto", lookup: int = 0, **kwargs,
 ):
-    """`generate()` with self-speculative decoding: HF prepares everything, `dssd_decode` runs the loop."""
+    """`generate()` with self-speculative decoding: HF prepares everything, `dssd_decode` runs the loop.
+
+    `lookup > 0` also drafts by prompt lookup (n-grams up to `lookup` tokens matched in the sequence so far): a
+    position whose suffix occurred before takes the token that followed it, at no layer cost; the heads draft the
+    others. Verification is unchanged, so the output is still the base model's.
+    """
     if not isinstance(max_draft, int) or max_draft < 1:
         raise ValueError(f"max_draft={max_draft!r} must be a positive integer")
+    if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+        raise ValueError(f"lookup={lookup!r} must be a non-negative integer (0: no prompt lookup drafts)")
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy={exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
     ee_model.thresholds_for(eps)  # checks eps and that the heads are calibrated, before any work
     return run_decoding_loop(ee_model, dssd_decode, "self-speculative decoding", inputs, kwargs,
-                             ee_eps=float(eps), ee_max_draft=max_draft, ee_exit_policy=exit_policy)
+                             ee_eps=float(eps), ee_max_draft=max_draft, ee_exit_policy=exit_policy, ee_lookup=lookup)

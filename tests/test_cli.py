@@ -97,8 +97,9 @@ def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
     assert set(report["sets"]) == {"varied", "repetitive"}
     for part in report["sets"].values():
         rows = {r["family"]: r for r in part["rows"]}
-        assert {"plain", "dssd", "early_exit", "hf_early_exit", "prompt_lookup", "layerskip"} <= set(rows)
-        for family in ("dssd", "layerskip", "hf_early_exit", "prompt_lookup"):
+        families = {"plain", "dssd", "dssd_lookup", "early_exit", "hf_early_exit", "prompt_lookup", "layerskip"}
+        assert families <= set(rows)
+        for family in ("dssd", "dssd_lookup", "layerskip", "hf_early_exit", "prompt_lookup"):
             assert rows[family]["identical_sequences"] == 2, family  # lossless methods reproduce plain greedy
         assert rows["dssd"]["drafted"] > 0 and 0 <= rows["dssd"]["acceptance_rate"] <= 1
 
@@ -141,3 +142,14 @@ def test_demo_refuses_uncalibrated_heads(tmp_path):
     base = save_tiny_base("llama", tmp_path / "base")
     with pytest.raises(ValueError, match="no calibrated thresholds"):
         main(["demo", "--model", base, "--dtype", "float32", "--output_dir", str(tmp_path / "demo")])
+
+
+def test_generate_dssd_with_lookup_matches_plain(calibrated_folder, capsys):
+    args = ["generate", "a b a b a", "--model", calibrated_folder, "--dtype", "float32", "--max_new_tokens", "10"]
+    assert main([*args, "--mode", "plain"]) == 0
+    plain_text = capsys.readouterr().out.split("\n\n")[0]
+    assert main([*args, "--mode", "dssd", "--eps", "0.5", "--lookup", "2", "--colour"]) == 0
+    out = capsys.readouterr().out
+    assert "drafted" in out and "tok/s" in out
+    assert main([*args, "--mode", "dssd", "--eps", "0.5", "--lookup", "2"]) == 0
+    assert capsys.readouterr().out.split("\n\n")[0] == plain_text  # lossless

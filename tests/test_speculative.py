@@ -175,3 +175,66 @@ def test_stop_strings_and_streamer_match_plain_generate():
     assert torch.equal(got, expected)
     columns = torch.tensor(streamer.chunks[1:]).T  # (batch, new)
     assert torch.equal(columns, got[:, ids.shape[1]:]) and streamer.ended
+
+
+def test_lookup_token_takes_the_follower_of_the_latest_longest_match():
+    from hf_earlyexit.speculative_earlyexit import lookup_token
+
+    assert lookup_token([1, 2, 3, 9, 2, 4, 1, 2], 2, pad=0) == 3  # the bigram (1, 2) occurred: 3 followed it
+    assert lookup_token([7, 2, 5, 2, 6, 2], 2, pad=0) == 6  # unigram fallback: the latest earlier 2 was followed by 6
+    assert lookup_token([1, 2, 3, 4], 3, pad=0) == -1  # nothing repeats
+    assert lookup_token([0, 5, 0, 0, 5], 1, pad=0) == -1  # 5 was followed by padding: no draft
+    assert lookup_token([4], 2, pad=0) == -1
+
+
+REPEATING = torch.tensor([[3, 8, 11, 3, 8, 11, 3, 8, 11, 3, 8, 11, 3, 8]])
+
+
+@pytest.mark.parametrize("rows", [1, 4], ids=["batch1", "batch4_left_padded"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_dssd_with_prompt_lookup_equals_plain_greedy(arch, rows):
+    model = ee_model(arch)
+    set_median_thresholds(model, quantile=0.3)
+    ids = REPEATING.repeat(rows, 1)
+    mask = torch.ones_like(ids)
+    for r in range(1, rows):  # left padding of different lengths, and different repeats per row
+        mask[r, : 2 * r] = 0
+        ids[r, : 2 * r] = 0
+        ids[r, -1] = 5 + r
+    expected = plain(model, ids, mask)
+    for lookup, cap in [(1, 4), (3, 16)]:
+        model.reset_exit_stats()
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, max_draft=cap,
+                             lookup=lookup, **GREEDY)
+        assert torch.equal(got, expected), (lookup, cap)
+        stats = model.exit_stats
+        assert stats.lookup_drafted > 0 and stats.lookup_accepted <= stats.lookup_drafted <= stats.drafted
+        assert stats.tokens == rows * NEW
+
+
+def test_sampling_with_prompt_lookup_follows_the_base_distribution():
+    """Looked-up drafts are a one-hot q: accepted with probability p(draft), else resampled from p without it."""
+    model = ee_model("llama")
+    model.config.thresholds = {"0.5": [None, None, None]}  # heads never draft: every draft is a lookup
+    prompt = torch.tensor([5, 17, 33, 5, 17, 33, 5])
+    rows = 3000
+    torch.manual_seed(2)
+    out = model.generate(prompt.repeat(rows, 1), max_new_tokens=3, mode="dssd", eps=0.5, max_draft=2, lookup=3,
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None,
+                         return_dict_in_generate=True)
+    stats = out.exit_stats
+    assert stats.drafted == stats.lookup_drafted > 0
+    assert 0.0 < stats.acceptance_rate < 0.5, "the tiny model seldom agrees with the repeat: both paths exercised"
+    exact = _next_token_marginals(model.get_base_model(), prompt, 3)
+    generated = out.sequences[:, len(prompt):]
+    for position in (0, 1, 2):
+        observed = torch.bincount(generated[:, position], minlength=VOCAB).double()
+        assert chi_square_p(observed, exact[position]) > 1e-3, position
+
+
+def test_bad_lookup_is_refused():
+    model = ee_model("llama")
+    set_median_thresholds(model)
+    ids, mask = batch([5])
+    with pytest.raises(ValueError, match="lookup=-1 must be a non-negative integer"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, mode="dssd", eps=0.5, lookup=-1, **GREEDY)
