@@ -15,8 +15,12 @@ Exits are counted only on scored positions, per task, and land in `results["conf
 from __future__ import annotations
 
 import atexit
+import contextlib
+import copy
 import math
 import time
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -95,11 +99,23 @@ class EarlyExitLM(HFLM):
         kwargs.setdefault("backend", "causal")
         kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
         super().__init__(pretrained=str(pretrained), **kwargs)
+        self._join_data_parallel()
         if metric is not None:
             self._model.config.metric = metric
         self._model.thresholds_for(self.ee_eps)  # fails early, naming ε, when the heads are not calibrated
         if self.rank == 0:
             atexit.register(self._print_report)  # after lm-eval's own results table
+
+    def _join_data_parallel(self) -> None:
+        """Split requests over every `accelerate launch` process, also on CPU.
+
+        HFLM keeps the `Accelerator` of a multi-process launch but takes its ranks only when it counts more than one
+        GPU; under `--cpu` (gloo) every process would evaluate the whole dataset and write results as rank 0. The
+        model is never wrapped (no DDP/FSDP), so nothing else changes. A single process never gets here.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
 
     def set_eps(self, eps) -> None:
         """Move to another ε (an ε sweep keeps one loaded model) and start the exit counts afresh."""
@@ -242,40 +258,54 @@ class EarlyExitLM(HFLM):
     # -- per task ---------------------------------------------------------------------------------------------------
 
     def _per_task(self, method, requests, **kwargs):
-        """Run `method` one task at a time (exit counts per task), results back in the original order."""
+        """Run `method` one task at a time (exit counts per task), results back in the original order.
+
+        Under data parallelism the evaluator pads a rank's requests with copies of its last one so that all ranks
+        run equally many; a copy is answered from its original here, never run or counted.
+        """
+        self._ee_global = None  # until lm-eval's next gather brings every rank's counts
+        real, copies = split_padding(requests) if self.world_size > 1 else (range(len(requests)), {})
         order: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            order.setdefault(getattr(req, "task_name", None) or "all", []).append(i)
+        for i in real:
+            order.setdefault(getattr(requests[i], "task_name", None) or "all", []).append(i)
         results = [None] * len(requests)
         for task, indices in order.items():
             self.ee_task = task
             try:
-                for i, value in zip(indices, method([requests[i] for i in indices], **kwargs), strict=True):
-                    results[i] = value
+                with self._rank_local():
+                    for i, value in zip(indices, method([requests[i] for i in indices], **kwargs), strict=True):
+                        results[i] = value
             finally:
                 self.ee_task = None
-        if self.world_size > 1:  # every rank gets here (the evaluator pads requests), unlike get_model_info
-            self._ee_global = self._gather_tables()
+        for i, original in copies.items():
+            results[i] = results[original]
         return results
 
-    def _gather_tables(self) -> tuple[dict, dict, dict]:
-        """Exit counts summed over data-parallel ranks; generation time is the slowest rank's."""
-        import copy
+    @contextlib.contextmanager
+    def _rank_local(self) -> Iterator[None]:
+        """Run one task's share on this rank alone.
 
-        mine = (self.ee_scoring, self.ee_generation, self.ee_seconds)
-        everyone = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, mine)
-        scoring, generation, seconds = {}, {}, {}
-        for rank_scoring, rank_generation, rank_seconds in everyone:
-            for merged, table in ((scoring, rank_scoring), (generation, rank_generation)):
-                for task, stats in table.items():
-                    if task in merged:
-                        merged[task].add(stats)
-                    else:
-                        merged[task] = copy.deepcopy(stats)
-            for task, value in rank_seconds.items():
-                seconds[task] = max(seconds.get(task, 0.0), value)
-        return scoring, generation, seconds
+        HFLM's cross-rank steps inside a request call (padding rolling windows, agreeing on an `auto` batch size)
+        assume all ranks call with the same tasks; one task at a time they need not (a rank may hold none of a
+        task's documents) and would deadlock. The model is never wrapped, so ranks need no equal forward passes.
+        """
+        world, self._world_size = self._world_size, 1
+        try:
+            yield
+        finally:
+            self._world_size = world
+
+    def gather_object(self, obj, dst: int = 0):
+        """lm-eval's own gather, which every rank calls after all requests (a rank that got none too): this rank's
+        exit counts ride along to `dst`, so counting adds no collective of its own."""
+        if self.world_size <= 1:
+            return super().gather_object(obj, dst=dst)
+        tables = (self.ee_scoring, self.ee_generation, self.ee_seconds)
+        gathered = super().gather_object((obj, tables), dst=dst)
+        if gathered is None:  # not `dst`
+            return None
+        self._ee_global = merge_rank_tables([rank_tables for _, rank_tables in gathered])
+        return [rank_obj for rank_obj, _ in gathered]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
@@ -319,6 +349,41 @@ class EarlyExitLM(HFLM):
         info = super().get_model_info()
         info["early_exit"] = self.early_exit_report()
         return info
+
+
+def split_padding(requests: list) -> tuple[list[int], dict[int, int]]:
+    """Indices of the real requests, and `{index of a padding copy: index of its original}`.
+
+    The evaluator lists each request `repeats` times (the same object) and, under data parallelism, appends more
+    copies of a rank's last one; any occurrence of an object past its `repeats` is such a copy.
+    """
+    first: dict[int, int] = {}
+    seen: Counter[int] = Counter()
+    real, copies = [], {}
+    for i, req in enumerate(requests):
+        first.setdefault(id(req), i)
+        seen[id(req)] += 1
+        if seen[id(req)] > getattr(req, "repeats", 1):
+            copies[i] = first[id(req)]
+        else:
+            real.append(i)
+    return real, copies
+
+
+def merge_rank_tables(tables: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    """Per-rank `(scoring, generation, seconds)` tables -> one: exit counts summed, generation time the slowest
+    rank's (ranks run side by side)."""
+    scoring, generation, seconds = {}, {}, {}
+    for rank_scoring, rank_generation, rank_seconds in tables:
+        for merged, table in ((scoring, rank_scoring), (generation, rank_generation)):
+            for task, stats in table.items():
+                if task in merged:
+                    merged[task].add(stats)
+                else:
+                    merged[task] = copy.deepcopy(stats)
+        for task, value in rank_seconds.items():
+            seconds[task] = max(seconds.get(task, 0.0), value)
+    return scoring, generation, seconds
 
 
 def report_table(report: dict) -> str:

@@ -179,3 +179,126 @@ def test_non_editable_install_registers_ee_hf(folders, tmp_path):
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert run.returncode == 0, (model, run.stderr[-3000:])
         assert "ee_capitals" in run.stdout
+
+
+
+ROLLING_DOCS = {"ee_roll_one": ["a lone document"], "ee_roll_many": ["first text", "second, longer text", "third"]}
+ROLLING_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def tasks_with_rolling(folder: Path) -> Path:
+    """The shipped tasks plus two perplexity tasks, one with a single document (one rank gets none of it)."""
+    import json
+    import shutil
+
+    shutil.copytree(TASKS_DIR, folder)
+    for task, texts in ROLLING_DOCS.items():
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        (folder / f"{task}.yaml").write_text(ROLLING_YAML.format(task=task, data=data))
+    return folder
+
+
+def launch_two_cpu_ranks(lm_eval_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch -m lm_eval` on 2 CPU processes (gloo).
+
+    accelerate 1.15's `--cpu` starts ONE process (its multi-CPU launcher is mpirun); two come from `--multi_gpu`
+    (torchrun) with `ACCELERATE_USE_CPU=1`.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "lm_eval"]
+    return subprocess.run([*launch, *lm_eval_args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def comparable(filtered_resps) -> list:
+    """One document's responses: log-likelihoods as floats (a samples file stores them as text), texts as text."""
+    if not isinstance(filtered_resps, (list, tuple)):
+        filtered_resps = [filtered_resps]
+    return [float(r[0]) if isinstance(r, (list, tuple)) else r if isinstance(r, float) else str(r)
+            for r in filtered_resps]
+
+
+@pytest.mark.slow  # two processes that each import lm-eval: 40 s on idle cores, up to 2 min on busy ones
+def test_accelerate_data_parallel_gathers_exit_counts_of_all_ranks(folders, tmp_path):
+    """Under `accelerate launch` each rank scores its share; rank 0 writes exit counts summed over both, equal to one
+    process's, with the same metrics and per-document responses. `--limit 5` splits documents 3 + 2, so the evaluator
+    pads rank 1 with copies of its last request (not to be counted); `ee_roll_one` reaches rank 0 only."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _, heads = folders
+    tasks, include = TASKS + list(ROLLING_DOCS), tasks_with_rolling(tmp_path / "tasks")
+    limit, model_args = 5, f"pretrained={heads},eps=0.5,dtype=float32"
+    run = launch_two_cpu_ranks(["--model", "ee-hf", "--model_args", model_args, "--tasks", ",".join(tasks),
+                                "--include_path", str(include), "--limit", str(limit), "--batch_size", "1",
+                                "--output_path", str(tmp_path / "out"), "--log_samples"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [results_file] = (tmp_path / "out").rglob("results_*.json")
+    parallel = json.loads(results_file.read_text())
+    register()
+    single = lm_eval.simple_evaluate(model="ee-hf", model_args=model_args, tasks=tasks, device="cpu", batch_size=1,
+                                     limit=limit, task_manager=TaskManager(include_path=str(include)),
+                                     log_samples=True)
+
+    assert metrics(parallel).keys() == metrics(single).keys() == set(tasks)
+    for task, values in metrics(single).items():  # float32 sums from other processes, in another order: ~1 ulp
+        assert metrics(parallel)[task] == pytest.approx(values, rel=1e-6), task
+        [samples] = results_file.parent.glob(f"samples_{task}_*.jsonl")
+        got = {row["doc_id"]: comparable(row["filtered_resps"]) for row in map(json.loads, samples.open())}
+        assert got == {row["doc_id"]: pytest.approx(comparable(row["filtered_resps"]), rel=1e-6)
+                       for row in single["samples"][task]}, task
+    ours, theirs = parallel["config"]["early_exit"], single["config"]["early_exit"]
+    assert (ours["ranks"], theirs["ranks"]) == (2, 1)
+    assert ours["tasks"].keys() == theirs["tasks"].keys() == set(tasks)
+    for task, kinds in theirs["tasks"].items():
+        for kind, expected in kinds.items():
+            entry = ours["tasks"][task][kind]
+            assert sum(entry["exit_counts"].values()) == entry["tokens"] > 0
+            for key in ("tokens", "exit_counts", "layers_saved", "macs_saved"):
+                assert entry[key] == expected[key], (task, kind, key)
+
+
+def test_padding_copies_are_told_apart_from_repeats():
+    from types import SimpleNamespace
+
+    from hf_earlyexit.lm_eval_model import split_padding
+
+    a, b, c = (SimpleNamespace(repeats=1), SimpleNamespace(repeats=2), SimpleNamespace(repeats=1))
+    # the evaluator's list: each request `repeats` times, then the padding, copies of the last request
+    assert split_padding([a, b, b, c, c, c]) == ([0, 1, 2, 3], {4: 3, 5: 3})
+    assert split_padding([]) == ([], {})
+
+
+def test_rank_local_view_is_restored_after_an_error():
+    from hf_earlyexit.lm_eval_model import EarlyExitLM
+
+    lm = EarlyExitLM.__new__(EarlyExitLM)  # no model needed for the rank bookkeeping
+    lm._rank, lm._world_size = 1, 2
+    with pytest.raises(RuntimeError, match="boom"), lm._rank_local():
+        assert lm.world_size == 1 and lm.rank == 1
+        raise RuntimeError("boom")
+    assert (lm.rank, lm.world_size) == (1, 2)
