@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,10 +48,19 @@ def calibration_spec() -> GenerationSpec:
     return GenerationSpec(prompts=list(CALIBRATION_PROMPTS), num_sequences=64, sampling_seed=1_000_003)
 
 
-@torch.no_grad()
 def collect(model: EarlyExitForCausalLM, corpus: Corpus, metric: str, batch_size: int = 4) -> list[dict[str, Tensor]]:
     """Per head: `score` `(N,)` (higher = more confident) and `agree` `(N,)` over the corpus's real tokens."""
-    scores = [[] for _ in model.exit_heads]
+    records = collect_metrics(model, corpus, [metric], batch_size)
+    return [{"score": r[metric], "agree": r["agree"]} for r in records]
+
+
+@torch.no_grad()
+def collect_metrics(
+    model: EarlyExitForCausalLM, corpus: Corpus, metrics: Sequence[str], batch_size: int = 4
+) -> list[dict[str, Tensor]]:
+    """Per head: one score `(N,)` per metric (keyed by its name, higher = more confident) and `agree` `(N,)` over
+    the corpus's real tokens, from a single forward pass per batch (entry `i` is the same token for every key)."""
+    scores = [{m: [] for m in metrics} for _ in model.exit_heads]
     agrees = [[] for _ in model.exit_heads]
     embed = model.get_input_embeddings()
     for start in tqdm(range(0, len(corpus), batch_size), desc="Calibration forward", unit="batch"):
@@ -62,11 +72,13 @@ def collect(model: EarlyExitForCausalLM, corpus: Corpus, metric: str, batch_size
         previous = embed(ids)  # (batch, seq, hidden): what the first exit's similarity compares against
         for j, head in enumerate(model.exit_heads):
             hidden, logits = out.exit_hidden_states[j], out.exit_logits[j]
-            score = confidence(metric, logits=logits, hidden=hidden, previous_hidden=previous)  # (batch, seq)
-            scores[j].append(score[real].float().cpu())
+            for metric in metrics:
+                score = confidence(metric, logits=logits, hidden=hidden, previous_hidden=previous)  # (batch, seq)
+                scores[j][metric].append(score[real].float().cpu())
             agrees[j].append(agreement(head, logits, out.logits)[real].cpu())
             previous = hidden
-    return [{"score": torch.cat(s), "agree": torch.cat(a)} for s, a in zip(scores, agrees, strict=True)]
+    return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a)}
+            for s, a in zip(scores, agrees, strict=True)]
 
 
 def check_enough(records: list[dict[str, Tensor]], exit_layers: list[int], min_tokens: int) -> None:

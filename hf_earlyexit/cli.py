@@ -152,6 +152,32 @@ def _sweep_types() -> tuple[type, ...]:
     return (SweepArgs,)
 
 
+def _push(args) -> None:
+    from .hub import run_push
+
+    run_push(args)
+
+
+def _push_types() -> tuple[type, ...]:
+    from .hub import PushArgs
+
+    return (PushArgs,)
+
+
+def _reproduce(args) -> None:
+    from .reproduce import run_reproduce
+
+    result = run_reproduce(args)
+    print(f"steps run: {', '.join(result['ran']) or 'none'}; already done (skipped): "
+          f"{', '.join(result['skipped']) or 'none'}; written: {result['results']}")
+
+
+def _reproduce_types() -> tuple[type, ...]:
+    from .reproduce import ReproduceArgs
+
+    return (ReproduceArgs,)
+
+
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
     "demo": (lambda: (DemoArgs,), _demo, "embedded model + shipped heads: plain vs early exit vs DSSD side by side"),
@@ -160,9 +186,13 @@ COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], s
     "generate": (_generate_types, _generate, "generate text with early exits and show where each token left"),
     "bench": (_bench_types, _bench, "tokens/s of early exit at an ε grid vs plain decoding, side by side"),
     "sweep": (_sweep_types, _sweep, "lm-eval tasks across an ε grid: CSV/JSON and the paper's three plots"),
+    "reproduce": (_reproduce_types, _reproduce, "re-measure the papers' claims: docs/RESULTS.md, figures, verdicts"),
+    "push": (_push_types, _push, "upload a heads folder to the Hugging Face Hub (one commit, never base weights)"),
 }
 # subcommands that also take their dataclass's `prompt` field as positional words
 POSITIONAL_PROMPT = ("generate",)
+# subcommands whose dataclass fields may also be given as positional arguments, in this order
+POSITIONAL_FIELDS = {"push": ("model", "repo_id")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, dataclass_types=list(types()), help=help_text, description=help_text)
         if name in POSITIONAL_PROMPT:
             command.add_argument("positional_prompt", nargs="*", metavar="PROMPT", help="prompt(s) to continue")
+        for dest in POSITIONAL_FIELDS.get(name, ()):
+            command.add_argument(f"positional_{dest}", nargs="?", metavar=dest.upper(), help=f"same as --{dest}")
     sub.add_parser("eval", add_help=False, help="lm-eval with --model ee-hf (every lm_eval argument passes through)")
     return parser
 
@@ -190,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = getattr(namespace, "positional_prompt", None)
     if words:
         namespace.prompt = (namespace.prompt or []) + list(words)
+    for dest in POSITIONAL_FIELDS.get(namespace.command, ()):
+        if getattr(namespace, f"positional_{dest}", None) is not None:
+            setattr(namespace, dest, getattr(namespace, f"positional_{dest}"))
     run(*(t(**{f.name: getattr(namespace, f.name) for f in fields(t) if f.init}) for t in types()))
     return 0
 

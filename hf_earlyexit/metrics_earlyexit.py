@@ -98,3 +98,29 @@ def exit_rate_and_agreement(scores: Tensor, agree: Tensor, threshold: float | No
 def thresholds_for_grid(scores: Tensor, agree: Tensor, grid: Sequence[float]) -> dict[str, float | None]:
     """`f"{eps:g}"` -> threshold for every ε in `grid`."""
     return {f"{float(eps):g}": threshold_for_eps(scores, agree, float(eps)) for eps in grid}
+
+
+def auroc(scores: Tensor, agree: Tensor) -> float:
+    """Area under the ROC curve of `scores` `(N,)` separating agreeing (`agree` `(N,)` true) from disagreeing samples.
+
+    The probability that a random agreeing sample scores above a random disagreeing one (ties count one half), from
+    average ranks (Mann-Whitney U). `nan` when either class is empty.
+    """
+    if scores.dim() != 1 or agree.shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and agree {tuple(agree.shape)} must be 1-D of equal length")
+    positive = agree.bool()
+    n_pos = int(positive.sum())
+    n_neg = len(scores) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)  # sorted values
+    ends = counts.cumsum(0).double()  # (U,) 1-based rank of the last sample of each distinct value
+    mean_rank = (ends - (counts.double() - 1) / 2)[inverse]  # (N,) average rank over ties
+    u = float(mean_rank[positive].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def coverage_at_agreement(scores: Tensor, agree: Tensor, target: float) -> float:
+    """The largest fraction of samples one threshold can let exit while those agree at rate >= `target` (the most
+    confident first): the exit rate at `threshold_for_eps(scores, agree, target)`; 0 when no threshold reaches it."""
+    return exit_rate_and_agreement(scores, agree, threshold_for_eps(scores, agree, target))[0]

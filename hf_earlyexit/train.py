@@ -142,6 +142,8 @@ def train_heads(
     Args:
         work_dir: where checkpoints, the CSV log and the curves plot go.
         resume: continue from `work_dir/checkpoint` (refused if its hyper-parameters differ from `config`).
+        held_out: sequences never trained on; when given, every logged step also records each head's agreement and
+            mean entropy on them (`held_out_agreement`, `held_out_entropy`), as `evaluate_heads` measures them.
     """
     work_dir = Path(work_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -167,6 +169,8 @@ def train_heads(
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         bar.set_postfix(loss=f"{loss.item():.3f}", agree="/".join(f"{s['agreement']:.2f}" for s in stats))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            if held_out is not None:
+                stats = _with_held_out(stats, evaluate_heads(_unwrap(accelerator, model), held_out))
             history.extend({"step": step + 1, "exit": k, **s}
                            for k, s in zip(_unwrap(accelerator, model).config.exit_layers, stats, strict=True))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
@@ -175,6 +179,12 @@ def train_heads(
     if accelerator.is_main_process:
         write_log(history, work_dir)
     return history
+
+
+def _with_held_out(stats: list[dict], report: list[dict]) -> list[dict]:
+    """Per-head training stats plus the held-out agreement and entropy of `evaluate_heads`."""
+    return [{**s, "held_out_agreement": r["agreement"], "held_out_entropy": r["entropy"]}
+            for s, r in zip(stats, report, strict=True)]
 
 
 def _unwrap(accelerator: Accelerator, model) -> EarlyExitForCausalLM:
