@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .data import CALIBRATION_PROMPTS, Corpus, GenerationSpec, generate_corpus
 from .metrics_earlyexit import DEFAULT_EPS_GRID, confidence, exit_rate_and_agreement, thresholds_for_grid
 from .modeling_earlyexit import EarlyExitForCausalLM
-from .train import _trim, agreement
+from .teacher import trim
+from .train import agreement
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def collect_metrics(
     embed = model.get_input_embeddings()
     for start in tqdm(range(0, len(corpus), batch_size), desc="Calibration forward", unit="batch"):
         rows = slice(start, start + batch_size)
-        ids, mask = _trim(corpus.input_ids[rows], corpus.attention_mask[rows])
+        ids, mask = trim(corpus.input_ids[rows], corpus.attention_mask[rows])
         ids, mask = ids.to(model.device), mask.to(model.device)
         out = model(ids, attention_mask=mask, output_hidden_states=True)
         real = mask.bool()

@@ -368,18 +368,22 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: `(batch, seq)`; left or right padding marked by `attention_mask` `(batch, seq)`.
             output_hidden_states: also return each exit's raw hidden states.
         """
-        state = self.engine.start(input_ids, attention_mask)
-        exit_logits, exit_hidden = [], []
-        for layer, head in zip(self.config.exit_layers, self.heads, strict=False):
-            hidden = self.engine.run_to(state, layer)  # (batch, seq, hidden)
-            exit_hidden.append(hidden)
-            exit_logits.append(head(hidden))  # (batch, seq, head_vocab)
-        logits = self.engine.final_logits(self.engine.run_to(state, self.num_layers))  # (batch, seq, vocab)
+        exit_hidden, logits = self.backbone_states(input_ids, attention_mask)
         return EarlyExitOutput(
             logits=logits,
-            exit_logits=tuple(exit_logits),
-            exit_hidden_states=tuple(exit_hidden) if output_hidden_states else None,
+            exit_logits=tuple(head(hidden) for head, hidden in zip(self.heads, exit_hidden, strict=True)),
+            exit_hidden_states=exit_hidden if output_hidden_states else None,
         )
+
+    def backbone_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The frozen base model's side of `forward`: each exit's raw hidden states `(batch, seq, hidden)` and the
+        full model's logits `(batch, seq, vocab)`, without running any head."""
+        state = self.engine.start(input_ids, attention_mask)
+        exit_hidden = tuple(self.engine.run_to(state, layer) for layer in self.config.exit_layers)
+        logits = self.engine.final_logits(self.engine.run_to(state, self.num_layers))  # (batch, seq, vocab)
+        return exit_hidden, logits
 
     def generate(
         self, inputs: Tensor | None = None, *, mode: str | None = None, eps: float | None = None,

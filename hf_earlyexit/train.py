@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import Corpus
 from .heads_earlyexit import ExitHead
 from .modeling_earlyexit import EarlyExitForCausalLM
+from .teacher import CachedTeacher, OnlineTeacher, Teacher, teacher_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
+    # the backbone's outputs for the whole corpus are computed once and kept in memory when they fit in this many
+    # GiB (draft-vocabulary heads: ~0.1 GiB per 1,000 tokens at 16k rows); 0: run the backbone every step
+    teacher_cache_gib: float = 4.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "kl"):
@@ -54,20 +58,13 @@ class TrainConfig:
             raise ValueError(f"lam={self.lam!r} must lie in [0, 1]")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be positive")
+        if self.teacher_cache_gib < 0:
+            raise ValueError(f"teacher_cache_gib={self.teacher_cache_gib!r} must be >= 0 (0: no cache)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of no, bf16, fp16")
 
 
 # -- loss ----------------------------------------------------------------------------------------------------------
-
-
-def head_targets(model_probs: Tensor, head: ExitHead) -> Tensor:
-    """The model's distribution as the head can express it: `(..., vocab)` -> `(..., head_vocab)`."""
-    if not head.is_draft:
-        return model_probs
-    inside = model_probs[..., head.token_ids]  # (..., draft)
-    other = (1.0 - inside.sum(-1, keepdim=True)).clamp(min=0.0)  # (..., 1) out-of-vocabulary mass
-    return torch.cat([inside, other], dim=-1)
 
 
 def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: str) -> tuple[Tensor, Tensor]:
@@ -86,22 +83,26 @@ def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: st
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
 
 
+def agrees_with(head: ExitHead, logits: Tensor, top: Tensor) -> Tensor:
+    """`(batch, seq)` bool: the head's top token equals the model's `top` `(batch, seq)` (an OTHER prediction never
+    agrees)."""
+    return head.to_token_ids(logits.argmax(-1)) == top
+
+
 def agreement(head: ExitHead, logits: Tensor, model_logits: Tensor) -> Tensor:
-    """`(batch, seq)` bool: the head's top token equals the model's (an OTHER prediction never agrees)."""
-    return head.to_token_ids(logits.argmax(-1)) == model_logits.argmax(-1)
+    """`agrees_with` the model's logits `(batch, seq, vocab)`."""
+    return agrees_with(head, logits, model_logits.argmax(-1))
 
 
-def batch_losses(model: EarlyExitForCausalLM, ids: Tensor, mask: Tensor, config: TrainConfig) -> tuple[Tensor, list]:
+def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainConfig) -> tuple[Tensor, list]:
     """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}`."""
-    out = model(ids, attention_mask=mask)
-    with torch.no_grad():
-        probs = F.softmax(out.logits.float(), dim=-1)  # (batch, seq, vocab)
     total, stats = 0.0, []
-    real = mask.bool()
-    for head, logits in zip(model.exit_heads, out.exit_logits, strict=True):
-        loss, entropy = head_loss(logits, head_targets(probs, head), mask, config.lam, config.loss)
+    real = teacher.mask.bool()
+    for head, hidden, target in zip(model.exit_heads, teacher.hidden, teacher.targets, strict=True):
+        logits = head(hidden)  # (batch, seq, head_vocab)
+        loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
         total = total + loss
-        agree = agreement(head, logits.detach(), out.logits)[real].float().mean()
+        agree = agrees_with(head, logits.detach(), teacher.top)[real].float().mean()
         stats.append({"loss": loss.item(), "agreement": agree.item(), "entropy": entropy.detach()[real].mean().item()})
     return total, stats
 
@@ -110,20 +111,22 @@ def batch_losses(model: EarlyExitForCausalLM, ids: Tensor, mask: Tensor, config:
 
 
 @torch.no_grad()
-def evaluate_heads(model: EarlyExitForCausalLM, corpus: Corpus, batch_size: int = 4) -> list[dict]:
-    """Per-head agreement with the model and mean entropy over the real tokens of `corpus`."""
+def evaluate_heads(
+    model: EarlyExitForCausalLM, corpus: Corpus | CachedTeacher | OnlineTeacher, batch_size: int = 4
+) -> list[dict]:
+    """Per-head agreement with the model and mean entropy over the real tokens of `corpus` (or of a teacher built
+    from it)."""
+    source = OnlineTeacher(model, corpus, with_targets=False) if isinstance(corpus, Corpus) else corpus
     agree = [0.0] * len(model.exit_heads)
     entropy = [0.0] * len(model.exit_heads)
     count = 0
-    for start in range(0, len(corpus), batch_size):
-        rows = slice(start, start + batch_size)
-        ids, mask = _trim(corpus.input_ids[rows], corpus.attention_mask[rows])
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        out = model(ids, attention_mask=mask)
-        real = mask.bool()
+    for start in range(0, len(source), batch_size):
+        teacher = source.batch(torch.arange(start, min(start + batch_size, len(source))))
+        real = teacher.mask.bool()
         count += int(real.sum())
-        for j, (head, logits) in enumerate(zip(model.exit_heads, out.exit_logits, strict=True)):
-            agree[j] += agreement(head, logits, out.logits)[real].float().sum().item()
+        for j, (head, hidden) in enumerate(zip(model.exit_heads, teacher.hidden, strict=True)):
+            logits = head(hidden)  # (batch, seq, head_vocab)
+            agree[j] += agrees_with(head, logits, teacher.top)[real].float().sum().item()
             logp = F.log_softmax(logits.float(), -1)
             entropy[j] += (-(logp.exp() * logp).sum(-1))[real].sum().item()
     return [{"exit": k, "agreement": a / count, "entropy": e / count, "tokens": count}
@@ -156,29 +159,43 @@ def train_heads(
     elif (work_dir / CHECKPOINT).exists():
         raise FileExistsError(f"{work_dir / CHECKPOINT} exists; pass resume=True (--resume) to continue it, or use "
                               "another work dir")
+    inner = _unwrap(accelerator, model)
+    teacher = teacher_for(inner, corpus, config.teacher_cache_gib, config.batch_size)
+    held_out_teacher = None if held_out is None else teacher_for(
+        inner, held_out, config.teacher_cache_gib, config.batch_size, with_targets=False)
     bar = tqdm(range(start, config.steps), desc="Training heads", unit="step", initial=start, total=config.steps,
                disable=not accelerator.is_main_process)
     for step in bar:
-        ids, mask = _batch_for_step(corpus, step, config, accelerator)
+        batch = teacher.batch(_rows_for_step(len(corpus), step, config, accelerator))
         with accelerator.autocast():
-            loss, stats = batch_losses(_unwrap(accelerator, model), ids, mask, config)
+            loss, stats = batch_losses(inner, batch, config)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        _average_gradients(params, accelerator)
         optimizer.step()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         bar.set_postfix(loss=f"{loss.item():.3f}", agree="/".join(f"{s['agreement']:.2f}" for s in stats))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            if held_out is not None:
-                stats = _with_held_out(stats, evaluate_heads(_unwrap(accelerator, model), held_out))
+            if held_out_teacher is not None:
+                stats = _with_held_out(stats, evaluate_heads(inner, held_out_teacher))
             history.extend({"step": step + 1, "exit": k, **s}
-                           for k, s in zip(_unwrap(accelerator, model).config.exit_layers, stats, strict=True))
+                           for k, s in zip(inner.config.exit_layers, stats, strict=True))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(work_dir / CHECKPOINT, _unwrap(accelerator, model), optimizer, config, step + 1, history,
-                            accelerator)
+            save_checkpoint(work_dir / CHECKPOINT, inner, optimizer, config, step + 1, history, accelerator)
     if accelerator.is_main_process:
         write_log(history, work_dir)
     return history
+
+
+def _average_gradients(params: list[Tensor], accelerator: Accelerator) -> None:
+    """Average head gradients over processes. The heads run outside any DDP wrapper (the loss reads them directly,
+    on hidden states the frozen backbone produced), so no hook syncs them; every process then takes the same step."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _with_held_out(stats: list[dict], report: list[dict]) -> list[dict]:
@@ -191,24 +208,17 @@ def _unwrap(accelerator: Accelerator, model) -> EarlyExitForCausalLM:
     return accelerator.unwrap_model(model)
 
 
-def _batch_for_step(corpus: Corpus, step: int, config: TrainConfig, accelerator: Accelerator) -> tuple[Tensor, Tensor]:
-    """The batch of `step`: a seeded permutation per epoch, sharded over processes, so resuming is exact."""
+def _rows_for_step(num_rows: int, step: int, config: TrainConfig, accelerator: Accelerator) -> Tensor:
+    """This process's corpus rows at `step`: a seeded permutation per epoch, sharded over processes, so resuming is
+    exact."""
     per_step = config.batch_size * accelerator.num_processes
-    per_epoch = max(1, len(corpus) // per_step)
+    per_epoch = max(1, num_rows // per_step)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(config.seed + epoch))
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(config.seed + epoch))
     chosen = order[index * per_step : (index + 1) * per_step]
     if len(chosen) < per_step:  # fewer sequences than one global batch: reuse them cyclically
         chosen = order.repeat(per_step // len(order) + 1)[:per_step]
-    mine = chosen[accelerator.process_index :: accelerator.num_processes]
-    ids, mask = _trim(corpus.input_ids[mine], corpus.attention_mask[mine])
-    return ids.to(accelerator.device), mask.to(accelerator.device)
-
-
-def _trim(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop leading columns that are padding in every row."""
-    first = int(mask.any(0).nonzero()[0]) if mask.any() else 0
-    return ids[:, first:], mask[:, first:]
+    return chosen[accelerator.process_index :: accelerator.num_processes]
 
 
 # -- checkpoints (safetensors + JSON) ------------------------------------------------------------------------------
@@ -246,7 +256,8 @@ def load_checkpoint(folder: Path, model, optimizer, config: TrainConfig, acceler
     inner = _unwrap(accelerator, model)
     saved = {**state["train_config"], **state["heads_config"]}
     current = {**asdict(config), **_heads_identity(inner)}
-    current["steps"] = saved["steps"] = None  # training longer than first planned is allowed
+    for free in ("steps", "teacher_cache_gib"):  # training longer than planned, or with(out) the cache, is allowed
+        current[free] = saved[free] = None
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:

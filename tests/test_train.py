@@ -11,6 +11,7 @@ from tiny import save_tiny_base
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.calibrate import CalibrateConfig, run_calibration, save_calibrated
 from hf_earlyexit.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
+from hf_earlyexit.teacher import CachedTeacher, OnlineTeacher
 from hf_earlyexit.train import TrainConfig, evaluate_heads, train_heads
 
 
@@ -117,3 +118,38 @@ def test_calibration_needs_enough_tokens_and_warns_on_untrained_heads(base_path,
         CalibrateConfig(eps_grid=[0.5, 1.5])
     with pytest.raises(ValueError, match="eps=-0.1"):
         model.thresholds_for(-0.1)
+
+
+@pytest.mark.parametrize("head", ["paper", "shared"])
+def test_cached_teacher_serves_what_the_backbone_computes(base_path, corpus, head):
+    model = fresh(base_path, head=head, draft_token_ids=list(range(0, 97, 3)))
+    cached = CachedTeacher.build(model, corpus, batch_size=5)  # batches unlike the ones asked for below
+    online = OnlineTeacher(model, corpus)
+    for rows in (torch.tensor([0, 7, 3]), torch.tensor([len(corpus) - 1]), torch.arange(len(corpus))):
+        a, b = cached.batch(rows), online.batch(rows)
+        real = b.mask.bool()
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.top[real], b.top[real])
+        for x, y in zip(a.hidden + a.targets, b.hidden + b.targets, strict=True):
+            torch.testing.assert_close(x[real], y[real], rtol=1e-5, atol=1e-6)
+        assert a.targets[0] is a.targets[1] is a.targets[2]  # one vocabulary: one target tensor
+        torch.testing.assert_close(b.targets[0][real].sum(-1), torch.ones(int(real.sum())))  # draft + OTHER = 1
+
+
+def test_training_from_the_teacher_cache_equals_running_the_backbone(base_path, corpus, tmp_path, caplog):
+    config = dict(steps=12, learning_rate=1e-2, lam=0.3, log_every=4, checkpoint_every=12)
+    runs = {}
+    for gib in (0.0, 4.0):
+        model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=list(range(40)))
+        with caplog.at_level(logging.INFO, logger="hf_earlyexit.teacher"):
+            history = train_heads(model, corpus, TrainConfig(teacher_cache_gib=gib, **config), tmp_path / str(gib),
+                                  held_out=corpus)
+        runs[gib] = (model, history)
+    assert "running the backbone every step" in caplog.text and "Caching the backbone's outputs" in caplog.text
+    (online, online_log), (cached, cached_log) = runs[0.0], runs[4.0]
+    for (name, a), b in zip(online.heads.state_dict().items(), cached.heads.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(online_log, cached_log, strict=True):
+        assert a["step"] == b["step"] and a["agreement"] == pytest.approx(b["agreement"], abs=1e-3)
+        assert a["held_out_agreement"] == pytest.approx(b["held_out_agreement"], abs=1e-3)
+    with pytest.raises(ValueError, match="teacher_cache_gib=-1"):
+        TrainConfig(teacher_cache_gib=-1)
