@@ -178,6 +178,19 @@ def _reproduce_types() -> tuple[type, ...]:
     return (ReproduceArgs,)
 
 
+def _ship(args) -> None:
+    from .shipped import ship
+
+    manifest = ship(args)
+    print(f"shipped {len(manifest['files'])} files from {args.model}")
+
+
+def _ship_types() -> tuple[type, ...]:
+    from .shipped import ShipArgs
+
+    return (ShipArgs,)
+
+
 COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], str]] = {
     "info": (lambda: (ModelArgs,), _info, "show the model, its exits and the per-token cost of each exit"),
     "demo": (lambda: (DemoArgs,), _demo, "embedded model + shipped heads: plain vs early exit vs DSSD side by side"),
@@ -188,6 +201,7 @@ COMMANDS: dict[str, tuple[Callable[[], tuple[type, ...]], Callable[..., None], s
     "sweep": (_sweep_types, _sweep, "lm-eval tasks across an ε grid: CSV/JSON and the paper's three plots"),
     "reproduce": (_reproduce_types, _reproduce, "re-measure the papers' claims: docs/RESULTS.md, figures, verdicts"),
     "push": (_push_types, _push, "upload a heads folder to the Hugging Face Hub (one commit, never base weights)"),
+    "ship": (_ship_types, _ship, "maintainers: make a heads folder of the embedded model the package's shipped heads"),
 }
 # subcommands that also take their dataclass's `prompt` field as positional words
 POSITIONAL_PROMPT = ("generate",)

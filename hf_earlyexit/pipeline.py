@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from .base_earlyexit import EMBEDDED, load_base_model, load_tokenizer
 from .data import (
@@ -69,9 +71,14 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
     out = Path(job.output_dir)
     if out.exists() and any(out.iterdir()) and not (job.overwrite or job.resume):
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
-    model = _load_or_build(job, spec)
-    model.backbone.eval()
-    corpus = build_corpus(job, spec, model.backbone, model.tokenizer, model.config.base_model_name_or_path)
+    # one process, or each of an `accelerate launch`; made as `Accelerator` makes it, so CPU launches count their ranks
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():  # the main process writes the generated data; the others read its cache
+        with torch.random.fork_rng():  # new heads draw their initial weights from `seed`: every process the same
+            torch.manual_seed(config.seed)
+            model = _load_or_build(job, spec)
+        model.backbone.eval()
+        corpus = build_corpus(job, spec, model.backbone, model.tokenizer, model.config.base_model_name_or_path)
     held_out, train = corpus.split(job.held_out_fraction)
     logger.info("Training on %d sequences (%d tokens), %d held out", len(train), train.num_tokens, len(held_out))
     train_heads(model, train, config, job.work_path, resume=job.resume)
@@ -81,7 +88,9 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
         "tokens": train.num_tokens, "text_files": job.text_files}, "held_out": report,
     }
     extra = {name: job.work_path / name for name in (LOG_CSV, CURVES_PNG) if (job.work_path / name).exists()}
-    model.save_pretrained(out, overwrite=True, extra_files=extra)
+    if state.is_main_process:
+        model.save_pretrained(out, overwrite=True, extra_files=extra)
+    state.wait_for_everyone()
     return model, report
 
 

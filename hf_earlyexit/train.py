@@ -171,7 +171,7 @@ def train_heads(
             loss, stats = batch_losses(inner, batch, config)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        _average_gradients(params, accelerator)
+        _average_gradients(params, accelerator, int(batch.mask.sum()))
         optimizer.step()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
@@ -188,14 +188,19 @@ def train_heads(
     return history
 
 
-def _average_gradients(params: list[Tensor], accelerator: Accelerator) -> None:
-    """Average head gradients over processes. The heads run outside any DDP wrapper (the loss reads them directly,
-    on hidden states the frozen backbone produced), so no hook syncs them; every process then takes the same step."""
+def _average_gradients(params: list[Tensor], accelerator: Accelerator, tokens: int) -> None:
+    """Make every process's head gradients those of the whole global batch: each process's loss is a mean over its
+    `tokens` real tokens, so gradients are summed weighted by token counts and divided by the global count (what
+    one process with the union of the batches computes). The heads run outside any DDP wrapper (the loss reads them
+    directly, on hidden states of the frozen backbone), so no hook syncs them; every process then takes the same
+    step."""
     if accelerator.num_processes == 1:
         return
+    count = torch.tensor(float(tokens), device=accelerator.device)
+    total = accelerator.reduce(count, reduction="sum")
     for p in params:
         if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
+            p.grad = accelerator.reduce(p.grad * count, reduction="sum") / total
 
 
 def _with_held_out(stats: list[dict], report: list[dict]) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_decoding import set_median_thresholds
-from tiny import save_tiny_base, tiny_tokenizer
+from tiny import launch_two_cpu_ranks, save_tiny_base, tiny_tokenizer
 
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.lm_eval_model import coerce_eps
@@ -213,25 +213,6 @@ def tasks_with_rolling(folder: Path) -> Path:
     return folder
 
 
-def launch_two_cpu_ranks(lm_eval_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch -m lm_eval` on 2 CPU processes (gloo).
-
-    accelerate 1.15's `--cpu` starts ONE process (its multi-CPU launcher is mpirun); two come from `--multi_gpu`
-    (torchrun) with `ACCELERATE_USE_CPU=1`.
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(port), "-m", "lm_eval"]
-    return subprocess.run([*launch, *lm_eval_args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
 def comparable(filtered_resps) -> list:
     """One document's responses: log-likelihoods as floats (a samples file stores them as text), texts as text."""
     if not isinstance(filtered_resps, (list, tuple)):
@@ -253,7 +234,7 @@ def test_accelerate_data_parallel_gathers_exit_counts_of_all_ranks(folders, tmp_
     _, heads = folders
     tasks, include = TASKS + list(ROLLING_DOCS), tasks_with_rolling(tmp_path / "tasks")
     limit, model_args = 5, f"pretrained={heads},eps=0.5,dtype=float32"
-    run = launch_two_cpu_ranks(["--model", "ee-hf", "--model_args", model_args, "--tasks", ",".join(tasks),
+    run = launch_two_cpu_ranks("lm_eval", ["--model", "ee-hf", "--model_args", model_args, "--tasks", ",".join(tasks),
                                 "--include_path", str(include), "--limit", str(limit), "--batch_size", "1",
                                 "--output_path", str(tmp_path / "out"), "--log_samples"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -153,3 +153,31 @@ def test_training_from_the_teacher_cache_equals_running_the_backbone(base_path, 
         assert a["held_out_agreement"] == pytest.approx(b["held_out_agreement"], abs=1e-3)
     with pytest.raises(ValueError, match="teacher_cache_gib=-1"):
         TrainConfig(teacher_cache_gib=-1)
+
+
+@pytest.mark.slow  # two processes that each import torch and transformers: ~1 min on busy cores
+def test_accelerate_data_parallel_training_equals_one_process_with_the_whole_batch(tmp_path, monkeypatch):
+    """Two `accelerate launch` ranks with batch 2 each take the steps one process takes with batch 4: gradients are
+    combined over ranks weighted by real tokens (rows differ in length here), and one folder is written."""
+    from safetensors.torch import load_file
+    from tiny import launch_two_cpu_ranks
+
+    from hf_earlyexit.cli import main
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    base = save_tiny_base("llama", tmp_path / "base")
+    common = ["--model", base, "--exit_layers", "1", "2", "--head", "shared", "--adapter_rank", "4",
+              "--draft_vocab_size", "40", "--num_sequences", "16", "--max_new_tokens", "12", "--steps", "6",
+              "--learning_rate", "1e-2", "--checkpoint_every", "3", "--log_every", "3"]
+    assert main(["train", *common, "--output_dir", str(tmp_path / "one"), "--batch_size", "4"]) == 0
+    run = launch_two_cpu_ranks("hf_earlyexit", ["train", *common, "--output_dir", str(tmp_path / "two"),
+                                                "--batch_size", "2"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "exit_heads.safetensors")
+    two = load_file(tmp_path / "two" / "exit_heads.safetensors")
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    up = [name for name in one if name.endswith("adapter.1.weight")]
+    assert up and all(one[name].abs().sum() > 0 for name in up)  # zero-initialised: training moved them
+    assert not list(tmp_path.glob(".two-*")), "a second rank started writing the folder"

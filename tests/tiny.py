@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -117,3 +123,20 @@ def save_tiny_base(arch: str, folder, seed: int = 0, attn: str = "sdpa") -> str:
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def launch_two_cpu_ranks(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch -m <module> <args>` on 2 CPU processes (gloo).
+
+    accelerate 1.15's `--cpu` starts ONE process (its multi-CPU launcher is mpirun); two come from `--multi_gpu`
+    (torchrun) with `ACCELERATE_USE_CPU=1`.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", module]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
