@@ -19,26 +19,38 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .configuration_earlyexit import METRICS
 from .data import CALIBRATION_PROMPTS, Corpus, GenerationSpec, generate_corpus
-from .metrics_earlyexit import DEFAULT_EPS_GRID, confidence, exit_rate_and_agreement, thresholds_for_grid
+from .metrics_earlyexit import (
+    DEFAULT_EPS_GRID,
+    confidence,
+    exit_rate_and_agreement,
+    threshold_for_eps,
+    thresholds_for_grid,
+)
 from .modeling_earlyexit import EarlyExitForCausalLM
 from .teacher import trim
 from .train import agreement
 
 logger = logging.getLogger(__name__)
+AUTO_METRIC = "auto"
 
 
 @dataclass
 class CalibrateConfig:
     """How to calibrate (the heads folder and metric are given separately)."""
 
-    metric: str | None = field(default=None, metadata={"help": "confidence metric (default: the folder's)"})
+    metric: str | None = field(default=None, metadata={
+        "help": f"confidence metric, one of {', '.join(METRICS)}, or {AUTO_METRIC}: the one that lets the most tokens "
+                "exit at the folder's ε on the calibration tokens (default: the folder's metric)"})
     eps_grid: list[float] = field(default_factory=lambda: list(DEFAULT_EPS_GRID), metadata={"help": "ε values"})
     min_tokens: int = field(default=1000, metadata={"help": "fewest calibration tokens per head"})
     check_fraction: float = field(default=0.5, metadata={"help": "sequences kept to check thresholds"})
     batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
 
     def __post_init__(self) -> None:
+        if self.metric is not None and self.metric not in (*METRICS, AUTO_METRIC):
+            raise ValueError(f"metric={self.metric!r} is not one of {', '.join((*METRICS, AUTO_METRIC))}")
         for eps in self.eps_grid:
             if not (isinstance(eps, int | float) and 0.0 <= eps <= 1.0):
                 raise ValueError(f"eps={eps!r} in eps_grid must lie in [0, 1]")
@@ -138,7 +150,11 @@ def run_calibration(
         name = model.config.base_model_name_or_path
         corpus = generate_corpus(model.backbone, model.tokenizer, calibration_spec(), name)
     check, fit = corpus.split(config.check_fraction)
-    records = collect(model, fit, metric, config.batch_size)
+    selection = None
+    if metric == AUTO_METRIC:
+        metric, records, selection = choose_metric(model, fit, model.config.eps, config.batch_size)
+    else:
+        records = collect(model, fit, metric, config.batch_size)
     check_enough(records, model.config.exit_layers, config.min_tokens)
     per_head = [thresholds_for_grid(r["score"], r["agree"], config.eps_grid) for r in records]
     thresholds = {key: [h[key] for h in per_head] for key in per_head[0]}
@@ -154,7 +170,30 @@ def run_calibration(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "check": check_rows,
         "cascade": cascade_rows,
     }
+    if selection is not None:
+        model.config.calibration["metric_selection"] = selection
     return thresholds, check_rows, cascade_rows
+
+
+def choose_metric(
+    model: EarlyExitForCausalLM, corpus: Corpus, eps: float, batch_size: int = 4
+) -> tuple[str, list[dict[str, Tensor]], dict]:
+    """The metric under which the most tokens of `corpus` leave (whole rule, thresholds for `eps` set on `corpus`).
+
+    Returns:
+        `(metric, records, selection)`: the winner, its per-head `collect` records, and `{eps, exited: {metric:
+        fraction}}` for the record.
+    """
+    every = collect_metrics(model, corpus, METRICS, batch_size)
+    exited = {}
+    for metric in METRICS:
+        records = [{"score": r[metric], "agree": r["agree"]} for r in every]
+        taus = {f"{eps:g}": [threshold_for_eps(r["score"], r["agree"], eps) for r in records]}
+        exited[metric] = cascade_table(records, taus)[0]["exited"]
+    best = max(METRICS, key=lambda m: exited[m])
+    logger.info("Confidence metric at ε=%g: %s (fraction of calibration tokens that exit: %s)", eps, best,
+                ", ".join(f"{m} {v:.3f}" for m, v in exited.items()))
+    return best, [{"score": r[best], "agree": r["agree"]} for r in every], {"eps": eps, "exited": exited}
 
 
 def _stats_tensors(records: list[dict]) -> dict[str, Tensor]:

@@ -181,3 +181,27 @@ def test_accelerate_data_parallel_training_equals_one_process_with_the_whole_bat
     up = [name for name in one if name.endswith("adapter.1.weight")]
     assert up and all(one[name].abs().sum() > 0 for name in up)  # zero-initialised: training moved them
     assert not list(tmp_path.glob(".two-*")), "a second rank started writing the folder"
+
+
+def test_calibration_metric_auto_takes_the_metric_that_lets_most_tokens_exit(base_path, corpus, tmp_path):
+    from hf_earlyexit.calibrate import cascade_table, collect
+    from hf_earlyexit.configuration_earlyexit import METRICS
+    from hf_earlyexit.metrics_earlyexit import threshold_for_eps
+
+    model = fresh(base_path, head="paper", head_init="scratch")
+    train_heads(model, corpus, TrainConfig(steps=30, lam=0.5, learning_rate=1e-2), tmp_path / "work")
+    model.config.training, model.config.eps = {"steps": 30}, 0.6
+    config = CalibrateConfig(metric="auto", min_tokens=100, eps_grid=[0.5, 0.6, 1.0], check_fraction=0.5)
+    run_calibration(model, config, corpus)
+    selection = model.config.calibration["metric_selection"]
+    assert selection["eps"] == 0.6 and set(selection["exited"]) == set(METRICS)
+    _, fit = corpus.split(0.5)
+    for metric in METRICS:  # each metric's share of exiting tokens, measured one metric at a time
+        records = collect(model, fit, metric)
+        taus = [threshold_for_eps(r["score"], r["agree"], 0.6) for r in records]
+        expected = cascade_table(records, {"0.6": taus})[0]["exited"]
+        assert selection["exited"][metric] == pytest.approx(expected), metric
+    assert model.config.metric == max(METRICS, key=lambda m: selection["exited"][m])
+    assert model.config.calibration["metric"] == model.config.metric
+    with pytest.raises(ValueError, match="metric='best'"):
+        CalibrateConfig(metric="best")
