@@ -217,36 +217,57 @@ def _draft_tokens(ctx: _Round, head_scores: Tensor | None, fired: Tensor, from_l
     return torch.where(fired, sampled, token), probs
 
 
-def _verify(ctx: _Round, state, made: list[int], drafted: int, vocab: int) -> Tensor:
-    """One pass of the remaining layers over every position of the round; `(n, m + 1, vocab)` float32 logits at
-    the positions each row needs (its drafts and the one after them; zeros elsewhere)."""
+@dataclass
+class _Verdict:
+    """The full model's view of one round's positions `(n, m + 1)`: its own tokens (greedy without logits
+    processors, where only the argmax matters) or its float32 logits `(n, m + 1, vocab)` (zeros where unneeded)."""
+
+    picks: Tensor | None = None
+    logits: Tensor | None = None
+
+
+def _verify(ctx: _Round, state, made: list[int], drafted: int, vocab: int) -> _Verdict:
+    """One pass of the remaining layers over every position of the round, read at the positions each row needs (its
+    drafts and the one after them)."""
     engine = ctx.ee_model.engine
     hidden = engine.run_to(state, engine.num_layers)  # (n, m + 1, hidden)
     n = hidden.shape[0]
     needed = torch.arange(drafted + 1, device=hidden.device)[None, :] <= torch.tensor(made, device=hidden.device)[
         :, None]  # (n, m + 1)
-    logits = torch.zeros(n, drafted + 1, vocab, dtype=torch.float32, device=hidden.device)
-    logits[needed] = engine.final_logits(hidden[needed]).float()
+    final = engine.final_logits(hidden[needed])  # (needed, vocab), the model's dtype
     ctx.tally.final_tokens += int(needed.sum())
     ctx.tally.final_calls += 1
-    return logits
+    if not ctx.do_sample and ctx.processors is None:
+        picks = torch.full((n, drafted + 1), -1, dtype=torch.long, device=hidden.device)
+        picks[needed] = final.argmax(dim=-1)  # the argmax of the float32 logits too: widening keeps the order
+        return _Verdict(picks=picks)
+    logits = torch.zeros(n, drafted + 1, vocab, dtype=torch.float32, device=hidden.device)
+    logits[needed] = final.float()
+    return _Verdict(logits=logits)
 
 
-def _accept(ctx: _Round, logits: Tensor, drafts: _Drafts, i: int, made: int, prefix: list[int]
+def _accept(ctx: _Round, verdict: _Verdict, drafts: _Drafts, i: int, made: int, prefix: list[int]
             ) -> tuple[list[tuple[int, int]], int, int]:
     """Row `i`'s new tokens `(token, exit index)`: its drafts while the full model agrees (greedy) or accepts them
     (min(1, p/q)), then the full model's own token. Returns them with the accepted draft and lookup counts."""
     new, accepted, looked_up = [], 0, 0
     for step in range(made + 1):
-        target = logits[i, step: step + 1]  # (1, vocab)
-        if ctx.processors is not None:
-            ids = torch.tensor(prefix + [t for t, _ in new], dtype=torch.long, device=logits.device)[None]
-            target = ctx.processors(ids, target)
+        target = None  # (1, vocab) processed logits, when the verdict has logits
+        if verdict.logits is not None:
+            target = verdict.logits[i, step: step + 1]
+            if ctx.processors is not None:
+                ids = torch.tensor(prefix + [t for t, _ in new], dtype=torch.long, device=target.device)[None]
+                target = ctx.processors(ids, target)
         if step == made:  # no draft here: the full model's token (the bonus after all accepted drafts)
-            new.append((int(_pick(target, ctx.do_sample)[0]), ctx.num_exits))
+            token = int(verdict.picks[i, step]) if target is None else int(_pick(target, ctx.do_sample)[0])
+            new.append((token, ctx.num_exits))
             break
         draft = int(drafts.tokens[step][i])
-        correction = _judge(target[0], draft, drafts.probs[step][i] if ctx.do_sample else None)
+        if target is None:
+            chosen = int(verdict.picks[i, step])
+            correction = None if chosen == draft else chosen
+        else:
+            correction = _judge(target[0], draft, drafts.probs[step][i] if ctx.do_sample else None)
         if correction is not None:
             new.append((correction, ctx.num_exits))
             break
@@ -350,13 +371,13 @@ def dssd_decode(
         clock["draft"] += drafted_at - started
 
         made = drafts.made.tolist()
-        logits = _verify(ctx, state, made, len(drafts.tokens), first.shape[-1])
+        verdict = _verify(ctx, state, made, len(drafts.tokens), first.shape[-1])
         verified_at = time.perf_counter()
         clock["verify"] += verified_at - drafted_at
 
         ends = []
         for i, row in enumerate(rows):
-            new, accepted, looked_up = _accept(ctx, logits, drafts, i, made[i], prefixes[i] if prefixes else [])
+            new, accepted, looked_up = _accept(ctx, verdict, drafts, i, made[i], prefixes[i] if prefixes else [])
             stats.drafted += made[i]
             stats.accepted += accepted
             stats.lookup_drafted += sum(int(d[i]) for d in drafts.looked_up[: made[i]])
