@@ -104,6 +104,7 @@ def ship(args: ShipArgs) -> dict:
         raise FileExistsError(f"{target} holds shipped heads already; pass --overwrite to replace them")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the package folder is read by everyone
     try:
         for path in sorted(source.iterdir()):
             if path.is_file() and path.name not in LEFT_OUT and not path.name.endswith("_earlyexit.py"):

@@ -1,0 +1,75 @@
+"""The heads shipped inside the package: intact (manifest), small, loadable on the embedded model, and drafting."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from tiny import save_tiny_base
+
+from hf_earlyexit import EarlyExitForCausalLM, load, shipped_dir
+from hf_earlyexit.shipped import LEFT_OUT, MANIFEST, ShipArgs, ship, verify
+
+
+def test_shipped_files_match_their_manifest_and_hold_only_the_heads_own():
+    manifest = verify()
+    files = set(manifest["files"])
+    assert {"config.json", "exit_heads.safetensors", "calibration.safetensors", "README.md"} <= files
+    assert not files & set(LEFT_OUT) and not any(name.endswith("_earlyexit.py") for name in files)
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl", ".gguf")) for name in files)
+    size = sum((shipped_dir() / name).stat().st_size for name in files)
+    assert size < 5 * 2**20, f"shipped heads take {size / 2**20:.1f} MiB"
+    assert manifest["command"][:2] == ["hf-earlyexit", "ship"]
+
+
+def test_a_changed_or_extra_shipped_file_is_named(tmp_path):
+    copy = tmp_path / "heads"
+    shutil.copytree(shipped_dir(), copy)
+    weights = copy / "exit_heads.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="exit_heads.safetensors has SHA-256"):
+        verify(copy)
+    shutil.copyfile(shipped_dir() / "exit_heads.safetensors", weights)
+    verify(copy)
+    (copy / "notes.txt").write_text("extra")
+    with pytest.raises(ValueError, match="notes.txt"):
+        verify(copy)
+    (copy / "notes.txt").unlink()
+    (copy / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="MANIFEST.json"):
+        verify(copy)
+
+
+def test_ship_refuses_heads_that_are_not_calibrated_heads_of_the_embedded_model(tmp_path):
+    model = EarlyExitForCausalLM.from_base(save_tiny_base("llama", tmp_path / "base"), exit_layers=[1, 2])
+    model.config.training = {"steps": 1}
+    model.save_pretrained(tmp_path / "heads")
+    with pytest.raises(ValueError, match="calibrated heads of 'embedded'"):
+        ship(ShipArgs(model=str(tmp_path / "heads"), target=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_shipped_heads_load_on_the_embedded_model_draft_and_stay_lossless(tmp_path):
+    model, tokenizer = load("shipped", dtype=torch.float32)  # the config's weight fingerprint is checked here
+    assert model.config.base_model_name_or_path == "embedded" and model.config.training
+    assert model.config.thresholds and model.calibration_stats
+    inputs = tokenizer(["The capital of France is"], return_tensors="pt")
+    plain = model.generate(**inputs, mode="plain", max_new_tokens=24, do_sample=False)
+    model.reset_exit_stats()
+    dssd = model.generate(**inputs, mode="dssd", eps=0.8, max_new_tokens=24, do_sample=False)
+    assert torch.equal(plain, dssd)
+    assert model.exit_stats.accepted > 0  # trained heads draft tokens the full model keeps
+
+    # shipping again from a complete saved folder gives the same heads, without tokenizer and code
+    model.save_pretrained(tmp_path / "saved")
+    manifest = ship(ShipArgs(model=str(tmp_path / "saved"), target=str(tmp_path / "again")))
+    shipped = verify()["files"]
+    for name in ("config.json", "exit_heads.safetensors", "calibration.safetensors"):
+        assert manifest["files"][name] == shipped[name], name
+    assert not set(manifest["files"]) & set(LEFT_OUT)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        ship(ShipArgs(model=str(tmp_path / "saved"), target=str(tmp_path / "again")))
