@@ -6,6 +6,7 @@ from importlib import metadata
 
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import cached_file
 
 from .architectures_earlyexit import ARCHITECTURES, UnsupportedArchitectureError, arch_spec
 from .base_earlyexit import EMBEDDED, cache_root, load_base_model, load_tokenizer
@@ -54,12 +55,22 @@ def load(
     name_or_path = resolve(name_or_path)
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-        try:
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        if _has_tokenizer(name_or_path, **hub):
             # the base config tells AutoTokenizer what it needs; reading our config.json would ask for remote code
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=model.config.text_config)
-        except (OSError, ValueError):  # a heads folder saved without a tokenizer: use the base model's
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=model.config.text_config, **hub)
+        else:  # a heads folder saved without a tokenizer (the shipped heads): the base model's
             tokenizer = load_tokenizer(model.config.base_model_name_or_path, model.config.base_revision)
         model.tokenizer = tokenizer
         return model, tokenizer
     model = EarlyExitForCausalLM.from_base(name_or_path, dtype=dtype, **kwargs)
     return model, model.tokenizer
+
+
+def _has_tokenizer(name_or_path: str, **hub) -> bool:
+    """Whether a heads folder / repo holds tokenizer files (without them, AutoTokenizer builds an empty tokenizer
+    from the config instead of failing)."""
+    return any(
+        cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub) is not None
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import save_tiny_base
 
-from hf_earlyexit import EarlyExitForCausalLM, load, shipped_dir
+from hf_earlyexit import EarlyExitForCausalLM, load, load_tokenizer, shipped_dir
 from hf_earlyexit.shipped import LEFT_OUT, MANIFEST, ShipArgs, ship, verify
 
 
@@ -57,7 +57,10 @@ def test_shipped_heads_load_on_the_embedded_model_draft_and_stay_lossless(tmp_pa
     model, tokenizer = load("shipped", dtype=torch.float32)  # the config's weight fingerprint is checked here
     assert model.config.base_model_name_or_path == "embedded" and model.config.training
     assert model.config.thresholds and model.calibration_stats
-    inputs = tokenizer(["The capital of France is"], return_tensors="pt")
+    text = "The capital of France is"
+    assert tokenizer(text)["input_ids"] == load_tokenizer("embedded")(text)["input_ids"]  # the base's, not empty
+    assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    inputs = tokenizer([text], return_tensors="pt")
     plain = model.generate(**inputs, mode="plain", max_new_tokens=24, do_sample=False)
     model.reset_exit_stats()
     dssd = model.generate(**inputs, mode="dssd", eps=0.8, max_new_tokens=24, do_sample=False)
