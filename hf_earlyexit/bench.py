@@ -161,6 +161,8 @@ class BenchArgs(ModelArgs):
         "help": "HF assistant_early_exit layers to try (default: the heads' exit layers)"})
     layerskip_drafts: list[int] = field(default_factory=lambda: [2, 4, 6],
                                         metadata={"help": "LayerSkip-style baseline: fixed draft lengths to try"})
+    layerskip_exits: list[int] | None = field(default=None, metadata={
+        "help": "LayerSkip-style baseline: exit layers to try (default: every exit)"})
     prompt_lookup_tokens: list[int] = field(default_factory=lambda: [3, 10],
                                             metadata={"help": "HF prompt lookup: n-gram draft lengths to try"})
     prompt_sets: list[str] | None = field(default=None, metadata={
@@ -319,11 +321,17 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
             for n in args.prompt_lookup_tokens:
                 configs.append(_Config("prompt_lookup", f"HF prompt lookup n={n}", {"n": n},
                                        hf(prompt_lookup_num_tokens=n)))
+            unknown = sorted(set(args.layerskip_exits or []) - set(exits))
+            if unknown:
+                raise ValueError(f"layerskip_exits={unknown} are not exits of these heads (exits: {exits})")
             for j, layer in enumerate(exits):
+                if args.layerskip_exits and layer not in args.layerskip_exits:
+                    continue
                 for draft in args.layerskip_drafts:
                     configs.append(_Config(
                         "layerskip", f"fixed exit@{layer}, {draft} drafts", {"exit": layer, "drafts": draft},
-                        ours("dssd", 0.0, _forced(model, j), max_draft=draft, exit_policy="all"),
+                        ours("dssd", 0.0, _forced(model, j), max_draft=draft, exit_policy="all",
+                             adaptive_draft=False),
                     ))
     return configs
 

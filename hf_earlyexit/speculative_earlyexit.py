@@ -35,6 +35,18 @@ from .decoding_earlyexit import (
 )
 
 DEFAULT_MAX_DRAFT = 16
+FIRST_CAP = 4  # adaptive drafting: the cap of a row's first round
+
+
+def next_cap(cap: int, drafted: int, accepted: int, max_draft: int) -> int:
+    """The draft cap after a round: doubled (up to `max_draft`) when the round drafted its cap and the full model
+    kept everything, else one more than the round accepted when a draft was rejected (verifying a position costs
+    compute on a CPU, so drafts the model will not keep are not free), else unchanged."""
+    if accepted < drafted:
+        return max(1, min(max_draft, accepted + 1))
+    if drafted >= cap:
+        return min(max_draft, 2 * cap)
+    return cap
 
 
 class _Emitter:
@@ -307,6 +319,7 @@ def dssd_decode(
     ee_max_draft: int = DEFAULT_MAX_DRAFT,
     ee_exit_policy: str = "auto",
     ee_lookup: int = 0,
+    ee_adaptive: bool = True,
     **model_kwargs,
 ):
     """The decoding loop HF `generate()` calls (as `custom_generate`) for self-speculative decoding."""
@@ -353,6 +366,8 @@ def dssd_decode(
         return (out.needs_tokens(row) and bool(out.unfinished.any()) and out.length(row) < max_length
                 and not (eos_ids and eos_ids & set(out.pending(row))))
 
+    # per row, the most tokens the next round may draft: fixed at `max_draft`, or adapted to what rounds accept
+    caps = {r: min(FIRST_CAP, ee_max_draft) if ee_adaptive else ee_max_draft for r in range(batch_size)}
     rows = [r for r in range(batch_size) if generating(r)]
     if len(rows) < batch_size and rows:
         state = engine.select_rows(state, torch.tensor(rows, device=device))
@@ -364,8 +379,8 @@ def dssd_decode(
         last = torch.tensor([h[-1] for h in history], device=device)
         base = state.length
         engine.append(state, last[:, None])
-        # a row drafts at most until its length limit (the round also adds the full model's own token)
-        room = torch.tensor([max_length - out.length(r) - 1 for r in rows], device=device)
+        # a row drafts at most its cap and until its length limit (the round also adds the full model's own token)
+        room = torch.tensor([min(caps[r], max_length - out.length(r) - 1) for r in rows], device=device)
         drafts = _draft(ctx, state, history, last, room)
         drafted_at = time.perf_counter()
         clock["draft"] += drafted_at - started
@@ -383,6 +398,8 @@ def dssd_decode(
             stats.lookup_drafted += sum(int(d[i]) for d in drafts.looked_up[: made[i]])
             stats.lookup_accepted += looked_up
             stats.rounds += 1
+            if ee_adaptive:
+                caps[row] = next_cap(caps[row], made[i], accepted, ee_max_draft)
             out.push(row, new)
             ends.append(base + accepted + 1)
         stats.steps += 1
@@ -411,13 +428,17 @@ def dssd_decode(
 
 def dssd_generate(
     ee_model, inputs: Tensor | None = None, *, eps: float, max_draft: int = DEFAULT_MAX_DRAFT,
-    exit_policy: str = "auto", lookup: int = 0, **kwargs,
+    exit_policy: str = "auto", lookup: int = 0, adaptive_draft: bool = True, **kwargs,
 ):
     """`generate()` with self-speculative decoding: HF prepares everything, `dssd_decode` runs the loop.
 
     `lookup > 0` also drafts by prompt lookup (n-grams up to `lookup` tokens matched in the sequence so far): a
     position whose suffix occurred before takes the token that followed it, at no layer cost; the heads draft the
     others. Verification is unchanged, so the output is still the base model's.
+
+    `adaptive_draft=True` caps each row's draft at what its recent rounds earned (`next_cap`: from 4, doubled after a
+    round kept everything, cut to one past the accepted length after a rejection, never above `max_draft`);
+    `False` drafts up to `max_draft` every round (a fixed draft length, as LayerSkip).
     """
     if not isinstance(max_draft, int) or max_draft < 1:
         raise ValueError(f"max_draft={max_draft!r} must be a positive integer")
@@ -427,4 +448,5 @@ def dssd_generate(
         raise ValueError(f"exit_policy={exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
     ee_model.thresholds_for(eps)  # checks eps and that the heads are calibrated, before any work
     return run_decoding_loop(ee_model, dssd_decode, "self-speculative decoding", inputs, kwargs,
-                             ee_eps=float(eps), ee_max_draft=max_draft, ee_exit_policy=exit_policy, ee_lookup=lookup)
+                             ee_eps=float(eps), ee_max_draft=max_draft, ee_exit_policy=exit_policy, ee_lookup=lookup,
+                             ee_adaptive=bool(adaptive_draft))

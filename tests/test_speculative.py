@@ -9,6 +9,7 @@ from tiny import ARCHS, VOCAB, batch, tiny_model
 
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.architectures_earlyexit import model_parts
+from hf_earlyexit.speculative_earlyexit import next_cap
 
 NEW = 20
 BATCHES = {"batch1": [7], "batch4_left_padded": [9, 5, 7, 3]}
@@ -238,3 +239,20 @@ def test_bad_lookup_is_refused():
     ids, mask = batch([5])
     with pytest.raises(ValueError, match="lookup=-1 must be a non-negative integer"):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, mode="dssd", eps=0.5, lookup=-1, **GREEDY)
+
+
+def test_draft_cap_adapts_to_what_rounds_accept():
+    assert next_cap(4, 4, 4, 16) == 8 and next_cap(8, 8, 8, 16) == 16 and next_cap(16, 16, 16, 16) == 16
+    assert next_cap(8, 8, 2, 16) == 3 and next_cap(8, 5, 0, 16) == 1  # a rejection: one past what was kept
+    assert next_cap(8, 3, 3, 16) == 8  # the heads stopped drafting before the cap: no evidence either way
+
+
+@pytest.mark.parametrize("adaptive, rounds", [(True, 3), (False, 2)])
+def test_perfect_heads_rounds_follow_the_draft_schedule(adaptive, rounds):
+    """19 tokens after the first: a fixed cap of 16 takes 17 + 2; the adaptive cap grows 4 -> 8 -> 16: 5 + 9 + 5."""
+    model = perfect_heads("llama")
+    ids, mask = batch(BATCHES["batch1"])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, max_draft=16,
+                         adaptive_draft=adaptive, return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain(model, ids, mask))
+    assert out.exit_stats.rounds == rounds and out.exit_stats.accepted == out.exit_stats.drafted
