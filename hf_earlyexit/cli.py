@@ -63,6 +63,8 @@ class DemoArgs(ModelArgs):
     max_new_tokens: int = field(default=48, metadata={"help": "tokens to generate per prompt"})
     eps: float = field(default=0.9, metadata={"help": "early exit: accuracy target ε"})
     dssd_eps: float = field(default=0.8, metadata={"help": "self-speculative decoding: ε of the drafts"})
+    lookup: int = field(default=2, metadata={
+        "help": "also run DSSD with prompt-lookup drafts of n-grams up to this size (0: not)"})
     output_dir: str = field(default="demo", metadata={"help": "where demo.json and demo.png go"})
 
 

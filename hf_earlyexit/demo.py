@@ -1,4 +1,5 @@
-"""The main job's demo: the embedded Gemma 3 270M with its shipped heads, decoded three ways side by side.
+"""The main job's demo: the embedded Gemma 3 270M with its shipped heads, decoded side by side: plain, early
+exit, DSSD (and DSSD with prompt-lookup drafts).
 
 For a few prompts (batch 1, greedy) it times plain decoding (HF `generate`), early exit at `eps` and self-speculative
 decoding at `dssd_eps`, prints tokens/s, agreement with plain decoding, the exit distribution and the DSSD
@@ -70,7 +71,7 @@ def _row(run: _Run, plain: _Run, names: list[str]) -> dict:
 
 
 def run_demo(args: DemoArgs) -> dict:
-    """Load `args.model`, print its exits and costs, decode the prompts in three modes, print and plot."""
+    """Load `args.model`, print its exits and costs, decode the prompts in each mode, print and plot."""
     model, tokenizer = args.load()
     print_model_info(model)
     if not model.config.thresholds:
@@ -87,6 +88,9 @@ def run_demo(args: DemoArgs) -> dict:
             _decode(model, encoded, f"early exit ε={args.eps:g}", pad, mode="early_exit", eps=args.eps, **common),
             _decode(model, encoded, f"DSSD ε={args.dssd_eps:g}", pad, mode="dssd", eps=args.dssd_eps, **common),
         ]
+        if args.lookup:
+            runs.append(_decode(model, encoded, f"DSSD ε={args.dssd_eps:g} + lookup", pad, mode="dssd",
+                                eps=args.dssd_eps, lookup=args.lookup, **common))
     plain = runs[0]
     rows = [_row(run, plain, names) for run in runs]
     print(f"\n{len(encoded)} prompts x up to {args.max_new_tokens} new tokens, batch 1, greedy, {args.dtype}, "
@@ -119,7 +123,8 @@ def plot_demo(report: dict, path: Path) -> None:
 
     rows = report["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    left.bar([r["mode"] for r in rows], [r["tok/s"] for r in rows], color=["black", "tab:blue", "tab:red"])
+    colours = ["black", "tab:blue", "tab:red", "tab:pink"][: len(rows)]
+    left.bar([r["mode"] for r in rows], [r["tok/s"] for r in rows], color=colours)
     left.set_ylabel("tokens/s")
     left.set_title(f"{report['model']} ({report['dtype']}), batch 1, greedy")
     names = report["exit_names"]

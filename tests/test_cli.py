@@ -119,7 +119,7 @@ def test_bench_vocab_study(calibrated_folder, tmp_path, monkeypatch, capsys):
     assert "draft vocabulary study" in capsys.readouterr().out
 
 
-def test_demo_decodes_three_ways_and_dssd_matches_plain(calibrated_folder, tmp_path, capsys):
+def test_demo_decodes_every_way_and_dssd_matches_plain(calibrated_folder, tmp_path, capsys):
     import json
 
     out_dir = tmp_path / "demo"
@@ -127,11 +127,11 @@ def test_demo_decodes_three_ways_and_dssd_matches_plain(calibrated_folder, tmp_p
                  "--prompt", "hello world", "the cat", "--max_new_tokens", "8", "--output_dir", str(out_dir)]) == 0
     report = json.loads((out_dir / "demo.json").read_text())
     assert (out_dir / "demo.png").stat().st_size > 0
-    plain, early, dssd = report["rows"]
+    plain, early, dssd, lookup = report["rows"]
     assert plain["identical"] == "2/2" and plain["agreement"] == 1.0
-    assert dssd["identical"] == "2/2"  # lossless: the plain model's tokens (fp32)
+    assert dssd["identical"] == lookup["identical"] == "2/2"  # lossless: the plain model's tokens (fp32)
     assert 0.0 <= float(dssd["accepted/drafted"]) <= 1.0
-    for name in ("early exit ε=0.5", "DSSD ε=0.5"):
+    for name in ("early exit ε=0.5", "DSSD ε=0.5", "DSSD ε=0.5 + lookup"):
         fractions = report["exit_fractions"][name]
         assert len(fractions) == 4 and abs(sum(fractions) - 1.0) < 1e-9
     out = capsys.readouterr().out
