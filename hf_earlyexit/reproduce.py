@@ -136,7 +136,9 @@ class Run:
         """A digest of the heads' config.json (thresholds and training included): other heads, other results."""
         if self.heads is None:
             return None
-        return hashlib.sha256((Path(self.heads) / "config.json").read_bytes()).hexdigest()[:16]
+        from .shipped import resolve
+
+        return hashlib.sha256((Path(resolve(self.heads)) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,10 @@ def figure_calibration(result: dict, folder: Path, number: int) -> list[str]:
 
 
 def figure_lm_eval(result: dict, folder: Path, number: int) -> list[str]:
+    """The sweep's three plots (and its CSV beside them, for readers who want the numbers)."""
+    csv = Path(next(iter(result["figures"].values()))).with_name("sweep.csv")
+    if csv.exists():
+        shutil.copyfile(csv, folder / f"fig{number}_sweep.csv")
     names = []
     for i, (key, path) in enumerate(result["figures"].items()):
         name = f"fig{number}{'abc'[i]}_{key}.png"

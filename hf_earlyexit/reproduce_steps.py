@@ -114,7 +114,8 @@ def resolve_heads(name: str) -> str:
 
 
 def heads_config(path: str) -> EarlyExitConfig:
-    return EarlyExitConfig.from_pretrained(path)
+    """The config of a heads folder or of a name `load` knows (`shipped`)."""
+    return EarlyExitConfig.from_pretrained(resolve_heads(path))
 
 
 def heads(run, folder: Path) -> dict:
@@ -122,7 +123,7 @@ def heads(run, folder: Path) -> dict:
     args, sizes = run.args, run.sizes
     commands = []
     if args.heads:
-        path = resolve_heads(args.heads)
+        path = args.heads  # as given (`shipped` stays a name, so the report's commands run anywhere)
     else:
         path = str(folder / "model")
         _train_and_calibrate(run, folder, path)
