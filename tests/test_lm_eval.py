@@ -216,7 +216,8 @@ def tasks_with_rolling(folder: Path) -> Path:
 
 
 def comparable(filtered_resps) -> list:
-    """One document's responses: log-likelihoods as floats (a samples file stores them as text), texts as text."""
+    """One document's responses: log-likelihoods and perplexity scores as floats (a samples file stores them as text),
+    other texts as text."""
     if not isinstance(filtered_resps, (list, tuple)):
         filtered_resps = [filtered_resps]
     def one(r):
