@@ -427,7 +427,8 @@ def run_bench(args: BenchArgs) -> dict:
         "model": args.model, "dtype": args.dtype, "mode": args.mode, "kv_fill": args.kv_fill,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "exit_layers": model.config.exit_layers, "num_layers": model.num_layers,
-        "threads": torch.get_num_threads(), "args": asdict(args), "sets": {},
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "args": asdict(args), "sets": {},
     }
     with torch.inference_mode():
         for name in sets:

@@ -116,7 +116,7 @@ QUICK = Sizes(
 FULL = Sizes(
     sequences=96, new_tokens=128, held_out_fraction=0.1, train_steps=80, batch_size=4, log_every=10,
     calibration_sequences=128, calibration_tokens=128, min_calibration_tokens=1000,
-    sweep_tasks=("ee_capitals", "ee_arithmetic"), sweep_eps=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99),
+    sweep_tasks=("ee_capitals", "ee_sequences"), sweep_eps=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99),
     sweep_limit=None,
     dssd_eps=(0.6, 0.7, 0.8, 0.9), layerskip_drafts=(2, 4, 6), dssd_prompts=4, dssd_tokens=64,
     batch_sizes=(1, 4, 8), batch_eps=(0.8, 0.9, 0.95), batch_prompts=8, batch_tokens=64,

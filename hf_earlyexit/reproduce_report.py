@@ -74,6 +74,7 @@ def _facts(results: dict, args) -> dict:
         facts["agreement"] = {r["exit"]: r["agreement"] for r in metrics["rows"] if r["metric"] == first}
     facts["quick"] = args.quick
     facts["threads"] = torch.get_num_threads()
+    facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2 vs AVX512 decides bf16 vs fp32 speed
     return facts
 
 
@@ -87,7 +88,8 @@ def _header(results: dict, facts: dict, args) -> list[str]:
         "<!-- written by `hf-earlyexit reproduce`; edits are overwritten on the next run -->", "",
         f"Produced by `{args.command()}` ({'quick smoke-test sizes' if args.quick else 'full sizes'}) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__}, {facts['threads']} CPU threads "
-        f"({platform.machine()}). Step results and raw outputs: `{args.output_dir}/`.", "",
+        f"({platform.machine()}, torch CPU capability {facts.get('cpu_capability', 'unknown')}). "
+        f"Step results and raw outputs: `{args.output_dir}/`.", "",
         f"Model: `{heads.get('base_model')}` ({heads.get('model_type')}, {heads.get('num_layers')} layers, hidden "
         f"{heads.get('hidden_size')}, vocabulary {heads.get('vocab_size', 0):,}). Heads of sections 2-6: "
         f"`{heads.get('path')}`, {heads.get('head_type')} heads at exits {heads.get('exit_layers')}, draft vocabulary "

@@ -144,7 +144,7 @@ def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
 
     register()
     tasks_dir = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
-    common = {"tasks": ["ee_capitals", "ee_arithmetic"], "device": "cpu", "batch_size": 4, "limit": 4,
+    common = {"tasks": ["ee_capitals", "ee_sequences"], "device": "cpu", "batch_size": 4, "limit": 4,
               "log_samples": True, "task_manager": TaskManager(include_path=str(tasks_dir))}
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={embedded_dir()},dtype=float32", **common)
     ours = lm_eval.simple_evaluate(model="ee-hf", model_args="pretrained=embedded,eps=1,dtype=float32", **common)

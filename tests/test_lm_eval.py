@@ -16,7 +16,7 @@ from hf_earlyexit.lm_eval_model import coerce_eps
 from hf_earlyexit.lm_eval_plugin import register
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
-TASKS = ["ee_capitals", "ee_arithmetic"]
+TASKS = ["ee_capitals", "ee_sequences"]
 LIMIT = 6
 
 
@@ -68,9 +68,9 @@ def test_eps_one_gives_exactly_the_hf_metrics(folders, reference, extra):
 def test_dssd_generation_is_lossless_while_scoring_exits(folders, reference):
     _, heads = folders
     got = evaluate("ee-hf", f"pretrained={heads},eps=0.5,mode=dssd", log_samples=True)
-    assert responses(got)["ee_arithmetic"] == responses(reference)["ee_arithmetic"]
+    assert responses(got)["ee_sequences"] == responses(reference)["ee_sequences"]
     report = got["config"]["early_exit"]["tasks"]
-    assert report["ee_arithmetic"]["generation"]["acceptance_rate"] is not None
+    assert report["ee_sequences"]["generation"]["acceptance_rate"] is not None
 
 
 def test_exit_counts_cover_only_scored_positions(folders):
@@ -86,7 +86,7 @@ def test_exit_counts_cover_only_scored_positions(folders):
     assert scoring["tokens"] == sum(1 + len(c) for d in docs for c in d["choices"])
     assert sum(scoring["exit_counts"].values()) == scoring["tokens"]
     assert 0 < scoring["exit_fractions"]["full"] < 1 and scoring["layers_saved"] > 0
-    generation = report["tasks"]["ee_arithmetic"]["generation"]
+    generation = report["tasks"]["ee_sequences"]["generation"]
     assert generation["tokens"] > 0 and generation["tokens_per_s"] > 0
 
 
