@@ -131,11 +131,39 @@ def test_demo_decodes_every_way_and_dssd_matches_plain(calibrated_folder, tmp_pa
     assert plain["identical"] == "2/2" and plain["agreement"] == 1.0
     assert dssd["identical"] == lookup["identical"] == "2/2"  # lossless: the plain model's tokens (fp32)
     assert 0.0 <= float(dssd["accepted/drafted"]) <= 1.0
+    assert report["dssd_divergences"] == []
     for name in ("early exit ε=0.5", "DSSD ε=0.5", "DSSD ε=0.5 + lookup"):
         fractions = report["exit_fractions"][name]
         assert len(fractions) == 4 and abs(sum(fractions) - 1.0) < 1e-9
     out = capsys.readouterr().out
     assert "\033[" in out and "tok/s" in out and "exit@1" in out
+
+
+def test_demo_explains_where_a_sequence_departs_from_plain(calibrated_folder):
+    """A sequence that swaps plain's token at position 3 for the model's least likely one is reported there, with the
+    full model's logit gap between the two tokens (the demo prints this for bf16 DSSD rows that are not identical)."""
+    import torch
+
+    from hf_earlyexit import load
+    from hf_earlyexit.demo import _divergences, _Run
+
+    model, tokenizer = load(calibrated_folder, dtype=torch.float32)
+    encoded = [tokenizer("hello world", return_tensors="pt"), tokenizer("the cat", return_tensors="pt")]
+    with torch.inference_mode():
+        plain = [model.generate(**e, max_new_tokens=6, do_sample=False, mode="plain")[:, e["input_ids"].shape[1]:]
+                 for e in encoded]
+        prefix = torch.cat([encoded[1]["input_ids"], plain[1][:, :3]], dim=1)
+        logits = model.get_base_model()(input_ids=prefix).logits[0, -1]
+        found = _divergences(model, tokenizer, encoded, _Run("plain", sequences=plain),
+                             _Run("DSSD", sequences=[plain[0], torch.cat(
+                                 [plain[1][:, :3], logits.argmin().view(1, 1), plain[1][:, 4:]], dim=1)]))
+    assert len(found) == 1  # prompt 1 is identical
+    d = found[0]
+    assert (d["mode"], d["prompt"], d["position"]) == ("DSSD", 1, 3)
+    assert d["plain"] == tokenizer.decode([int(plain[1][0, 3])])
+    assert d["dssd"] == tokenizer.decode([int(logits.argmin())])
+    assert d["logit_gap"] == pytest.approx(float(logits.max() - logits.min()), rel=1e-5)
+    assert 0 < d["resolution"] < d["logit_gap"]
 
 
 def test_demo_refuses_uncalibrated_heads(tmp_path):
