@@ -253,7 +253,7 @@ def verdicts_lm_eval(result: dict, facts: dict) -> list[Verdict]:
         score_ev.append(f"{task}: " + ", ".join(f"ε={e:g} {_f(score[e])}" for e in eps))
         speed = {e: per_eps[e]["cost_speedup"] or 1.0 for e in eps}
         speed_ok.append(all(speed[a] >= speed[b] - 0.01 for a, b in zip(eps, eps[1:], strict=False)))
-        speed_bad.append(speed[low] < 1.0)
+        speed_bad.append(speed[low] <= speed[full] + 0.01)
         speed_ev.append(f"{task}: " + ", ".join(f"ε={e:g} {speed[e]:.2f}x" for e in eps))
         fractions = {e: json.loads(per_eps[e]["exit_fractions"] or "{}") for e in eps}
         exited = {e: 1.0 - fractions[e].get("full", 1.0) for e in eps}
@@ -267,7 +267,8 @@ def verdicts_lm_eval(result: dict, facts: dict) -> list[Verdict]:
     none_exit = not any(any_exit)
     v_score = (DIFFERS if none_exit else CONFIRMED if all(score_ok) and not any(score_bad)
                else REFUTED if any(score_bad) and not any(score_ok) else DIFFERS)
-    v_speed = (DIFFERS if none_exit else REFUTED if any(speed_bad) or not all(speed_ok) else CONFIRMED)
+    # refuted only when a low ε is no faster than the full model; a rise with dips along the way differs
+    v_speed = (DIFFERS if none_exit else REFUTED if any(speed_bad) else CONFIRMED if all(speed_ok) else DIFFERS)
     v_exit = (DIFFERS if none_exit else REFUTED if not all(exit_ok)
               else DIFFERS if any(deep_only) else CONFIRMED)
     nothing = "no scored position exited at any ε < 1" if none_exit else ""

@@ -130,6 +130,17 @@ def test_dssd_acceptance_rule_against_the_tuned_baseline(dssd, expected):
     assert (verdicts[0].reason == "") == (expected == CONFIRMED)
 
 
+@pytest.mark.parametrize("speedups, expected", [((2.0, 1.5, 1.0), CONFIRMED), ((2.0, 2.4, 1.0), DIFFERS),
+                                                ((1.0, 1.2, 1.0), REFUTED)])
+def test_speedup_rule_refutes_only_a_low_eps_no_faster_than_full(speedups, expected):
+    from hf_earlyexit.reproduce_verdicts import verdicts_lm_eval
+
+    rows = [{"task": "t", "eps": eps, "value": 0.5, "cost_speedup": speedup,
+             "exit_fractions": json.dumps({"exit@1": 0.0 if eps == 1.0 else 0.5, "full": 1.0 if eps == 1.0 else 0.5})}
+            for eps, speedup in zip((0.5, 0.8, 1.0), speedups, strict=True)]
+    assert verdicts_lm_eval({"rows": rows, "task_sizes": {"t": 10}}, {})[1].verdict == expected
+
+
 def test_batching_rule_uses_the_loop_without_exits_and_needs_exits():
     def rows(speedup: float, exited: float) -> list[dict]:
         return [{"family": "early_exit", "eps": 0.9, "speedup_vs_eps1": speedup, "speedup": speedup,
