@@ -35,10 +35,11 @@ class _Run:
     sequences: list | None = None  # one (1, new) tensor per prompt
     exits: list | None = None  # one (new,) exit-index list per prompt (None for plain decoding)
     stats: ExitStats | None = None
+    lossless: bool = False  # must reproduce plain decoding (DSSD)
 
 
 def _decode(model, encoded: list, name: str, pad: int, **kwargs) -> _Run:
-    run = _Run(name, sequences=[], exits=[])
+    run = _Run(name, sequences=[], exits=[], lossless=kwargs.get("mode") == "dssd")
     for enc in encoded:
         width = enc["input_ids"].shape[1]
         start = time.perf_counter()
@@ -120,7 +121,7 @@ def run_demo(args: DemoArgs) -> dict:
             text = colour_tokens(tokenizer, seq[0].tolist(), exits, model.config.num_exits)
             print(f"  {prompt}{text}")
     print(colour_legend(model.config.exit_layers))
-    divergences = [d for run in runs[1:] if run.name.startswith("DSSD")
+    divergences = [d for run in runs[1:] if run.lossless
                    for d in _divergences(model, tokenizer, encoded, plain, run)]
     if divergences:
         print("\nDSSD is lossless, but these sequences depart from plain decoding:")

@@ -88,7 +88,7 @@ def _header(results: dict, facts: dict, args) -> list[str]:
         "<!-- written by `hf-earlyexit reproduce`; edits are overwritten on the next run -->", "",
         f"Produced by `{args.command()}` ({'quick smoke-test sizes' if args.quick else 'full sizes'}) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__}, {facts['threads']} CPU threads "
-        f"({platform.machine()}, torch CPU capability {facts.get('cpu_capability', 'unknown')}). "
+        f"({platform.machine()}, torch CPU capability {facts['cpu_capability']}). "
         f"Step results and raw outputs: `{args.output_dir}/`.", "",
         f"Model: `{heads.get('base_model')}` ({heads.get('model_type')}, {heads.get('num_layers')} layers, hidden "
         f"{heads.get('hidden_size')}, vocabulary {heads.get('vocab_size', 0):,}). Heads of sections 2-6: "
