@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+from importlib.metadata import distribution
 
 import pytest
 from tiny import save_tiny_base
@@ -12,8 +12,10 @@ from hf_earlyexit.cli import COMMANDS, main
 
 
 def test_console_script_help():
-    exe = shutil.which("hf-earlyexit")
-    assert exe, "the console script is installed by `pip install -e .`"
+    # where pip put it for this install (venv, system or user scheme), whether or not that folder is on PATH
+    [script] = [f for f in distribution("hf-earlyexit").files if f.name == "hf-earlyexit"]
+    exe = script.locate()
+    assert exe.is_file(), f"the console script is installed by `pip install`: {exe}"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     for name in COMMANDS:
         assert name in result.stdout
