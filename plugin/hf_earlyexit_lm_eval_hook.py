@@ -26,7 +26,7 @@ class _RegistryHook(importlib.abc.MetaPathFinder):
         def exec_module(module):
             original(module)
             try:
-                from hf_earlyexit.lm_eval_plugin import register
+                from hf_earlyexit.evaluation.lm_eval_plugin import register
 
                 register()
             except Exception as err:  # never break lm-eval itself

@@ -8,7 +8,7 @@ from importlib.metadata import distribution
 import pytest
 from tiny import save_tiny_base
 
-from hf_earlyexit.cli import COMMANDS, main
+from hf_earlyexit.commands.cli import COMMANDS, main
 
 
 def test_console_script_help():
@@ -147,7 +147,7 @@ def test_demo_explains_where_a_sequence_departs_from_plain(calibrated_folder):
     import torch
 
     from hf_earlyexit import load
-    from hf_earlyexit.demo import _divergences, _Run
+    from hf_earlyexit.commands.demo import DemoRun, find_divergences
 
     model, tokenizer = load(calibrated_folder, dtype=torch.float32)
     encoded = [tokenizer("hello world", return_tensors="pt"), tokenizer("the cat", return_tensors="pt")]
@@ -156,8 +156,8 @@ def test_demo_explains_where_a_sequence_departs_from_plain(calibrated_folder):
                  for e in encoded]
         prefix = torch.cat([encoded[1]["input_ids"], plain[1][:, :3]], dim=1)
         logits = model.get_base_model()(input_ids=prefix).logits[0, -1]
-        found = _divergences(model, tokenizer, encoded, _Run("plain", sequences=plain),
-                             _Run("DSSD", sequences=[plain[0], torch.cat(
+        found = find_divergences(model, tokenizer, encoded, DemoRun("plain", sequences=plain),
+                             DemoRun("DSSD", sequences=[plain[0], torch.cat(
                                  [plain[1][:, :3], logits.argmin().view(1, 1), plain[1][:, 4:]], dim=1)]))
     assert len(found) == 1  # prompt 1 is identical
     d = found[0]

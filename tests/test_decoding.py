@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from hf_earlyexit import EarlyExitForCausalLM
-from hf_earlyexit.metrics_earlyexit import confidence
+from hf_earlyexit.modeling.metrics_earlyexit import confidence
 
 EXITS = [1, 2, 3]
 NEW = 12
@@ -359,9 +359,9 @@ def test_exit_policy_skips_exits_that_do_not_pay():
         "score.2": often, "agree.2": torch.ones(n, dtype=torch.uint8),  # fires exactly where exit@2 already did
     }
     model.config.thresholds = {"0.5": [0.5, 0.5, 0.5]}
-    from hf_earlyexit.decoding_earlyexit import plan_exits
+    from hf_earlyexit.modeling.exits_earlyexit import ExitRule
 
-    assert plan_exits(model, 0.5) == [False, True, False]
+    assert ExitRule.for_model(model, 0.5, "auto").checked == (False, True, False)
     ids, mask = batch([6])
     auto = model.generate(ids, attention_mask=mask, max_new_tokens=6, eps=0.5, return_dict_in_generate=True, **GREEDY)
     every = model.generate(ids, attention_mask=mask, max_new_tokens=6, eps=0.5, exit_policy="all",

@@ -139,8 +139,8 @@ def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from hf_earlyexit.base_earlyexit import embedded_dir
-    from hf_earlyexit.lm_eval_plugin import register
+    from hf_earlyexit.evaluation.lm_eval_plugin import register
+    from hf_earlyexit.modeling.base_earlyexit import embedded_dir
 
     register()
     tasks_dir = Path(__file__).resolve().parents[1] / "lm_eval_tasks"

@@ -27,14 +27,15 @@ from test_modeling import BLOCK_IMPORT, perturb_heads
 from tiny import batch, save_tiny_base, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hf_earlyexit import EarlyExitConfig, EarlyExitForCausalLM, HeadsMismatchError, cli
-from hf_earlyexit.base_earlyexit import embedded_revision
-from hf_earlyexit.card import render_card, validate_card
-from hf_earlyexit.configuration_earlyexit import FORMAT_VERSION, UnsupportedFormatError
-from hf_earlyexit.folder_earlyexit import tensor_files
-from hf_earlyexit.hub import PushArgs, check_heads_folder
+from hf_earlyexit import EarlyExitConfig, EarlyExitForCausalLM, HeadsMismatchError
+from hf_earlyexit.commands import cli
+from hf_earlyexit.modeling.base_earlyexit import embedded_revision
+from hf_earlyexit.modeling.configuration_earlyexit import FORMAT_VERSION, UnsupportedFormatError
+from hf_earlyexit.modeling.folder_earlyexit import tensor_files
+from hf_earlyexit.publish.card import render_card, validate_card
+from hf_earlyexit.publish.hub import PushArgs, check_heads_folder
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hf_earlyexit"
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_earlyexit" / "modeling"
 CODE_FILES = {p.name for p in PACKAGE.glob("*_earlyexit.py")}
 HEADS_FILES = {"config.json", "exit_heads.safetensors", "calibration.safetensors", "README.md", "tokenizer.json",
                "tokenizer_config.json"} | CODE_FILES

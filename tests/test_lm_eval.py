@@ -13,8 +13,8 @@ from test_decoding import set_median_thresholds
 from tiny import launch_two_cpu_ranks, save_tiny_base, tiny_tokenizer
 
 from hf_earlyexit import EarlyExitForCausalLM
-from hf_earlyexit.lm_eval_model import coerce_eps
-from hf_earlyexit.lm_eval_plugin import register
+from hf_earlyexit.evaluation.lm_eval_plugin import register
+from hf_earlyexit.modeling.options_earlyexit import check_eps
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
 TASKS = ["ee_capitals", "ee_sequences"]
@@ -93,13 +93,13 @@ def test_exit_counts_cover_only_scored_positions(folders):
 
 @pytest.mark.parametrize("value, expected", [(1, 1.0), (0.9, 0.9), ("0.5", 0.5), (0, 0.0)])
 def test_eps_values_arrive_typed_and_are_coerced(value, expected):
-    assert coerce_eps(value) == expected
+    assert check_eps(value) == expected
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, "abc", True, float("nan")])
 def test_bad_eps_is_named(value):
     with pytest.raises(ValueError, match="eps="):
-        coerce_eps(value)
+        check_eps(value)
 
 
 def test_bad_mode_and_uncalibrated_eps_are_named(folders):
@@ -128,7 +128,7 @@ def test_plain_lm_eval_cli_finds_ee_hf_and_keeps_its_own_models(folders, tmp_pat
 def test_sweep_writes_points_plots_and_resumes(folders, tmp_path, monkeypatch):
     import json
 
-    from hf_earlyexit.cli import main
+    from hf_earlyexit.commands.cli import main
 
     _, heads = folders
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
@@ -150,7 +150,7 @@ def test_sweep_writes_points_plots_and_resumes(folders, tmp_path, monkeypatch):
 
 
 def test_sweep_refuses_a_bad_eps():
-    from hf_earlyexit.sweep import SweepArgs
+    from hf_earlyexit.evaluation.sweep import SweepArgs
 
     with pytest.raises(ValueError, match="eps=2"):
         SweepArgs(tasks=["ee_capitals"], eps=[0.5, 2])
@@ -303,7 +303,7 @@ def test_accelerate_data_parallel_gathers_exit_counts_of_all_ranks(folders, tmp_
 def test_padding_copies_are_told_apart_from_repeats():
     from types import SimpleNamespace
 
-    from hf_earlyexit.lm_eval_model import split_padding
+    from hf_earlyexit.evaluation.lm_eval_model import split_padding
 
     a, b, c = (SimpleNamespace(repeats=1), SimpleNamespace(repeats=2), SimpleNamespace(repeats=1))
     # the evaluator's list: each request `repeats` times, then the padding, copies of the last request
@@ -312,7 +312,7 @@ def test_padding_copies_are_told_apart_from_repeats():
 
 
 def test_rank_local_view_is_restored_after_an_error():
-    from hf_earlyexit.lm_eval_model import EarlyExitLM
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
 
     lm = EarlyExitLM.__new__(EarlyExitLM)  # no model needed for the rank bookkeeping
     lm._rank, lm._world_size = 1, 2

@@ -346,7 +346,7 @@ def test_failed_save_leaves_nothing_behind(llama_heads, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_earlyexit.modeling_earlyexit.save_file", broken)
+    monkeypatch.setattr("hf_earlyexit.modeling.modeling_earlyexit.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "new")
     with pytest.raises(OSError, match="disk full"):
@@ -364,7 +364,7 @@ def test_config_validates_itself():
 
 
 def test_default_exits_are_regular_intervals():
-    from hf_earlyexit.configuration_earlyexit import default_exit_layers
+    from hf_earlyexit.modeling.configuration_earlyexit import default_exit_layers
 
     assert default_exit_layers(32) == [6, 12, 18, 24]  # the paper's Phi-2 placement
     assert default_exit_layers(18) == [3, 6, 9, 12]

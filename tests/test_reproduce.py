@@ -13,10 +13,11 @@ import pytest
 import torch
 from tiny import save_tiny_base
 
-from hf_earlyexit.cli import main
-from hf_earlyexit.metrics_earlyexit import auroc, coverage_at_agreement
-from hf_earlyexit.reproduce import FULL, QUICK, ReproduceArgs, Run, Step, is_done, prepare_folder, write_json
-from hf_earlyexit.reproduce_verdicts import (
+from hf_earlyexit.commands.cli import main
+from hf_earlyexit.files import write_json
+from hf_earlyexit.modeling.metrics_earlyexit import auroc, coverage_at_agreement
+from hf_earlyexit.reproduce.run import FULL, QUICK, ReproduceArgs, Run, Step, is_done, prepare_folder
+from hf_earlyexit.reproduce.verdicts import (
     CONFIRMED,
     DIFFERS,
     REFUTED,
@@ -133,7 +134,7 @@ def test_dssd_acceptance_rule_against_the_tuned_baseline(dssd, expected):
 @pytest.mark.parametrize("speedups, expected", [((2.0, 1.5, 1.0), CONFIRMED), ((2.0, 2.4, 1.0), DIFFERS),
                                                 ((1.0, 1.2, 1.0), REFUTED)])
 def test_speedup_rule_refutes_only_a_low_eps_no_faster_than_full(speedups, expected):
-    from hf_earlyexit.reproduce_verdicts import verdicts_lm_eval
+    from hf_earlyexit.reproduce.verdicts import verdicts_lm_eval
 
     rows = [{"task": "t", "eps": eps, "value": 0.5, "cost_speedup": speedup,
              "exit_fractions": json.dumps({"exit@1": 0.0 if eps == 1.0 else 0.5, "full": 1.0 if eps == 1.0 else 0.5})}

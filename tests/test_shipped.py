@@ -9,7 +9,8 @@ import torch
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM, load, load_tokenizer, shipped_dir
-from hf_earlyexit.shipped import LEFT_OUT, MANIFEST, ShipArgs, ship, verify
+from hf_earlyexit.loading import MANIFEST, verify
+from hf_earlyexit.publish.ship import LEFT_OUT, ShipArgs, ship
 
 
 def test_shipped_files_match_their_manifest_and_hold_only_the_heads_own():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_earlyexit.metrics_earlyexit import (
+from hf_earlyexit.modeling.metrics_earlyexit import (
     breaking_ties,
     confidence,
     entropy,

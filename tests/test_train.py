@@ -9,10 +9,10 @@ import torch
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM
-from hf_earlyexit.calibrate import CalibrateConfig, run_calibration, save_calibrated
-from hf_earlyexit.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
-from hf_earlyexit.teacher import CachedTeacher, OnlineTeacher
-from hf_earlyexit.train import TrainConfig, evaluate_heads, train_heads
+from hf_earlyexit.training.calibrate import CalibrateConfig, run_calibration, save_calibrated
+from hf_earlyexit.training.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
+from hf_earlyexit.training.teacher import CachedTeacher, OnlineTeacher
+from hf_earlyexit.training.train import TrainConfig, evaluate_heads, train_heads
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_training_from_the_teacher_cache_equals_running_the_backbone(base_path, 
     runs = {}
     for gib in (0.0, 4.0):
         model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=list(range(40)))
-        with caplog.at_level(logging.INFO, logger="hf_earlyexit.teacher"):
+        with caplog.at_level(logging.INFO, logger="hf_earlyexit.training.teacher"):
             history = train_heads(model, corpus, TrainConfig(teacher_cache_gib=gib, **config), tmp_path / str(gib),
                                   held_out=corpus)
         runs[gib] = (model, history)
@@ -162,7 +162,7 @@ def test_accelerate_data_parallel_training_equals_one_process_with_the_whole_bat
     from safetensors.torch import load_file
     from tiny import launch_two_cpu_ranks
 
-    from hf_earlyexit.cli import main
+    from hf_earlyexit.commands.cli import main
 
     monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
     base = save_tiny_base("llama", tmp_path / "base")
@@ -184,9 +184,9 @@ def test_accelerate_data_parallel_training_equals_one_process_with_the_whole_bat
 
 
 def test_calibration_metric_auto_takes_the_metric_that_lets_most_tokens_exit(base_path, corpus, tmp_path):
-    from hf_earlyexit.calibrate import cascade_table, collect
-    from hf_earlyexit.configuration_earlyexit import METRICS
-    from hf_earlyexit.metrics_earlyexit import threshold_for_eps
+    from hf_earlyexit.modeling.configuration_earlyexit import METRICS
+    from hf_earlyexit.modeling.metrics_earlyexit import threshold_for_eps
+    from hf_earlyexit.training.calibrate import cascade_table, collect
 
     model = fresh(base_path, head="paper", head_init="scratch")
     train_heads(model, corpus, TrainConfig(steps=30, lam=0.5, learning_rate=1e-2), tmp_path / "work")

@@ -1,0 +1,359 @@
+"""lm-eval-harness model type `ee-hf`: any harness task with early exits, exit counts in the results.
+
+`EarlyExitLM` subclasses lm-eval's `HFLM` and overrides only what it must:
+
+- loading: the heads folder (or a base model with fresh heads, or `embedded`) through `hf_earlyexit.load`;
+- `_model_call` (loglikelihood, loglikelihood_rolling): one forward of the base model; each position takes its
+  distribution from the first exit whose confidence passes τ_k(ε), else the full model's (the paper's way of
+  measuring MMLU / HellaSwag / Winogrande against ε);
+- `_model_generate` (generate_until): our `generate()` in the chosen mode.
+
+Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
+`get_model_info()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import inspect
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from torch.nn import functional as F
+
+from ..formatting import num
+from ..loading import load
+from ..modeling.base_earlyexit import parse_dtype
+from ..modeling.exits_earlyexit import ExitRule, take_first
+from ..modeling.options_earlyexit import DecodingOptions, check_eps
+from ..modeling.stats_earlyexit import ExitStats
+
+MODES = ("early_exit", "dssd", "full")
+# what HFLM itself passes on to `_create_model`; any other `--model_args` key is unknown
+_HFLM_MODEL_ARGS = frozenset(inspect.signature(HFLM._create_model).parameters) - {"self", "kwargs"}
+
+
+class EarlyExitLM(HFLM):
+    """`lm_eval --model ee-hf --model_args pretrained=<heads folder | base id | embedded>,eps=0.9[,mode=...]`.
+
+    Args (besides `HFLM`'s):
+        eps: accuracy target ε in [0, 1] (1 = the full model everywhere).
+        mode: `early_exit` (default), `dssd` (generation is lossless; scoring still exits), or `full`.
+        metric: confidence metric override (default: the heads' calibrated one).
+        kv_fill, max_draft, exit_policy, lookup: decoding options of generation tasks (`DecodingOptions`); one that
+            does not apply to the mode is refused.
+    """
+
+    def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
+                 kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
+                 lookup: int | None = None, **kwargs) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        self.ee_eps = 1.0 if mode == "full" else check_eps(eps)
+        self.ee_mode = mode
+        # generation's decoding options, validated before the model loads (an option for another mode is refused)
+        self.ee_options = DecodingOptions.build(
+            mode="plain" if mode == "full" else mode, eps=None if mode == "full" else self.ee_eps, kv_fill=kv_fill,
+            max_draft=max_draft, exit_policy=exit_policy, lookup=lookup)
+        self.ee_metric = metric
+        self.ee_task = None
+        self.ee_scoring: dict[str, ExitStats] = {}
+        self.ee_generation: dict[str, ExitStats] = {}
+        self.ee_seconds: dict[str, float] = {}
+        self._exit_map: torch.Tensor | None = None
+        self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
+        kwargs.setdefault("backend", "causal")
+        kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
+        super().__init__(pretrained=str(pretrained), **kwargs)
+        self._join_data_parallel()
+        if metric is not None:
+            self._model.config.metric = metric
+        self._model.thresholds_for(self.ee_eps)  # fails early, naming ε, when the heads are not calibrated
+        if self.rank == 0:
+            atexit.register(self._print_report)  # after lm-eval's own results table
+
+    @property
+    def generation_options(self) -> DecodingOptions:
+        """How `generate_until` decodes: the chosen mode at this ε, or the base model's own `generate()` at ε = 1
+        (exactly `--model hf`)."""
+        return DecodingOptions() if self.ee_eps >= 1.0 else self.ee_options
+
+    def _join_data_parallel(self) -> None:
+        """Split requests over every `accelerate launch` process, also on CPU.
+
+        HFLM keeps the `Accelerator` of a multi-process launch but takes its ranks only when it counts more than one
+        GPU; under `--cpu` (gloo) every process would evaluate the whole dataset and write results as rank 0. The
+        model is never wrapped (no DDP/FSDP), so nothing else changes. A single process never gets here.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+
+    def set_eps(self, eps) -> None:
+        """Move to another ε (an ε sweep keeps one loaded model) and start the exit counts afresh."""
+        eps = check_eps(eps)
+        self._model.thresholds_for(eps)
+        self.ee_eps = eps
+        if self.ee_options.mode != "plain":
+            self.ee_options = DecodingOptions.build(self.ee_options, eps=eps)
+        self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
+        self._ee_global = None
+
+    def _print_report(self) -> None:
+        report = self.early_exit_report()
+        if report["tasks"]:
+            print("\n" + report_table(report))
+
+    # -- loading: our model instead of AutoModelForCausalLM -------------------------------------------------------
+
+    def _get_config(self, pretrained: str, *, revision: str = "main", trust_remote_code: bool = False,
+                    gguf_file: str | None = None, subfolder: str = "") -> None:
+        self._ee_loaded = load(pretrained, dtype=self._ee_dtype)
+        self._config = self._ee_loaded[0].config
+
+    def _create_model(self, pretrained: str, revision: str | None = "main", dtype=None, **kwargs) -> None:
+        unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
+        if unknown:
+            raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
+                            "kv_fill, max_draft, exit_policy, lookup (besides those of --model hf)")
+        model = self._ee_loaded[0]
+        self._model = model.to(self._device) if str(self._device) != "cpu" else model
+
+    def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
+        if tokenizer is not None:
+            super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
+            return
+        self.tokenizer = self._ee_loaded[1]
+
+    @property
+    def _ee_dtype(self):
+        return getattr(self, "_ee_dtype_value", None)
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        model = self.model
+        base = model.get_base_model()
+        rule = ExitRule.for_model(model, self.ee_eps)
+        num_exits = rule.num_exits
+        with torch.no_grad():
+            if not any(rule.checked):
+                logits = base(inps).logits  # the unmodified model, exactly as `--model hf` computes it
+                self._exit_map = torch.full(inps.shape, num_exits, dtype=torch.long, device=inps.device)
+                return logits
+            out = base(inps, output_hidden_states=True)
+            logits = F.log_softmax(out.logits.float(), dim=-1)  # (batch, seq, vocab)
+            index = torch.full(inps.shape, num_exits, dtype=torch.long, device=inps.device)
+            previous = model.get_input_embeddings()(inps)
+            for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
+                hidden = out.hidden_states[layer]  # raw output of decoder layer `layer - 1`
+                if rule.checked[j]:
+                    head_logits = head(hidden)  # (batch, seq, head_vocab)
+                    leave = take_first(index, j, rule.fires(j, head, head_logits, hidden, previous), num_exits) == j
+                    if bool(leave.any()):
+                        logits[leave] = head.vocab_scores(head_logits[leave], logits.shape[-1], other="spread")
+                        index[leave] = j
+                previous = hidden
+        self._exit_map = index
+        return logits
+
+    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
+        """Also count where the scored positions (continuation tokens only, never padding) left."""
+        if self._exit_map is not None and contlen and inplen:
+            exits = self._exit_map[self._row_of(logits), inplen - contlen: inplen].cpu()
+            stats = self._task_stats(self.ee_scoring)
+            counts = torch.bincount(exits, minlength=len(stats.exit_counts)).tolist()
+            stats.exit_counts = [a + b for a, b in zip(stats.exit_counts, counts, strict=True)]
+            stats.tokens += len(exits)
+            depth = torch.tensor(self.model.config.exit_layers + [self.model.num_layers])[exits]
+            stats.layer_tokens += int(depth.sum())
+            stats.layer_tokens_full += len(exits) * self.model.num_layers
+            macs = torch.tensor(self.model.costs.scoring_macs(), dtype=torch.long)
+            stats.macs += int(macs[exits].sum())
+            stats.macs_full += int(macs[-1]) * len(exits)
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _row_of(self, logits: torch.Tensor) -> int:
+        """The batch row of `_model_call`'s output that `logits` `(seq, vocab)` is: HFLM hands each row on as a view
+        of the one batch tensor it made from that output, so the view's offset names the row."""
+        rows = self._exit_map.shape[0]
+        row_size = logits.shape[0] * logits.shape[1]
+        if logits.untyped_storage().nbytes() != rows * row_size * logits.element_size():
+            raise RuntimeError("lm-eval handed on a scored row that is not a view of its batch: exits cannot be "
+                               "matched to rows (this lm-eval version scores differently)")
+        return logits.storage_offset() // row_size
+
+    def _task_stats(self, table: dict[str, ExitStats]) -> ExitStats:
+        key = self.ee_task or "all"
+        if key not in table:
+            table[key] = ExitStats(exit_layers=list(self.model.config.exit_layers), num_layers=self.model.num_layers)
+        return table[key]
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        model = self.model
+        model.reset_exit_stats()
+        started = time.perf_counter()
+        # HFLM passes every keyword on to `generate()`, where `decoding` selects our mode and options
+        options = self.generation_options
+        out = super()._model_generate(context, max_length, stop, decoding=options, **generation_kwargs)
+        key = self.ee_task or "all"
+        self.ee_seconds[key] = self.ee_seconds.get(key, 0.0) + time.perf_counter() - started
+        stats = self._task_stats(self.ee_generation)
+        if options.mode != "plain":
+            stats.add(model.exit_stats)
+        else:
+            new = int((out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum())
+            stats.tokens += new
+            stats.exit_counts[-1] += new
+        return out
+
+    # -- per task ---------------------------------------------------------------------------------------------------
+
+    def _per_task(self, method, requests, **kwargs):
+        """Run `method` one task at a time (exit counts per task), results back in the original order.
+
+        Under data parallelism the evaluator pads a rank's requests with copies of its last one so that all ranks
+        run equally many; a copy is answered from its original here, never run or counted.
+        """
+        self._ee_global = None  # until lm-eval's next gather brings every rank's counts
+        real, copies = split_padding(requests) if self.world_size > 1 else (range(len(requests)), {})
+        order: dict[str, list[int]] = {}
+        for i in real:
+            order.setdefault(getattr(requests[i], "task_name", None) or "all", []).append(i)
+        results = [None] * len(requests)
+        for task, indices in order.items():
+            self.ee_task = task
+            try:
+                with self._rank_local():
+                    for i, value in zip(indices, method([requests[i] for i in indices], **kwargs), strict=True):
+                        results[i] = value
+            finally:
+                self.ee_task = None
+        for i, original in copies.items():
+            results[i] = results[original]
+        return results
+
+    @contextlib.contextmanager
+    def _rank_local(self) -> Iterator[None]:
+        """Run one task's share on this rank alone.
+
+        HFLM's cross-rank steps inside a request call (padding rolling windows, agreeing on an `auto` batch size)
+        assume all ranks call with the same tasks; one task at a time they need not (a rank may hold none of a
+        task's documents) and would deadlock. The model is never wrapped, so ranks need no equal forward passes.
+        """
+        world, self._world_size = self._world_size, 1
+        try:
+            yield
+        finally:
+            self._world_size = world
+
+    def gather_object(self, obj, dst: int = 0):
+        """lm-eval's own gather, which every rank calls after all requests (a rank that got none too): this rank's
+        exit counts ride along to `dst`, so counting adds no collective of its own."""
+        if self.world_size <= 1:
+            return super().gather_object(obj, dst=dst)
+        tables = (self.ee_scoring, self.ee_generation, self.ee_seconds)
+        gathered = super().gather_object((obj, tables), dst=dst)
+        if gathered is None:  # not `dst`
+            return None
+        self._ee_global = merge_rank_tables([rank_tables for _, rank_tables in gathered])
+        return [rank_obj for rank_obj, _ in gathered]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._per_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+
+    def early_exit_report(self) -> dict:
+        """Per task: exit counts and fractions on scored positions, layers / multiply-adds saved, generation speed
+        and DSSD acceptance."""
+        names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
+        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric, "tasks": {},
+                  "ranks": self.world_size}
+        scoring, generation, seconds = getattr(self, "_ee_global", None) or (
+            self.ee_scoring, self.ee_generation, self.ee_seconds)
+        for kind, table in (("scoring", scoring), ("generation", generation)):
+            for task, stats in table.items():
+                total = max(stats.tokens, 1)
+                entry = {
+                    "tokens": stats.tokens,
+                    "exit_counts": dict(zip(names, stats.exit_counts, strict=True)),
+                    "exit_fractions": {n: c / total for n, c in zip(names, stats.exit_counts, strict=True)},
+                    "layers_saved": 1 - stats.layers_computed_fraction if stats.layer_tokens_full else None,
+                    "macs_saved": 1 - stats.macs_fraction if stats.macs_full else None,
+                }
+                if kind == "generation":
+                    spent = seconds.get(task)
+                    entry["tokens_per_s"] = stats.tokens / spent if spent else None
+                    if stats.rounds:
+                        entry["acceptance_rate"] = stats.acceptance_rate
+                        entry["mean_accepted"] = stats.mean_accepted
+                report["tasks"].setdefault(task, {})[kind] = entry
+        return report
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["early_exit"] = self.early_exit_report()
+        return info
+
+
+def split_padding(requests: list) -> tuple[list[int], dict[int, int]]:
+    """Indices of the real requests, and `{index of a padding copy: index of its original}`.
+
+    The evaluator lists each request `repeats` times (the same object) and, under data parallelism, appends more
+    copies of a rank's last one; any occurrence of an object past its `repeats` is such a copy.
+    """
+    first: dict[int, int] = {}
+    seen: Counter[int] = Counter()
+    real, copies = [], {}
+    for i, req in enumerate(requests):
+        first.setdefault(id(req), i)
+        seen[id(req)] += 1
+        if seen[id(req)] > getattr(req, "repeats", 1):
+            copies[i] = first[id(req)]
+        else:
+            real.append(i)
+    return real, copies
+
+
+def merge_rank_tables(tables: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    """Per-rank `(scoring, generation, seconds)` tables -> one: exit counts summed, generation time the slowest
+    rank's (ranks run side by side)."""
+    scoring, generation, seconds = {}, {}, {}
+    for rank_scoring, rank_generation, rank_seconds in tables:
+        for merged, table in ((scoring, rank_scoring), (generation, rank_generation)):
+            for task, stats in table.items():
+                if task in merged:
+                    merged[task].add(stats)
+                else:
+                    merged[task] = copy.deepcopy(stats)
+        for task, value in rank_seconds.items():
+            seconds[task] = max(seconds.get(task, 0.0), value)
+    return scoring, generation, seconds
+
+
+def report_table(report: dict) -> str:
+    """The exit report as a small Markdown table (printed after lm-eval's own)."""
+    lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']}", "",
+             "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task, kinds in sorted(report["tasks"].items()):
+        for kind, e in kinds.items():
+            exits = " ".join(f"{n}:{f:.0%}" for n, f in e["exit_fractions"].items())
+            lines.append(f"| {task} | {kind} | {e['tokens']} | {exits} | {num(e['layers_saved'], '.1%')} | "
+                         f"{num(e['macs_saved'], '.1%')} | {num(e.get('tokens_per_s'), '.1f')} | "
+                         f"{num(e.get('acceptance_rate'), '.1%')} |")
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""One layer-by-layer engine for every supported decoder-only family (portable: torch + transformers only).
+
+The engine runs a HF causal LM through its own modules (embeddings, position encodings, masks, decoder layers,
+final norm, LM head) with a transformers `DynamicCache`, and lets decoder layers *lag*: layer `i` may have computed
+fewer positions than layer `i-1`. Pending hidden states wait in a per-layer *frontier* until some later call needs
+that layer, and are then run together with the new positions, in order. One mechanism gives
+
+- stop after layer k (`run_to(state, k)` returns what enters layer k),
+- continue from layer k (a later `run_to(state, k2)` picks up where the last call stopped),
+- lazy catch-up of the KV cache of skipped layers (a token that exited early is written to the deeper layers
+  together with the next token that reaches them),
+- verification of several drafted tokens in one pass (append them, then `run_to(state, L)`),
+- a subset of batch rows (`select_rows`),
+- KV-only filling of skipped layers from one hidden state (`fill_kv`, CALM-style propagation),
+- rollback of rejected positions (`truncate`).
+
+Invariant, with `n` positions appended so far and `done[i]` positions computed by layer `i` (non-increasing in i):
+`frontier[j]` holds the input of layer `j` for positions `[done[j], done[j-1])` (for `j = 0`: `[done[0], n)`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .architectures_earlyexit import ModelParts, model_parts
+
+WORK_KEYS = ("calls", "tokens", "kv_calls", "kv_tokens")
+
+
+@dataclass
+class EngineState:
+    """Everything the engine keeps between calls for one batch of sequences.
+
+    Attributes:
+        cache: the KV cache; layer `i` holds `done[i]` positions.
+        attention_mask: `(batch, n)` 1 for real tokens, 0 for padding, over all positions appended so far.
+        position_ids: `(batch, n)` position of each token (left padding: padded slots get 0).
+        done: per decoder layer, how many positions it has computed.
+        frontier: layer index -> `(batch, m, hidden)` states waiting to enter that layer (index `L` = final
+            outputs not yet returned).
+        work: what was computed so far, per decoder layer: `calls` (layer invocations, each reads the layer's
+            weights once), `tokens` (row-positions run through the layer), `kv_calls` / `kv_tokens` (the same for
+            KV-only fills).
+    """
+
+    cache: DynamicCache
+    attention_mask: Tensor
+    position_ids: Tensor
+    done: list[int]
+    frontier: dict[int, Tensor] = field(default_factory=dict)
+    work: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Number of positions appended so far."""
+        return self.attention_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+class LayerEngine:
+    """Runs one HF decoder-only causal LM layer by layer with lagging layers.
+
+    Args:
+        model: a `*ForCausalLM` whose `config.model_type` is in the architecture table.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.config = model.config.get_text_config()
+        self.parts: ModelParts = model_parts(model)
+        self.num_layers = len(self.parts.layers)
+        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or [])
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever name this version takes
+        layer_params = inspect.signature(self.parts.layers[0].forward).parameters
+        self._cache_kwarg = "cache" if "cache" in layer_params else self.parts.spec.cache_kwarg
+        self._mask_cache_kwarg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else (
+            "past_key_values"
+        )
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None, rollback: bool = False) -> EngineState:
+        """Create a state for `input_ids` `(batch, seq)` (left padding marked by `attention_mask`).
+
+        `rollback=True` lets `truncate` undo positions even past a sliding window (those cache layers then keep
+        their past until the next `truncate`).
+        """
+        batch = input_ids.shape[0]
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
+        state = EngineState(
+            cache=DynamicCache(config=self.config),
+            attention_mask=empty,
+            position_ids=empty.clone(),
+            done=[0] * self.num_layers,
+            work={key: [0] * self.num_layers for key in WORK_KEYS},
+        )
+        if rollback:
+            for layer in state.cache.layers:
+                if hasattr(layer, "activate_past_recording"):
+                    layer.activate_past_recording()
+        self.append(state, input_ids, attention_mask)
+        return state
+
+    def append(self, state: EngineState, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Embed new tokens `(batch, q)` and queue them for layer 0."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dtype=torch.long, device=input_ids.device)
+        seen = state.attention_mask.sum(dim=1, keepdim=True)  # (batch, 1) real tokens so far
+        positions = (seen + attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (batch, q)
+        state.attention_mask = torch.cat([state.attention_mask, attention_mask], dim=1)
+        state.position_ids = torch.cat([state.position_ids, positions], dim=1)
+        embeds = self.embed(input_ids, positions)  # (batch, q, hidden)
+        self._push(state, 0, embeds)
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Token (+ learned absolute position) embedding, `(batch, q)` -> `(batch, q, hidden)`."""
+        parts = self.parts
+        hidden = parts.embed(input_ids)
+        if parts.abs_positions is not None:
+            hidden = hidden + parts.abs_positions(position_ids).to(hidden.dtype)
+        if parts.dropout is not None:
+            hidden = parts.dropout(hidden)
+        return hidden
+
+    def select_rows(self, state: EngineState, rows: Tensor) -> EngineState:
+        """A new state holding only batch rows `rows` (1-D indices); `state` itself is left untouched."""
+        cache = copy.copy(state.cache)
+        cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+        for layer in cache.layers:
+            layer.batch_select_indices(rows)
+        return EngineState(
+            cache=cache,
+            attention_mask=state.attention_mask[rows],
+            position_ids=state.position_ids[rows],
+            done=list(state.done),
+            frontier={j: h[rows] for j, h in state.frontier.items()},
+            work={key: list(values) for key, values in state.work.items()},
+        )
+
+    def truncate(self, state: EngineState, length: int) -> None:
+        """Forget every position from `length` on (cache, masks, pending states): rolls back rejected drafts.
+
+        Sliding-window cache layers can only roll back past their window when `start(..., rollback=True)` made them
+        record their past.
+        """
+        if not 0 <= length <= state.length:
+            raise ValueError(f"cannot truncate {state.length} positions to length={length}")
+        old = list(state.done)
+        for j in range(self.num_layers):
+            pending = state.frontier.get(j)
+            if pending is not None:  # frontier[j] covers [old[j], upper) with upper = old[j-1] (n for j = 0)
+                keep = max(0, length - old[j])
+                if keep == 0:
+                    del state.frontier[j]
+                elif keep < pending.shape[1]:
+                    state.frontier[j] = pending[:, :keep]
+            if old[j] > length:
+                _slice_layer(state.cache.layers[j], old[j], torch.arange(length, device=state.attention_mask.device))
+                state.done[j] = length
+        state.frontier.pop(self.num_layers, None)  # final outputs are always handed over by run_to
+        state.attention_mask = state.attention_mask[:, :length]
+        state.position_ids = state.position_ids[:, :length]
+
+    def compact(self, state: EngineState, ends: Tensor) -> None:
+        """Keep positions `[0, ends[r])` of each row `r` and drop the rest; rows that keep fewer positions than the
+        longest are shifted right and left-padded (masked), so every row stays one contiguous sequence.
+
+        Needs a state with every position computed by every layer (e.g. right after `run_to(state, L)`) and
+        recorded sliding-window layers (`start(..., rollback=True)`).
+        """
+        if state.frontier or any(d != state.length for d in state.done):
+            raise RuntimeError("compact needs every position computed by every layer")
+        ends = ends.to(device=state.attention_mask.device, dtype=torch.long)
+        stored, length = state.length, int(ends.max())
+        if bool((ends == length).all()):
+            self.truncate(state, length)
+            return
+        shift = (length - ends)[:, None]  # (batch, 1)
+        columns = torch.arange(length, device=ends.device)[None, :]  # (1, length)
+        index = (columns - shift).clamp(min=0)  # (batch, length): old position of each new slot
+        padded = columns < shift
+        state.attention_mask = state.attention_mask.gather(1, index).masked_fill(padded, 0)
+        state.position_ids = state.position_ids.gather(1, index).masked_fill(padded, 0)
+        for layer in state.cache.layers[: self.num_layers]:
+            _slice_layer(layer, stored, index)
+        state.done = [length] * self.num_layers
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def run_to(self, state: EngineState, k: int) -> Tensor:
+        """Bring every appended position up to the input of layer `k` (0..L) and return it.
+
+        Returns:
+            `(batch, m, hidden)`: the output of layer `k-1` (raw, before any final norm) for positions
+            `[done[k], n)` (`m = n - done[k]`; for `k = L`, all positions not yet returned, which are then
+            handed over and forgotten).
+        """
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer index k={k} is outside 0..{self.num_layers}")
+        hidden = None  # running outputs of the previous layer for positions [done[i-1] before this call, n)
+        masks: dict[tuple[bool, int], Tensor | None] = {}
+        rotaries: dict[tuple[str, int], tuple[Tensor, Tensor] | None] = {}
+        for i in range(k):
+            pending = state.frontier.pop(i, None)
+            hidden = _concat(pending, hidden)
+            if hidden is None:
+                continue
+            hidden = self._run_layer(state, i, hidden, masks, rotaries)
+        if hidden is not None:
+            self._push(state, k, hidden)
+        if k == self.num_layers:
+            out = state.frontier.pop(k, None)
+            if out is None:
+                raise ValueError("no positions are pending for the final layer output")
+            return out
+        return state.frontier[k]
+
+    def fill_kv(self, state: EngineState, k: int) -> None:
+        """Write the KV cache of layers `k..L-1` for the positions waiting at layer `k` from their layer-`k` input
+        (the exit hidden state copied up, CALM's propagation): each skipped layer runs only its input norm and
+        key/value projections (the query projection too, where a family computes it first), never attention or
+        the MLP. Those positions are then complete at every layer.
+        """
+        if not 0 <= k <= self.num_layers:
+            raise ValueError(f"layer index k={k} is outside 0..{self.num_layers}")
+        if k == self.num_layers:
+            return
+        for j in range(k):
+            if j in state.frontier:
+                raise RuntimeError(f"layer {j} still has pending positions; run_to(state, {k}) first")
+        hidden = state.frontier.pop(k, None)
+        if hidden is None:
+            return
+        masks: dict = {}
+        rotaries: dict = {}
+        for i in range(k, self.num_layers):
+            self._run_layer(state, i, hidden, masks, rotaries, kv_only=True)
+
+    def write_kv(self, state: EngineState, i: int, hidden: Tensor) -> None:
+        """Write only the keys and values of decoder layer `i` for its positions `[done[i], n)` from their layer
+        input `hidden` `(batch, q, hidden)`: the layer's input norm and key/value projections, no attention or MLP
+        (what `fill_kv` does per skipped layer; the cost model times one such pass)."""
+        self._run_layer(state, i, hidden, {}, {}, kv_only=True)
+
+    def flush(self, state: EngineState) -> None:
+        """Run every pending position through the remaining layers, so the cache is complete at every layer."""
+        if any(j < self.num_layers for j in state.frontier):
+            self.run_to(state, self.num_layers)
+        state.frontier.pop(self.num_layers, None)
+
+    def _run_layer(
+        self, state: EngineState, i: int, hidden: Tensor, masks: dict, rotaries: dict, kv_only: bool = False
+    ) -> Tensor | None:
+        """Run decoder layer `i` on positions `[done[i], n)`: `hidden` `(batch, q, hidden)`.
+
+        `kv_only`: stop as soon as the layer has written its keys and values to the cache (returns `None`).
+        """
+        start, end = state.done[i], state.length
+        if hidden.shape[1] != end - start:
+            raise RuntimeError(f"layer {i}: {hidden.shape[1]} pending states for positions [{start}, {end})")
+        position_ids = state.position_ids[:, start:end]  # (batch, q)
+        sliding = bool(getattr(state.cache.layers[i], "is_sliding", False))
+        if (sliding, start) not in masks:
+            make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+            masks[sliding, start] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=state.attention_mask,
+                position_ids=position_ids,
+                layer_idx=i,
+                **{self._mask_cache_kwarg: state.cache},
+            )
+        cache = _KVOnlyCache(state.cache) if kv_only else state.cache
+        kwargs = {self._cache_kwarg: cache}
+        if self.parts.rotary is not None:
+            layer_type = self.layer_types[i] if self.parts.spec.rotary_per_layer_type else ""
+            if (layer_type, start) not in rotaries:
+                args = (layer_type,) if layer_type else ()
+                rotaries[layer_type, start] = self.parts.rotary(hidden, position_ids, *args)
+            kwargs["position_embeddings"] = rotaries[layer_type, start]
+        prefix = "kv_" if kv_only else ""
+        state.work[prefix + "calls"][i] += 1
+        state.work[prefix + "tokens"][i] += hidden.shape[0] * hidden.shape[1]
+        try:
+            out = self.parts.layers[i](
+                hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
+            )
+        except _KVWritten:
+            state.done[i] = end
+            return None
+        if kv_only:
+            raise RuntimeError(f"decoder layer {i} never wrote its keys and values to the cache")
+        state.done[i] = end
+        return out[0] if isinstance(out, tuple) else out
+
+    def _push(self, state: EngineState, j: int, hidden: Tensor) -> None:
+        state.frontier[j] = _concat(state.frontier.get(j), hidden)
+
+    # -- outputs -----------------------------------------------------------------------------------------------
+
+    def final_logits(self, hidden: Tensor) -> Tensor:
+        """The model's own final norm + LM head (+ logit soft-capping), `(..., hidden)` -> `(..., vocab)`."""
+        logits = self.parts.lm_head(self.parts.norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
+        state = self.start(input_ids, attention_mask)
+        return self.final_logits(self.run_to(state, self.num_layers))
+
+
+def _slice_layer(layer, stored: int, index: Tensor) -> None:
+    """Keep stored positions `index` (`(length,)` for every row, or `(batch, length)` per row) of a cache layer."""
+    if not getattr(layer, "is_initialized", False):
+        return
+    have = layer.keys.shape[-2]
+    if have != stored:
+        raise RuntimeError(
+            f"a cache layer stores {have} positions, expected {stored}: sliding-window layers must record their past "
+            "(start the engine state with rollback=True) to roll back"
+        )
+    if index.dim() == 1:
+        layer.keys = layer.keys[:, :, index]
+        layer.values = layer.values[:, :, index]
+    else:
+        gather = index[:, None, :, None]  # (batch, 1, length, 1)
+        layer.keys = layer.keys.gather(2, gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = index.shape[-1]
+
+
+class _KVWritten(Exception):
+    """Raised by `_KVOnlyCache` right after a layer stored its keys and values."""
+
+
+class _KVOnlyCache:
+    """Stands in for the engine's cache during a KV-only pass: forwards everything, and stops the layer at the
+    first `update` (after storing), before any attention or MLP work."""
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self._cache = cache
+
+    def update(self, *args, **kwargs):
+        self._cache.update(*args, **kwargs)
+        raise _KVWritten
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+
+def _concat(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return torch.cat([first, second], dim=1)

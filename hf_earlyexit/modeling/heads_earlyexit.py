@@ -1,0 +1,194 @@
+"""Exit heads and the cost model (portable: torch only).
+
+Two head types, both optionally restricted to a *draft vocabulary* (a subset of token ids; head output index `j`
+means token `token_ids[j]`, and one extra last output, `OTHER`, stands for all tokens outside the draft vocabulary, so
+that the head's confidence stays honest about the mass it cannot name):
+
+- `PaperHead`: a norm + `Linear(hidden, vocab)`, the shape of the model's own final head (paper §3.2), initialised
+  from scratch or copied from the LM head.
+- `SharedHead`: a norm + a small residual adapter (low-rank or hidden x hidden, zero-initialised, so it starts as
+  the model's own head applied early) in front of the model's frozen LM head, which it does not own or save.
+
+Every head reports its cost per token (`Cost`, see `costs_earlyexit.py`), so speed claims can be checked against the
+cost model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .costs_earlyexit import Cost, module_cost
+
+
+def _softcap(logits: Tensor, cap: float | None) -> Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class ExitHead(nn.Module):
+    """Common part of exit heads: a trainable copy of the model's final norm and the draft vocabulary.
+
+    Args:
+        final_norm: the base model's final norm (copied, so the head owns and trains its own).
+        lm_head: the base model's LM head (gives the hidden size, device and dtype).
+        token_ids: `(head_vocab,)` token ids the head predicts, or `None` for the full vocabulary.
+        softcap: the base model's final logit soft-capping, applied to head logits too.
+    """
+
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None):
+        super().__init__()
+        self.norm = copy.deepcopy(final_norm)
+        self.norm.requires_grad_(True)
+        self.softcap = softcap
+        if token_ids is not None:
+            self.register_buffer("token_ids", token_ids.to(torch.long).clone())
+            weight = lm_head.weight  # (vocab, hidden)
+            self.other = nn.Linear(weight.shape[1], 1)  # logit of "a token outside the draft vocabulary"
+            self.other.to(device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(self.other.weight)
+            nn.init.zeros_(self.other.bias)
+        else:
+            self.token_ids = None
+            self.other = None
+
+    @property
+    def is_draft(self) -> bool:
+        return self.token_ids is not None
+
+    def to_token_ids(self, index: Tensor) -> Tensor:
+        """Map head output indices to vocabulary token ids; the `OTHER` class maps to -1 (no token)."""
+        if self.token_ids is None:
+            return index
+        ids = torch.cat([self.token_ids, self.token_ids.new_full((1,), -1)])
+        return ids[index]
+
+    def vocab_scores(self, logits: Tensor, vocab_size: int, other: str = "drop") -> Tensor:
+        """`(n, head_vocab)` head logits -> `(n, vocab_size)` float32 scores over the model vocabulary: the one map
+        from head outputs to token ids.
+
+        `other="drop"` (decoding: a head only exits when its top class is a real token): logits of the draft tokens,
+        `-inf` elsewhere, so a softmax renormalises over the draft vocabulary. `other="spread"` (scoring): log-
+        probabilities, with the `OTHER` class's mass spread evenly over the tokens outside the draft vocabulary, so
+        every token gets a finite, honest log-probability. A full-vocabulary head's scores are its logits (`drop`)
+        or log-probabilities (`spread`).
+        """
+        if other not in ("drop", "spread"):
+            raise ValueError(f"other={other!r} is not one of drop, spread")
+        scores = logits.float() if other == "drop" else F.log_softmax(logits.float(), dim=-1)
+        if not self.is_draft:
+            return scores
+        draft = len(self.token_ids)
+        if other == "drop":
+            full = scores.new_full((scores.shape[0], vocab_size), float("-inf"))
+        else:
+            outside = max(vocab_size - draft, 1)
+            full = (scores[:, draft: draft + 1] - math.log(outside)).expand(-1, vocab_size).clone()
+        full[:, self.token_ids] = scores[:, :draft]
+        return full
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits (`+ 1` for `OTHER` with a draft
+        vocabulary)."""
+        normed = self.norm(hidden)
+        logits = self.project(normed)
+        if self.other is not None:
+            logits = torch.cat([logits, self.other(normed)], dim=-1)  # (..., draft + 1)
+        return _softcap(logits, self.softcap)
+
+    def project(self, normed: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cost(self) -> Cost:
+        raise NotImplementedError
+
+
+class PaperHead(ExitHead):
+    """Norm + `Linear(hidden, head_vocab)`; `init="lm_head"` copies the LM head's rows, `"scratch"` does not."""
+
+    def __init__(
+        self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+        init: str = "lm_head", init_std: float = 0.02,
+    ) -> None:
+        super().__init__(final_norm, lm_head, token_ids, softcap)
+        weight = lm_head.weight.detach()  # (vocab, hidden)
+        rows = weight if token_ids is None else weight[self.token_ids]
+        self.linear = nn.Linear(rows.shape[1], rows.shape[0], bias=lm_head.bias is not None)
+        self.linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if init == "lm_head":
+                self.linear.weight.copy_(rows)
+                if lm_head.bias is not None:
+                    bias = lm_head.bias.detach()
+                    self.linear.bias.copy_(bias if token_ids is None else bias[self.token_ids])
+            else:
+                nn.init.normal_(self.linear.weight, std=init_std)
+                if self.linear.bias is not None:
+                    self.linear.bias.zero_()
+
+    def project(self, normed: Tensor) -> Tensor:
+        return self.linear(normed)
+
+    def cost(self) -> Cost:
+        return module_cost(self)
+
+
+class SharedHead(ExitHead):
+    """Norm + residual adapter in front of the model's frozen LM head (not owned, not saved).
+
+    The adapter is `x + up(down(x))` with rank `rank`, or `x + W x` (hidden x hidden) when `rank` is `None`; its
+    output map starts at zero.
+    """
+
+    def __init__(
+        self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(final_norm, lm_head, token_ids, softcap)
+        hidden = lm_head.weight.shape[1]
+        if rank is None:
+            self.adapter = nn.Linear(hidden, hidden, bias=False)
+            out_map = self.adapter
+        else:
+            self.adapter = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.Linear(rank, hidden, bias=False))
+            out_map = self.adapter[1]
+        self.adapter.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        nn.init.zeros_(out_map.weight)
+        object.__setattr__(self, "_lm_head", lm_head)  # shared, frozen, deliberately not a submodule
+        self._rows_cache: tuple[tuple, Tensor, Tensor | None] | None = None
+
+    def _rows(self) -> tuple[Tensor, Tensor | None]:
+        """The frozen head's weight/bias rows for the draft vocabulary (cached until the head's weight changes)."""
+        weight, bias = self._lm_head.weight, self._lm_head.bias
+        if self.token_ids is None:
+            return weight, bias
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            ids = self.token_ids.to(weight.device)
+            self._rows_cache = (key, weight[ids].detach(), None if bias is None else bias[ids].detach())
+        return self._rows_cache[1], self._rows_cache[2]
+
+    def project(self, normed: Tensor) -> Tensor:
+        weight, bias = self._rows()
+        adapted = normed + self.adapter(normed)  # (..., hidden)
+        return F.linear(adapted, weight, bias)
+
+    def cost(self) -> Cost:
+        weight, bias = self._rows()
+        head = Cost(macs=weight.numel(), weight_bytes=weight.numel() * weight.element_size())
+        return module_cost(self) + head  # module_cost(self) covers norm, adapter and `other`
+
+
+def build_head(
+    head_type: str, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+    init: str = "lm_head", rank: int | None = None, init_std: float = 0.02,
+) -> ExitHead:
+    """One exit head of `head_type` (`"paper"` or `"shared"`)."""
+    if head_type == "paper":
+        return PaperHead(final_norm, lm_head, token_ids, softcap, init=init, init_std=init_std)
+    if head_type == "shared":
+        return SharedHead(final_norm, lm_head, token_ids, softcap, rank=rank)
+    raise ValueError(f"head_type={head_type!r} is not one of paper, shared")

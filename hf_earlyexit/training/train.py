@@ -1,0 +1,328 @@
+"""Self-supervised head training (paper §3.2, eq. 1): heads learn the frozen model's own next-token distributions.
+
+Loss per head k, summed over heads and averaged over real (non-pad) positions:
+`(1-λ)·CE(p_model, p_k) − λ·H(p_k)`, or with `loss="kl"` `(1-λ)·KL(p_model ‖ p_k) − λ·H(p_k)`.
+Draft-vocabulary heads see the target renormalised over their vocabulary plus one OTHER class holding the
+out-of-vocabulary mass. Runs through `accelerate`; checkpoints (safetensors + JSON, no pickles) and resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from matplotlib.figure import Figure
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..modeling.heads_earlyexit import ExitHead
+from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
+from .data import Corpus
+from .teacher import CachedTeacher, OnlineTeacher, Teacher, teacher_for
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+LOG_CSV = "train_log.csv"
+CURVES_PNG = "training_curves.png"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of head training (a checkpoint only resumes with the same values)."""
+
+    steps: int = 200
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    lam: float = 0.95  # the paper's best setting: a high entropy penalty, with heads trained from scratch
+    loss: str = "ce"
+    mixed_precision: str = "no"
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    # the backbone's outputs for the whole corpus are computed once and kept in memory when they fit in this many
+    # GiB (draft-vocabulary heads: ~0.1 GiB per 1,000 tokens at 16k rows); 0: run the backbone every step
+    teacher_cache_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "kl"):
+            raise ValueError(f"loss={self.loss!r} is not one of ce, kl")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam={self.lam!r} must lie in [0, 1]")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be positive")
+        if self.teacher_cache_gib < 0:
+            raise ValueError(f"teacher_cache_gib={self.teacher_cache_gib!r} must be >= 0 (0: no cache)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of no, bf16, fp16")
+
+
+# -- loss ----------------------------------------------------------------------------------------------------------
+
+
+def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: str) -> tuple[Tensor, Tensor]:
+    """Eq. 1 for one head. `logits`, `target` `(batch, seq, head_vocab)`, `mask` `(batch, seq)`.
+
+    Returns:
+        `(loss, entropy)`: the masked mean loss (scalar) and the head's entropy per position `(batch, seq)`.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
+    cross = -(target * logp).sum(-1)  # (batch, seq)
+    if kind == "kl":
+        cross = cross + (target * target.clamp(min=1e-30).log()).sum(-1)  # CE - H(target)
+    per_token = (1.0 - lam) * cross - lam * entropy
+    weight = mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
+
+
+def agrees_with(head: ExitHead, logits: Tensor, top: Tensor) -> Tensor:
+    """`(batch, seq)` bool: the head's top token equals the model's `top` `(batch, seq)` (an OTHER prediction never
+    agrees)."""
+    return head.to_token_ids(logits.argmax(-1)) == top
+
+
+def agreement(head: ExitHead, logits: Tensor, model_logits: Tensor) -> Tensor:
+    """`agrees_with` the model's logits `(batch, seq, vocab)`."""
+    return agrees_with(head, logits, model_logits.argmax(-1))
+
+
+def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainConfig) -> tuple[Tensor, list]:
+    """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}`."""
+    total, stats = 0.0, []
+    real = teacher.mask.bool()
+    for head, hidden, target in zip(model.exit_heads, teacher.hidden, teacher.targets, strict=True):
+        logits = head(hidden)  # (batch, seq, head_vocab)
+        loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
+        total = total + loss
+        agree = agrees_with(head, logits.detach(), teacher.top)[real].float().mean()
+        stats.append({"loss": loss.item(), "agreement": agree.item(), "entropy": entropy.detach()[real].mean().item()})
+    return total, stats
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_heads(
+    model: EarlyExitForCausalLM, corpus: Corpus | CachedTeacher | OnlineTeacher, batch_size: int = 4
+) -> list[dict]:
+    """Per-head agreement with the model and mean entropy over the real tokens of `corpus` (or of a teacher built
+    from it)."""
+    source = OnlineTeacher(model, corpus, with_targets=False) if isinstance(corpus, Corpus) else corpus
+    agree = [0.0] * len(model.exit_heads)
+    entropy = [0.0] * len(model.exit_heads)
+    count = 0
+    for start in range(0, len(source), batch_size):
+        teacher = source.batch(torch.arange(start, min(start + batch_size, len(source))))
+        real = teacher.mask.bool()
+        count += int(real.sum())
+        for j, (head, hidden) in enumerate(zip(model.exit_heads, teacher.hidden, strict=True)):
+            logits = head(hidden)  # (batch, seq, head_vocab)
+            agree[j] += agrees_with(head, logits, teacher.top)[real].float().sum().item()
+            logp = F.log_softmax(logits.float(), -1)
+            entropy[j] += (-(logp.exp() * logp).sum(-1))[real].sum().item()
+    return [{"exit": k, "agreement": a / count, "entropy": e / count, "tokens": count}
+            for k, a, e in zip(model.config.exit_layers, agree, entropy, strict=True)]
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+
+
+def train_heads(
+    model: EarlyExitForCausalLM, corpus: Corpus, config: TrainConfig, work_dir: str | Path, resume: bool = False,
+    held_out: Corpus | None = None,
+) -> list[dict]:
+    """Train `model`'s heads on `corpus` (the backbone stays frozen); returns the log rows.
+
+    Args:
+        work_dir: where checkpoints, the CSV log and the curves plot go.
+        resume: continue from `work_dir/checkpoint` (refused if its hyper-parameters differ from `config`).
+        held_out: sequences never trained on; when given, every logged step also records each head's agreement and
+            mean entropy on them (`held_out_agreement`, `held_out_entropy`), as `evaluate_heads` measures them.
+    """
+    work_dir = Path(work_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    params = [p for p in model.heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start, history = 0, []
+    if resume:
+        start, history = load_checkpoint(work_dir / CHECKPOINT, model, optimizer, config, accelerator)
+    elif (work_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"{work_dir / CHECKPOINT} exists; pass resume=True (--resume) to continue it, or use "
+                              "another work dir")
+    inner = _unwrap(accelerator, model)
+    teacher = teacher_for(inner, corpus, config.teacher_cache_gib, config.batch_size)
+    held_out_teacher = None if held_out is None else teacher_for(
+        inner, held_out, config.teacher_cache_gib, config.batch_size, with_targets=False)
+    bar = tqdm(range(start, config.steps), desc="Training heads", unit="step", initial=start, total=config.steps,
+               disable=not accelerator.is_main_process)
+    for step in bar:
+        batch = teacher.batch(_rows_for_step(len(corpus), step, config, accelerator))
+        with accelerator.autocast():
+            loss, stats = batch_losses(inner, batch, config)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        _average_gradients(params, accelerator, int(batch.mask.sum()))
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        bar.set_postfix(loss=f"{loss.item():.3f}", agree="/".join(f"{s['agreement']:.2f}" for s in stats))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            if held_out_teacher is not None:
+                stats = _with_held_out(stats, evaluate_heads(inner, held_out_teacher))
+            history.extend({"step": step + 1, "exit": k, **s}
+                           for k, s in zip(inner.config.exit_layers, stats, strict=True))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(work_dir / CHECKPOINT, inner, optimizer, config, step + 1, history, accelerator)
+    if accelerator.is_main_process:
+        write_log(history, work_dir)
+    return history
+
+
+def _average_gradients(params: list[Tensor], accelerator: Accelerator, tokens: int) -> None:
+    """Make every process's head gradients those of the whole global batch: each process's loss is a mean over its
+    `tokens` real tokens, so gradients are summed weighted by token counts and divided by the global count (what
+    one process with the union of the batches computes). The heads run outside any DDP wrapper (the loss reads them
+    directly, on hidden states of the frozen backbone), so no hook syncs them; every process then takes the same
+    step."""
+    if accelerator.num_processes == 1:
+        return
+    count = torch.tensor(float(tokens), device=accelerator.device)
+    total = accelerator.reduce(count, reduction="sum")
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad * count, reduction="sum") / total
+
+
+def _with_held_out(stats: list[dict], report: list[dict]) -> list[dict]:
+    """Per-head training stats plus the held-out agreement and entropy of `evaluate_heads`."""
+    return [{**s, "held_out_agreement": r["agreement"], "held_out_entropy": r["entropy"]}
+            for s, r in zip(stats, report, strict=True)]
+
+
+def _unwrap(accelerator: Accelerator, model) -> EarlyExitForCausalLM:
+    return accelerator.unwrap_model(model)
+
+
+def _rows_for_step(num_rows: int, step: int, config: TrainConfig, accelerator: Accelerator) -> Tensor:
+    """This process's corpus rows at `step`: a seeded permutation per epoch, sharded over processes, so resuming is
+    exact."""
+    per_step = config.batch_size * accelerator.num_processes
+    per_epoch = max(1, num_rows // per_step)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(config.seed + epoch))
+    chosen = order[index * per_step : (index + 1) * per_step]
+    if len(chosen) < per_step:  # fewer sequences than one global batch: reuse them cyclically
+        chosen = order.repeat(per_step // len(order) + 1)[:per_step]
+    return chosen[accelerator.process_index :: accelerator.num_processes]
+
+
+# -- checkpoints (safetensors + JSON) ------------------------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, model: EarlyExitForCausalLM, optimizer, config: TrainConfig, step: int,
+                    history: list[dict], accelerator: Accelerator) -> None:
+    """Write heads, optimizer tensors and trainer state into `folder`, atomically (temp folder, then rename)."""
+    if not accelerator.is_main_process:
+        return
+    staging = folder.with_name(folder.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.heads.state_dict().items()},
+              staging / "heads.safetensors")
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, staging / "optimizer.safetensors")
+    state = {"step": step, "train_config": asdict(config), "heads_config": _heads_identity(model),
+             "param_groups": groups, "history": history}
+    (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    if old.exists():
+        for p in old.iterdir():
+            p.unlink()
+        old.rmdir()
+
+
+def load_checkpoint(folder: Path, model, optimizer, config: TrainConfig, accelerator: Accelerator):
+    """Restore heads + optimizer from `folder`; refuse when hyper-parameters or heads differ. Returns (step, log)."""
+    if not (folder / "trainer_state.json").exists():
+        raise FileNotFoundError(f"no checkpoint to resume in {folder}")
+    state = json.loads((folder / "trainer_state.json").read_text())
+    inner = _unwrap(accelerator, model)
+    saved = {**state["train_config"], **state["heads_config"]}
+    current = {**asdict(config), **_heads_identity(inner)}
+    for free in ("steps", "teacher_cache_gib"):  # training longer than planned, or with(out) the cache, is allowed
+        current[free] = saved[free] = None
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume {folder} with different settings: " + "; ".join(diffs))
+    inner.load_heads_state(load_file(folder / "heads.safetensors"), str(folder))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["param_groups"]))
+    logger.info("Resuming from step %d (%s)", state["step"], folder)
+    return state["step"], state["history"]
+
+
+def _heads_identity(model: EarlyExitForCausalLM) -> dict:
+    c = model.config
+    return {"exit_layers": list(c.exit_layers), "head_type": c.head_type, "head_init": c.head_init,
+            "adapter_rank": c.adapter_rank, "draft_vocab_size": c.draft_vocab_size}
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, Tensor], list]:
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], groups: list) -> dict:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+# -- logs and plots ------------------------------------------------------------------------------------------------
+
+
+def write_log(history: list[dict], folder: Path) -> None:
+    """`train_log.csv` (one row per logged step and head) and `training_curves.png` (agreement, entropy)."""
+    if not history:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOG_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    plot_curves(history, folder / CURVES_PNG)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Agreement and entropy per head over training steps (the paper's Fig. 1)."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for exit_layer in sorted({row["exit"] for row in history}):
+        rows = [r for r in history if r["exit"] == exit_layer]
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["agreement"] for r in rows], label=f"exit@{exit_layer}")
+        axes[1].plot(steps, [r["entropy"] for r in rows], label=f"exit@{exit_layer}")
+    axes[0].set(title="agreement with the full model", xlabel="step", ylabel="top-1 agreement")
+    axes[1].set(title="head entropy", xlabel="step", ylabel="nats")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
