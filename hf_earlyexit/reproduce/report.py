@@ -1,5 +1,5 @@
 """`docs/RESULTS.md` of `hf-earlyexit reproduce`, written from the steps' JSON files alone: per section the claim,
-its figure, a numbers table, the commands, and a verdict per claim (rules in `reproduce_verdicts`)."""
+its figure, a numbers table, the commands, and a verdict per claim (rules in `verdicts.py`)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _header(results: dict, facts: dict, args) -> list[str]:
         f"{heads.get('draft_vocab_size') or 'full'}, metric {heads.get('metric')}; {trained}.", "",
         "Verdicts: **confirmed** (the numbers meet the claim), **differs** (same direction, smaller effect, or not "
         "measurable here; the likely reason follows), **refuted** (the numbers go against it). Each rule is in "
-        "`hf_earlyexit/reproduce_verdicts.py`.", "",
+        "`hf_earlyexit/reproduce/verdicts.py`.", "",
     ]
 
 

@@ -7,7 +7,7 @@ made with the same settings (resumable; a step whose settings changed starts aga
     -> calibration (held-out agreement vs ε) -> lm_eval (Figs. 2-4) -> dssd (vs LayerSkip-style) -> batching
 
 The steps only orchestrate the project's own machinery (`train_heads`, `run_train`, `run_calibrate`,
-`collect_metrics`, `run_sweep`, `run_bench`). `reproduce_report.render` then writes the Markdown, its figures and a
+`collect_metrics`, `run_sweep`, `run_bench`). `report.render` then writes the Markdown, its figures and a
 verdict per claim from the JSON files alone. `--quick` shrinks every size (same code path) to a smoke test.
 """
 
