@@ -157,8 +157,8 @@ def test_sweep_refuses_a_bad_eps():
 
 
 def test_non_editable_install_registers_ee_hf(folders, tmp_path):
-    """`pip install .` (a built wheel, not the editable hook) also installs the `.pth`: the plain `lm_eval` finds
-    `ee-hf` from that copy, and `--model hf` still works beside it."""
+    """`pip install .` (a built wheel, not the editable hook) also installs the `.pth` and the model card template:
+    the plain `lm_eval` finds `ee-hf` from that copy, `--model hf` still works beside it, and cards render."""
     import site
     import venv
 
@@ -180,6 +180,10 @@ def test_non_editable_install_registers_ee_hf(folders, tmp_path):
                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert str(env_dir) in where.stdout, where.stdout + where.stderr  # the installed copy, not the source tree
     assert list(env_dir.glob("lib/python*/site-packages/hf_earlyexit_lm_eval.pth")), "the wheel installs the hook"
+    card = subprocess.run([str(python), "-c", "import sys; from hf_earlyexit.publish.card import render_card; "
+                           "print(render_card(sys.argv[1]))", heads], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)  # the model card template travels inside the wheel
+    assert card.returncode == 0 and "hf-earlyexit model card" in card.stdout, card.stderr[-3000:]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     common = ["--tasks", "ee_capitals", "--include_path", str(TASKS_DIR), "--limit", "2", "--device", "cpu"]
     for model, args in (("ee-hf", f"pretrained={heads},eps=0.5"), ("hf", f"pretrained={base}")):
