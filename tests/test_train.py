@@ -205,3 +205,98 @@ def test_calibration_metric_auto_takes_the_metric_that_lets_most_tokens_exit(bas
     assert model.config.calibration["metric"] == model.config.metric
     with pytest.raises(ValueError, match="metric='best'"):
         CalibrateConfig(metric="best")
+
+
+# -- features on disk and top-k distillation -------------------------------------------------------------------------
+
+
+def test_feature_store_serves_what_the_backbone_computes_and_resumes(base_path, corpus, tmp_path):
+    from hf_earlyexit.training.features import FeatureStore
+
+    model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=list(range(0, 97, 3)))
+    store = FeatureStore.build(model, corpus, tmp_path / "features", k=5, batch_size=3, shard_rows=10)
+    assert store.num_shards == 5 and len(list((tmp_path / "features").glob("shard-*.safetensors"))) == 5
+    from hf_earlyexit.training.teacher import DiskTeacher
+
+    disk, online = DiskTeacher(store), OnlineTeacher(model, corpus)
+    for rows in (torch.tensor([0, 7, 3]), torch.tensor([9, 10, 47]), torch.arange(len(corpus))):
+        a, b = disk.batch(rows), online.batch(rows)
+        real = b.mask.bool()
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.top[real], b.top[real])
+        for x, y in zip(a.hidden, b.hidden, strict=True):
+            torch.testing.assert_close(x[real], y[real], rtol=1e-5, atol=1e-6)
+        logp = torch.log_softmax(model(*corpus_rows(corpus, rows)).logits.float(), -1)[:, -a.mask.shape[1]:]
+        expected_logp, expected_ids = logp.topk(5, dim=-1)
+        assert torch.equal(a.targets.ids[real], expected_ids[real])
+        torch.testing.assert_close(a.targets.logp[real], expected_logp[real], rtol=1e-3, atol=1e-3)  # stored fp16
+    # a second build finds every shard and writes nothing; a removed shard is written again, the same
+    first = (tmp_path / "features" / "shard-00002.safetensors").read_bytes()
+    (tmp_path / "features" / "shard-00002.safetensors").unlink()
+    FeatureStore.build(model, corpus, tmp_path / "features", k=5, batch_size=7)
+    assert (tmp_path / "features" / "shard-00002.safetensors").read_bytes() == first
+    with pytest.raises(ValueError, match=r"other data or another model \(differs in \['k'\]\)"):
+        FeatureStore.build(model, corpus, tmp_path / "features", k=6)
+    order = disk.order(epoch=0, seed=0)
+    assert sorted(order.tolist()) == list(range(len(corpus)))
+    shards = (order // 10).tolist()
+    changes = sum(a != b for a, b in zip(shards, shards[1:], strict=False))
+    assert changes == store.num_shards - 1, "an epoch reads one shard at a time"
+
+
+def corpus_rows(corpus, rows):
+    return corpus.input_ids[rows], corpus.attention_mask[rows]
+
+
+def test_topk_distillation_from_disk_raises_agreement(base_path, corpus, tmp_path):
+    from hf_earlyexit.training.features import FeatureStore
+
+    train, held = corpus.split(0.75)
+    model = fresh(base_path, head="paper", head_init="scratch")
+    store = FeatureStore.build(model, train, tmp_path / "features", k=8, shard_rows=8)
+    before = evaluate_heads(model, held)
+    config = TrainConfig(steps=60, lam=0.5, learning_rate=1e-2, loss="topk", log_every=20, checkpoint_every=60,
+                         head_lr_scale=[1.0, 1.0, 0.5])
+    train_heads(model, store, config, tmp_path / "work", held_out=held)
+    after = evaluate_heads(model, held)
+    for b, a in zip(before, after, strict=True):
+        assert a["agreement"] > b["agreement"] + 0.2, (b, a)
+    with pytest.raises(ValueError, match="loss='ce' needs a Corpus"):
+        train_heads(model, store, TrainConfig(steps=1), tmp_path / "other")
+    with pytest.raises(ValueError, match="head_lr_scale has 2 values for 3 exits"):
+        train_heads(model, store, TrainConfig(steps=1, loss="topk", head_lr_scale=[1.0, 2.0]), tmp_path / "other")
+    with pytest.raises(ValueError, match="head_lr_scale=.*positive"):
+        TrainConfig(head_lr_scale=[1.0, 0.0, 1.0])
+
+
+def test_sparse_loss_maps_tokens_outside_the_draft_vocabulary_to_other(base_path):
+    from hf_earlyexit.training.features import SparseTargets
+    from hf_earlyexit.training.train import sparse_head_loss
+
+    model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=[3, 5, 8])
+    head = model.exit_heads[0]
+    assert head.classes_of(torch.tensor([5, 8, 3, 4, 96])).tolist() == [1, 2, 0, 3, 3]
+    logits = torch.randn(1, 2, 4)  # (batch, seq, draft + OTHER)
+    target = SparseTargets(torch.tensor([[[5, 40], [96, 3]]]), torch.log(torch.tensor([[[0.6, 0.2], [0.5, 0.3]]])))
+    loss, _ = sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.0)
+    logp = torch.log_softmax(logits, -1)[0]
+    expected = -(0.75 * logp[0, 1] + 0.25 * logp[0, 3] + 0.625 * logp[1, 3] + 0.375 * logp[1, 0]) / 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_text_records_become_passages(tmp_path):
+    from hf_earlyexit.training.data import read_text_files
+
+    (tmp_path / "a.jsonl").write_text('{"id": "q1", "question": {"stem": "Why is the sky blue?", "choices": '
+                                      '[{"text": "light scatters off air", "label": "A"}]}, "answerKey": "A"}\n\n'
+                                      '{"ctx": "A man plays a harmonica.", "label": 2}\n')
+    (tmp_path / "b.csv").write_text('"What is 2 + 2?",3,4,5,6,B\n')
+    (tmp_path / "c.txt").write_text("Plain text stays one passage.\nEven over lines.")
+    assert read_text_files([tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.txt"]) == [
+        "Why is the sky blue? light scatters off air", "A man plays a harmonica.", "What is 2 + 2?",
+        "Plain text stays one passage.\nEven over lines."]
+    (tmp_path / "bad.jsonl").write_text('{"ok": "a b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON record"):
+        read_text_files([tmp_path / "bad.jsonl"])
+    (tmp_path / "ids.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="holds no prose"):
+        read_text_files([tmp_path / "ids.csv"])

@@ -66,6 +66,16 @@ class ExitHead(nn.Module):
         ids = torch.cat([self.token_ids, self.token_ids.new_full((1,), -1)])
         return ids[index]
 
+    def classes_of(self, token_ids: Tensor) -> Tensor:
+        """Model-vocabulary token ids `(...)` -> this head's output classes `(...)`: a draft token's index, the `OTHER`
+        class for tokens outside the draft vocabulary (a full-vocabulary head: the ids themselves)."""
+        if self.token_ids is None:
+            return token_ids
+        size = max(int(self.token_ids.max()), int(token_ids.max())) + 1
+        table = torch.full((size,), len(self.token_ids), dtype=torch.long, device=self.token_ids.device)
+        table[self.token_ids] = torch.arange(len(self.token_ids), device=self.token_ids.device)
+        return table[token_ids.to(table.device)]
+
     def vocab_scores(self, logits: Tensor, vocab_size: int, other: str = "drop") -> Tensor:
         """`(n, head_vocab)` head logits -> `(n, vocab_size)` float32 scores over the model vocabulary: the one map
         from head outputs to token ids.

@@ -7,7 +7,9 @@ cache, keyed by everything that determines them, so a rerun does not regenerate 
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -138,7 +140,9 @@ def text_corpus(
 
 
 def read_text_files(paths: list[str | Path]) -> list[str]:
-    """UTF-8 text of each file; empty or non-UTF-8 files are refused with the file named."""
+    """Passages of UTF-8 text: a `.jsonl` file gives one passage per record and a `.csv` file one per row (the values
+    that hold a space, i.e. prose rather than ids, labels or answer letters, joined by spaces); any other file is
+    one passage. Empty, non-UTF-8 or malformed files are refused with the file named."""
     texts = []
     for path in map(Path, paths):
         try:
@@ -147,8 +151,38 @@ def read_text_files(paths: list[str | Path]) -> list[str]:
             raise ValueError(f"text file {path} is not UTF-8 ({err.reason} at byte {err.start})") from None
         if not text.strip():
             raise ValueError(f"text file {path} is empty")
-        texts.append(text)
+        passages = _record_passages(path, text) if path.suffix in (".jsonl", ".csv") else [text]
+        if not passages:
+            raise ValueError(f"text file {path} holds no prose (no value with a space in any record)")
+        texts.extend(passages)
     return texts
+
+
+def _record_passages(path: Path, text: str) -> list[str]:
+    """One passage per JSON line / CSV row: its prose values, in order."""
+    if path.suffix == ".csv":
+        records = list(csv.reader(io.StringIO(text)))
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number} is not a JSON record ({err.msg})") from None
+    passages = (" ".join(v.strip() for v in _strings(r) if " " in v.strip()) for r in records)
+    return [p for p in passages if p]
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a JSON value (or a CSV row), depth first."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
 
 
 def token_frequencies(corpus: Corpus, vocab_size: int) -> Tensor:

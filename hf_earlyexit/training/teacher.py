@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..modeling.heads_earlyexit import ExitHead
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import Corpus
+from .features import FeatureStore, SparseTargets
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,14 @@ class Teacher:
     Attributes:
         hidden: per exit, the raw decoder-layer output `(batch, seq, hidden)` the head reads.
         targets: per exit, the model's distribution over that head's vocabulary `(batch, seq, head_vocab)`
-            (`None` when the batch serves evaluation only); heads with one vocabulary share one tensor.
+            (heads with one vocabulary share one tensor), or the model's top-k tokens for every head
+            (`SparseTargets`, from a `FeatureStore`), or `None` when the batch serves evaluation only.
         top: the full model's top token `(batch, seq)`.
         mask: `(batch, seq)` real tokens.
     """
 
     hidden: list[Tensor]
-    targets: list[Tensor] | None
+    targets: list[Tensor] | SparseTargets | None
     top: Tensor
     mask: Tensor
 
@@ -173,6 +175,53 @@ def _pad_left(part: Teacher, width: int) -> Teacher:
 
     targets = None if part.targets is None else _shared([pad(t) for t in part.targets], part.targets)
     return Teacher([pad(h) for h in part.hidden], targets, pad(part.top), pad(part.mask))
+
+
+class DiskTeacher:
+    """Serves batches from a `FeatureStore` on disk, one shard in memory at a time (`order` keeps an epoch's rows
+    grouped by shard, so a shard is read once per epoch)."""
+
+    def __init__(self, store: FeatureStore, with_targets: bool = True) -> None:
+        self.store, self.with_targets = store, with_targets
+        self._loaded: dict[int, dict[str, Tensor]] = {}  # the last two shards read (a batch may straddle two)
+
+    def __len__(self) -> int:
+        return self.store.num_rows
+
+    def order(self, epoch: int, seed: int) -> Tensor:
+        """An epoch's rows: shards in a seeded order, rows shuffled within each shard."""
+        generator = torch.Generator().manual_seed(seed + epoch)
+        size = self.store.shard_rows
+        parts = []
+        for shard in torch.randperm(self.store.num_shards, generator=generator).tolist():
+            count = min(size, self.store.num_rows - shard * size)
+            parts.append(shard * size + torch.randperm(count, generator=generator))
+        return torch.cat(parts)
+
+    def _rows(self, shard: int) -> dict[str, Tensor]:
+        if shard not in self._loaded:
+            if len(self._loaded) >= 2:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[shard] = self.store.read(shard)
+        return self._loaded[shard]
+
+    def batch(self, rows: Tensor) -> Teacher:
+        """The `Teacher` of corpus rows `rows` `(batch,)`, trimmed like `OnlineTeacher`'s."""
+        size = self.store.shard_rows
+        parts = []
+        for shard in sorted(set((rows // size).tolist())):
+            chosen = rows[rows // size == shard] - shard * size
+            tensors = self._rows(shard)
+            parts.append({name: t[chosen] for name, t in tensors.items()})
+        merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        mask = merged["mask"].long()
+        first = int(mask.any(0).nonzero()[0]) if mask.any() else 0
+        cut = slice(first, None)
+        hidden = [merged[f"hidden.{j}"][:, cut] for j in range(sum(n.startswith("hidden.") for n in merged))]
+        targets = None
+        if self.with_targets:
+            targets = SparseTargets(merged["topk_ids"][:, cut].long(), merged["topk_logp"][:, cut].float())
+        return Teacher(hidden=hidden, targets=targets, top=merged["top"][:, cut].long(), mask=mask[:, cut])
 
 
 def teacher_for(model: EarlyExitForCausalLM, corpus: Corpus, cache_gib: float, batch_size: int = 4,

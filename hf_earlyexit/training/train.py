@@ -1,9 +1,11 @@
 """Self-supervised head training (paper §3.2, eq. 1): heads learn the frozen model's own next-token distributions.
 
 Loss per head k, summed over heads and averaged over real (non-pad) positions:
-`(1-λ)·CE(p_model, p_k) − λ·H(p_k)`, or with `loss="kl"` `(1-λ)·KL(p_model ‖ p_k) − λ·H(p_k)`.
-Draft-vocabulary heads see the target renormalised over their vocabulary plus one OTHER class holding the
-out-of-vocabulary mass. Runs through `accelerate`; checkpoints (safetensors + JSON, no pickles) and resumes.
+`(1-λ)·CE(p_model, p_k) − λ·H(p_k)`, or with `loss="kl"` `(1-λ)·KL(p_model ‖ p_k) − λ·H(p_k)`, or with
+`loss="topk"` the same CE against the model's top-k tokens renormalised (top-k distillation, the targets a
+`FeatureStore` keeps on disk). Draft-vocabulary heads see the target over their vocabulary plus one OTHER class
+holding the out-of-vocabulary mass. Runs through `accelerate`; checkpoints (safetensors + JSON, no pickles) and
+resumes.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from tqdm.auto import tqdm
 from ..modeling.heads_earlyexit import ExitHead
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import Corpus
-from .teacher import CachedTeacher, OnlineTeacher, Teacher, teacher_for
+from .features import FeatureStore, SparseTargets
+from .teacher import CachedTeacher, DiskTeacher, OnlineTeacher, Teacher, teacher_for
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+LOSSES = ("ce", "kl", "topk")
 LOG_CSV = "train_log.csv"
 CURVES_PNG = "training_curves.png"
 
@@ -44,6 +48,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lam: float = 0.95  # the paper's best setting: a high entropy penalty, with heads trained from scratch
     loss: str = "ce"
+    # per-head multipliers of the learning rate (one per exit; None: all 1)
+    head_lr_scale: list[float] | None = None
     mixed_precision: str = "no"
     checkpoint_every: int = 50
     log_every: int = 10
@@ -53,8 +59,10 @@ class TrainConfig:
     teacher_cache_gib: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.loss not in ("ce", "kl"):
-            raise ValueError(f"loss={self.loss!r} is not one of ce, kl")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.head_lr_scale is not None and any(not scale > 0 for scale in self.head_lr_scale):
+            raise ValueError(f"head_lr_scale={self.head_lr_scale!r} must hold positive numbers, one per exit")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam={self.lam!r} must lie in [0, 1]")
         if self.steps < 1 or self.batch_size < 1:
@@ -84,6 +92,21 @@ def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: st
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
 
 
+def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask: Tensor, lam: float
+                     ) -> tuple[Tensor, Tensor]:
+    """Eq. 1 against the model's top-k tokens renormalised (top-k distillation). `logits` `(batch, seq, head_vocab)`;
+    `target` ids / log-probs `(batch, seq, k)`, full-vocabulary ids mapped to the head's classes (tokens outside a
+    draft vocabulary to its OTHER class). Returns `(loss, entropy)` as `head_loss`."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
+    weights = torch.softmax(target.logp, dim=-1)  # (batch, seq, k): the top-k mass renormalised
+    classes = head.classes_of(target.ids)  # (batch, seq, k)
+    cross = -(weights * logp.gather(-1, classes)).sum(-1)  # (batch, seq)
+    per_token = (1.0 - lam) * cross - lam * entropy
+    weight = mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
+
+
 def agrees_with(head: ExitHead, logits: Tensor, top: Tensor) -> Tensor:
     """`(batch, seq)` bool: the head's top token equals the model's `top` `(batch, seq)` (an OTHER prediction never
     agrees)."""
@@ -99,9 +122,15 @@ def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainCon
     """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}`."""
     total, stats = 0.0, []
     real = teacher.mask.bool()
-    for head, hidden, target in zip(model.exit_heads, teacher.hidden, teacher.targets, strict=True):
+    targets = teacher.targets
+    if isinstance(targets, SparseTargets):  # one set of full-vocabulary top-k tokens serves every head
+        targets = [targets] * len(model.exit_heads)
+    for head, hidden, target in zip(model.exit_heads, teacher.hidden, targets, strict=True):
         logits = head(hidden)  # (batch, seq, head_vocab)
-        loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
+        if isinstance(target, SparseTargets):
+            loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam)
+        else:
+            loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
         total = total + loss
         agree = agrees_with(head, logits.detach(), teacher.top)[real].float().mean()
         stats.append({"loss": loss.item(), "agreement": agree.item(), "entropy": entropy.detach()[real].mean().item()})
@@ -113,11 +142,17 @@ def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainCon
 
 @torch.no_grad()
 def evaluate_heads(
-    model: EarlyExitForCausalLM, corpus: Corpus | CachedTeacher | OnlineTeacher, batch_size: int = 4
+    model: EarlyExitForCausalLM, corpus: Corpus | FeatureStore | CachedTeacher | OnlineTeacher | DiskTeacher,
+    batch_size: int = 4,
 ) -> list[dict]:
     """Per-head agreement with the model and mean entropy over the real tokens of `corpus` (or of a teacher built
     from it)."""
-    source = OnlineTeacher(model, corpus, with_targets=False) if isinstance(corpus, Corpus) else corpus
+    if isinstance(corpus, Corpus):
+        source = OnlineTeacher(model, corpus, with_targets=False)
+    elif isinstance(corpus, FeatureStore):
+        source = DiskTeacher(corpus, with_targets=False)
+    else:
+        source = corpus
     agree = [0.0] * len(model.exit_heads)
     entropy = [0.0] * len(model.exit_heads)
     count = 0
@@ -138,12 +173,14 @@ def evaluate_heads(
 
 
 def train_heads(
-    model: EarlyExitForCausalLM, corpus: Corpus, config: TrainConfig, work_dir: str | Path, resume: bool = False,
-    held_out: Corpus | None = None,
+    model: EarlyExitForCausalLM, corpus: Corpus | FeatureStore, config: TrainConfig, work_dir: str | Path,
+    resume: bool = False, held_out: Corpus | FeatureStore | None = None,
 ) -> list[dict]:
     """Train `model`'s heads on `corpus` (the backbone stays frozen); returns the log rows.
 
     Args:
+        corpus: token sequences (the backbone runs over them, or once into memory), or a `FeatureStore` of
+            backbone features on disk (streamed shard by shard; needs `loss="topk"`).
         work_dir: where checkpoints, the CSV log and the curves plot go.
         resume: continue from `work_dir/checkpoint` (refused if its hyper-parameters differ from `config`).
         held_out: sequences never trained on; when given, every logged step also records each head's agreement and
@@ -151,8 +188,16 @@ def train_heads(
     """
     work_dir = Path(work_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    params = [p for p in model.heads.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    if isinstance(corpus, FeatureStore) != (config.loss == "topk"):
+        raise ValueError(f"loss={config.loss!r} needs {'a FeatureStore' if config.loss == 'topk' else 'a Corpus'} "
+                         "(top-k targets are what a FeatureStore keeps; dense targets come from a Corpus)")
+    scales = config.head_lr_scale or [1.0] * len(model.exit_heads)
+    if len(scales) != len(model.exit_heads):
+        raise ValueError(f"head_lr_scale has {len(scales)} values for {len(model.exit_heads)} exits")
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": config.learning_rate * scale}
+              for head, scale in zip(model.exit_heads, scales, strict=True)]
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     start, history = 0, []
     if resume:
@@ -161,13 +206,12 @@ def train_heads(
         raise FileExistsError(f"{work_dir / CHECKPOINT} exists; pass resume=True (--resume) to continue it, or use "
                               "another work dir")
     inner = _unwrap(accelerator, model)
-    teacher = teacher_for(inner, corpus, config.teacher_cache_gib, config.batch_size)
-    held_out_teacher = None if held_out is None else teacher_for(
-        inner, held_out, config.teacher_cache_gib, config.batch_size, with_targets=False)
+    teacher = _teacher(inner, corpus, config)
+    held_out_teacher = None if held_out is None else _teacher(inner, held_out, config, with_targets=False)
     bar = tqdm(range(start, config.steps), desc="Training heads", unit="step", initial=start, total=config.steps,
                disable=not accelerator.is_main_process)
     for step in bar:
-        batch = teacher.batch(_rows_for_step(len(corpus), step, config, accelerator))
+        batch = teacher.batch(_rows_for_step(teacher, step, config, accelerator))
         with accelerator.autocast():
             loss, stats = batch_losses(inner, batch, config)
         optimizer.zero_grad(set_to_none=True)
@@ -214,13 +258,24 @@ def _unwrap(accelerator: Accelerator, model) -> EarlyExitForCausalLM:
     return accelerator.unwrap_model(model)
 
 
-def _rows_for_step(num_rows: int, step: int, config: TrainConfig, accelerator: Accelerator) -> Tensor:
-    """This process's corpus rows at `step`: a seeded permutation per epoch, sharded over processes, so resuming is
-    exact."""
+def _teacher(model: EarlyExitForCausalLM, data: Corpus | FeatureStore, config: TrainConfig,
+             with_targets: bool = True) -> CachedTeacher | OnlineTeacher | DiskTeacher:
+    if isinstance(data, FeatureStore):
+        return DiskTeacher(data, with_targets)
+    return teacher_for(model, data, config.teacher_cache_gib, config.batch_size, with_targets)
+
+
+def _rows_for_step(teacher, step: int, config: TrainConfig, accelerator: Accelerator) -> Tensor:
+    """This process's corpus rows at `step`: a seeded order per epoch (the teacher's own, when it has one that
+    keeps disk shards together), sharded over processes, so resuming is exact."""
+    num_rows = len(teacher)
     per_step = config.batch_size * accelerator.num_processes
     per_epoch = max(1, num_rows // per_step)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(config.seed + epoch))
+    if hasattr(teacher, "order"):
+        order = teacher.order(epoch, config.seed)
+    else:
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(config.seed + epoch))
     chosen = order[index * per_step : (index + 1) * per_step]
     if len(chosen) < per_step:  # fewer sequences than one global batch: reuse them cyclically
         chosen = order.repeat(per_step // len(order) + 1)[:per_step]
