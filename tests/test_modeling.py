@@ -23,6 +23,8 @@ HEAD_SETUPS = {
     "paper_draft_scratch": {"head": "paper", "head_init": "scratch", "draft_token_ids": list(range(40, 90))},
     "shared_lowrank_draft": {"head": "shared", "adapter_rank": 4, "draft_token_ids": list(range(10, 60))},
     "shared_full": {"head": "shared"},
+    "context_draft": {"head": "context", "adapter_rank": 4, "draft_token_ids": list(range(5, 70))},
+    "context_last_full": {"head": "context", "context_init": "last"},
 }
 
 
@@ -62,10 +64,13 @@ def test_draft_vocab_heads_are_the_matching_columns(setup):
     model = EarlyExitForCausalLM.from_base(base, exit_layers=[2], **setup)
     ids, _ = batch([6])
     with torch.no_grad():
-        hidden = base(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        # a context head's block starts as a copy of the next layer: the model's own state one layer deeper
+        depth = 3 if setup["head"] == "context" else 2
+        hidden = base(input_ids=ids, output_hidden_states=True).hidden_states[depth]
         head_logits = model(ids).exit_logits[0]
         head = model.exit_heads[0]
-        if setup.get("head_init") != "scratch":  # copied / shared heads start as the model's head applied early
+        if setup.get("head_init") != "scratch" and setup.get("context_init", "next") == "next":
+            # copied / shared heads start as the model's head applied early
             full = model.engine.final_logits(hidden)
             ids_ = setup.get("draft_token_ids")
             if ids_ is None:

@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from transformers import HfArgumentParser
 
+from ..evaluation.agreement import AgreementArgs, run_agreement
 from ..evaluation.bench import BenchArgs, run_bench
 from ..evaluation.lm_eval_plugin import run_eval
 from ..evaluation.sweep import SweepArgs, run_sweep
@@ -71,6 +72,8 @@ COMMANDS: dict[str, tuple[tuple[type, ...], Callable[..., None], str]] = {
     "calibrate": ((CalibrateJob, CalibrateConfig), _calibrate,
                   "set per-exit thresholds for a grid of ε on generated text"),
     "generate": ((GenerateArgs,), run_generate, "generate text with early exits and show where each token left"),
+    "agreement": ((AgreementArgs,), run_agreement,
+                  "per-exit agreement with the full model on a text file or on the model's own continuations"),
     "bench": ((BenchArgs,), run_bench, "tokens/s of early exit at an ε grid vs plain decoding, side by side"),
     "sweep": ((SweepArgs,), _sweep, "lm-eval tasks across an ε grid: CSV/JSON and the paper's three plots"),
     "reproduce": ((ReproduceArgs,), _reproduce, "re-measure the papers' claims: docs/RESULTS.md, figures, verdicts"),

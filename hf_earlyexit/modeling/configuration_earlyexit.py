@@ -12,7 +12,9 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-HEAD_TYPES = ("paper", "shared")
+HEAD_TYPES = ("paper", "shared", "context")
+# which model layer a context head's block starts as: the first layer the exit skips, or the model's last
+CONTEXT_INITS = ("next", "last")
 HEAD_INITS = ("lm_head", "scratch")
 METRICS = ("breaking_ties", "max_prob", "entropy", "hidden_similarity")
 EMBEDDED = "embedded"
@@ -43,8 +45,11 @@ class EarlyExitConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): the base model's config.
         exit_layers (`list[int]`, *optional*): exit after these decoder layers (1..L-1, increasing). Defaults
             to `DEFAULT_NUM_EXITS` exits at regular intervals.
-        head_type (`str`): `"paper"` (norm + Linear(hidden, vocab), the shape of the model's own head) or
-            `"shared"` (norm + small adapter in front of the frozen LM head).
+        head_type (`str`): `"paper"` (norm + Linear(hidden, vocab), the shape of the model's own head),
+            `"shared"` (norm + small adapter in front of the frozen LM head) or `"context"` (a copy of a decoder
+            layer in front of a shared head: it attends over earlier positions).
+        context_init (`str`): context heads: the layer their block copies, `"next"` (the first layer the exit
+            skips) or `"last"` (the model's last layer).
         head_init (`str`): `"lm_head"` (copy the model's head) or `"scratch"`; recorded for provenance.
         adapter_rank (`int`, *optional*): rank of the shared head's adapter (`None`: a full hidden x hidden map).
         draft_vocab_size (`int`, *optional*): restrict heads to the most frequent `draft_vocab_size` tokens.
@@ -70,6 +75,7 @@ class EarlyExitConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     exit_layers: list[int] | None = None
     head_type: str = "paper"
+    context_init: str = "next"
     head_init: str = "lm_head"
     adapter_rank: int | None = None
     draft_vocab_size: int | None = None
@@ -94,6 +100,7 @@ class EarlyExitConfig(PreTrainedConfig):
         self.validate_exits(self.exit_layers, num_layers)
         _check_choice("head_type", self.head_type, HEAD_TYPES)
         _check_choice("head_init", self.head_init, HEAD_INITS)
+        _check_choice("context_init", self.context_init, CONTEXT_INITS)
         _check_choice("metric", self.metric, METRICS)
         if not 0.0 < float(self.eps) <= 1.0:
             raise ValueError(f"eps={self.eps!r} must lie in (0, 1]")

@@ -50,7 +50,11 @@ class CostModel:
         parts = model.engine.parts
         self.exit_layers: list[int] = list(model.config.exit_layers)
         self.layers: list[Cost] = [module_cost(layer) for layer in parts.layers]
-        self.heads: list[Cost] = [head.cost() for head in model.exit_heads]
+        # a head's own part (norm, adapter, its rows of the LM head), and its context block where it has one: the
+        # engine runs a block for every position (counted as the engine's layer `L + m`), the rest per check
+        self.tails: list[Cost] = [head.cost() for head in model.exit_heads]
+        self.contexts: list[Cost] = [head.context_cost() for head in model.exit_heads if head.has_context]
+        self.heads: list[Cost] = [head.cost() + head.context_cost() for head in model.exit_heads]
         self.final: Cost = module_cost(parts.norm) + module_cost(parts.lm_head)
         self._engine = model.engine
         self._kv: list[Cost] | None = None
@@ -77,10 +81,6 @@ class CostModel:
                 macs.append(counter.get_total_flops() // 2)
             self._kv = [Cost(m, m * weight.element_size()) for m in macs]
         return self._kv
-
-    def exit_cost(self, j: int) -> Cost:
-        """A token that stops at exit `j`: the layers below it and that exit's head."""
-        return total(self.layers[: self.exit_layers[j]]) + self.heads[j]
 
     def table(self) -> list[dict[str, int]]:
         """Per exit, then the full model: layers run, their MACs, the head's MACs, the total and weight bytes."""

@@ -25,6 +25,7 @@ Decoding runs inside HF `generate()` (as its `custom_generate` loop), so generat
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -138,7 +139,8 @@ def early_exit_decode(
     if not dropped:
         if ee_options.kv_fill == "recompute":
             engine.flush(run.state)
-        cache = run.state.cache
+        cache = copy.copy(run.state.cache)  # the model's layers only: context heads' slots are ours
+        cache.layers = cache.layers[: engine.num_layers]
     return EarlyExitGenerateOutput(
         sequences=input_ids, scores=kept.scores if kept.keep_scores else None,
         logits=kept.logits if kept.keep_logits else None, cache=cache, exit_stats=stats,

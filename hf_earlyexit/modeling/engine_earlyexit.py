@@ -12,10 +12,14 @@ that layer, and are then run together with the new positions, in order. One mech
 - verification of several drafted tokens in one pass (append them, then `run_to(state, L)`),
 - a subset of batch rows (`select_rows`),
 - KV-only filling of skipped layers from one hidden state (`fill_kv`, CALM-style propagation),
-- rollback of rejected positions (`truncate`).
+- rollback of rejected positions (`truncate`),
+- *context layers*: extra decoder layers (a context head's block) that read the input of an exit's layer, with their
+  own cache slots after the model's, fed every position exactly once as it passes that layer (`context_out`).
 
 Invariant, with `n` positions appended so far and `done[i]` positions computed by layer `i` (non-increasing in i):
 `frontier[j]` holds the input of layer `j` for positions `[done[j], done[j-1])` (for `j = 0`: `[done[0], n)`).
+A context layer `L + m` reading layer `k`'s input has computed `done[L + m] >= done[k]` positions: every position
+reaching layer `k`'s input is handed to it at once (in `run_to` and `fill_kv`), so none is ever missed.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ class EngineState:
         done: per decoder layer, how many positions it has computed.
         frontier: layer index -> `(batch, m, hidden)` states waiting to enter that layer (index `L` = final
             outputs not yet returned).
-        work: what was computed so far, per decoder layer: `calls` (layer invocations, each reads the layer's
-            weights once), `tokens` (row-positions run through the layer), `kv_calls` / `kv_tokens` (the same for
-            KV-only fills).
+        work: what was computed so far, per decoder layer (then per context layer): `calls` (layer invocations,
+            each reads the layer's weights once), `tokens` (row-positions run through the layer), `kv_calls` /
+            `kv_tokens` (the same for KV-only fills).
+        contexts: the context layers (indices `m`) this state feeds; the others stay empty.
+        context_out: context layer `m` -> its outputs `(batch, q, hidden)` for the positions it took last.
     """
 
     cache: DynamicCache
@@ -56,6 +62,8 @@ class EngineState:
     done: list[int]
     frontier: dict[int, Tensor] = field(default_factory=dict)
     work: dict[str, list[int]] = field(default_factory=dict)
+    contexts: tuple[int, ...] = ()
+    context_out: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -65,6 +73,21 @@ class EngineState:
     @property
     def batch_size(self) -> int:
         return self.attention_mask.shape[0]
+
+
+@dataclass(frozen=True)
+class ContextLayer:
+    """An extra decoder layer run beside the model: a context head's block.
+
+    Attributes:
+        module: the decoder layer (its attention writes the cache slot `L + m`).
+        source: the layer whose input it reads (an exit after `source` layers).
+        copies: the model layer it was copied from (its cache and rotary kind).
+    """
+
+    module: torch.nn.Module
+    source: int
+    copies: int
 
 
 class LayerEngine:
@@ -86,30 +109,50 @@ class LayerEngine:
         self._mask_cache_kwarg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else (
             "past_key_values"
         )
+        self.contexts: list[ContextLayer] = []
+
+    def set_context_layers(self, contexts: list[ContextLayer]) -> None:
+        """Register the extra decoder layers of context heads (layer `L + m` is `contexts[m]`); each must write its
+        cache at index `L + m` (its attention's `layer_idx`)."""
+        self.contexts = list(contexts)
+
+    def _layer(self, i: int) -> torch.nn.Module:
+        return self.parts.layers[i] if i < self.num_layers else self.contexts[i - self.num_layers].module
+
+    def _layer_type(self, i: int) -> str:
+        """Rotary type of layer `i` (a context layer has the type of the layer it copies)."""
+        if i >= self.num_layers:
+            i = self.contexts[i - self.num_layers].copies
+        return self.layer_types[i] if self.parts.spec.rotary_per_layer_type else ""
 
     # -- state -------------------------------------------------------------------------------------------------
 
-    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None, rollback: bool = False) -> EngineState:
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None, rollback: bool = False,
+              contexts: tuple[int, ...] = ()) -> EngineState:
         """Create a state for `input_ids` `(batch, seq)` (left padding marked by `attention_mask`).
 
         `rollback=True` lets `truncate` undo positions even past a sliding window (those cache layers then keep
-        their past until the next `truncate`).
+        their past until the next `truncate`). `contexts`: the context layers to feed.
         """
-        batch = input_ids.shape[0]
-        empty = torch.zeros(batch, 0, dtype=torch.long, device=input_ids.device)
-        state = EngineState(
-            cache=DynamicCache(config=self.config),
-            attention_mask=empty,
-            position_ids=empty.clone(),
-            done=[0] * self.num_layers,
-            work={key: [0] * self.num_layers for key in WORK_KEYS},
-        )
+        state = self._empty_state(input_ids.shape[0], input_ids.device, contexts)
         if rollback:
             for layer in state.cache.layers:
                 if hasattr(layer, "activate_past_recording"):
                     layer.activate_past_recording()
         self.append(state, input_ids, attention_mask)
         return state
+
+    def _empty_state(self, batch: int, device: torch.device, contexts: tuple[int, ...]) -> EngineState:
+        total = self.num_layers + len(self.contexts)
+        for m in contexts:
+            if not 0 <= m < len(self.contexts):
+                raise ValueError(f"context layer {m} does not exist ({len(self.contexts)} are registered)")
+        cache = DynamicCache(config=self.config)
+        for context in self.contexts:  # a slot per context layer, of the kind of the layer it copies
+            cache.layers.append(copy.deepcopy(cache.layers[context.copies]))
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return EngineState(cache=cache, attention_mask=empty, position_ids=empty.clone(), done=[0] * total,
+                           work={key: [0] * total for key in WORK_KEYS}, contexts=tuple(sorted(contexts)))
 
     def append(self, state: EngineState, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Embed new tokens `(batch, q)` and queue them for layer 0."""
@@ -146,6 +189,8 @@ class LayerEngine:
             done=list(state.done),
             frontier={j: h[rows] for j, h in state.frontier.items()},
             work={key: list(values) for key, values in state.work.items()},
+            contexts=state.contexts,
+            context_out={m: h[rows] for m, h in state.context_out.items()},
         )
 
     def truncate(self, state: EngineState, length: int) -> None:
@@ -168,6 +213,11 @@ class LayerEngine:
             if old[j] > length:
                 _slice_layer(state.cache.layers[j], old[j], torch.arange(length, device=state.attention_mask.device))
                 state.done[j] = length
+        for j in self._context_indices(state):
+            if old[j] > length:
+                _slice_layer(state.cache.layers[j], old[j], torch.arange(length, device=state.attention_mask.device))
+                state.done[j] = length
+        state.context_out.clear()
         state.frontier.pop(self.num_layers, None)  # final outputs are always handed over by run_to
         state.attention_mask = state.attention_mask[:, :length]
         state.position_ids = state.position_ids[:, :length]
@@ -179,7 +229,8 @@ class LayerEngine:
         Needs a state with every position computed by every layer (e.g. right after `run_to(state, L)`) and
         recorded sliding-window layers (`start(..., rollback=True)`).
         """
-        if state.frontier or any(d != state.length for d in state.done):
+        layers = [*range(self.num_layers), *self._context_indices(state)]
+        if state.frontier or any(state.done[j] != state.length for j in layers):
             raise RuntimeError("compact needs every position computed by every layer")
         ends = ends.to(device=state.attention_mask.device, dtype=torch.long)
         stored, length = state.length, int(ends.max())
@@ -192,9 +243,14 @@ class LayerEngine:
         padded = columns < shift
         state.attention_mask = state.attention_mask.gather(1, index).masked_fill(padded, 0)
         state.position_ids = state.position_ids.gather(1, index).masked_fill(padded, 0)
-        for layer in state.cache.layers[: self.num_layers]:
-            _slice_layer(layer, stored, index)
-        state.done = [length] * self.num_layers
+        for j in layers:
+            _slice_layer(state.cache.layers[j], stored, index)
+            state.done[j] = length
+        state.context_out.clear()
+
+    def _context_indices(self, state: EngineState) -> list[int]:
+        """Engine indices `L + m` of the context layers `state` feeds."""
+        return [self.num_layers + m for m in state.contexts]
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -216,15 +272,29 @@ class LayerEngine:
             hidden = _concat(pending, hidden)
             if hidden is None:
                 continue
+            self._feed_contexts(state, i, hidden, masks, rotaries)
             hidden = self._run_layer(state, i, hidden, masks, rotaries)
         if hidden is not None:
             self._push(state, k, hidden)
+            self._feed_contexts(state, k, state.frontier[k], masks, rotaries)
         if k == self.num_layers:
             out = state.frontier.pop(k, None)
             if out is None:
                 raise ValueError("no positions are pending for the final layer output")
             return out
         return state.frontier[k]
+
+    def _feed_contexts(self, state: EngineState, i: int, hidden: Tensor, masks: dict, rotaries: dict) -> None:
+        """Hand the positions of `hidden` `(batch, q, hidden)`, the input of layer `i` for positions `[done[i], n)`,
+        that a context layer reading layer `i` has not taken yet to it; keep its outputs in `context_out`."""
+        for m in state.contexts:
+            if self.contexts[m].source != i:
+                continue
+            j = self.num_layers + m
+            new = hidden[:, state.done[j] - state.done[i]:] if i < self.num_layers else hidden
+            if new.shape[1] == 0:
+                continue
+            state.context_out[m] = self._run_layer(state, j, new, masks, rotaries)
 
     def fill_kv(self, state: EngineState, k: int) -> None:
         """Write the KV cache of layers `k..L-1` for the positions waiting at layer `k` from their layer-`k` input
@@ -245,6 +315,8 @@ class LayerEngine:
         masks: dict = {}
         rotaries: dict = {}
         for i in range(k, self.num_layers):
+            if i > k:  # the copied-up state is what reaches this layer: context layers reading it take it
+                self._feed_contexts(state, i, hidden, masks, rotaries)
             self._run_layer(state, i, hidden, masks, rotaries, kv_only=True)
 
     def write_kv(self, state: EngineState, i: int, hidden: Tensor) -> None:
@@ -252,6 +324,17 @@ class LayerEngine:
         input `hidden` `(batch, q, hidden)`: the layer's input norm and key/value projections, no attention or MLP
         (what `fill_kv` does per skipped layer; the cost model times one such pass)."""
         self._run_layer(state, i, hidden, {}, {}, kv_only=True)
+
+    def run_context(self, m: int, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Context layer `m` over whole sequences, nothing kept: `hidden` `(batch, seq, hidden)` is the input of its
+        source layer at every position (left padding marked by `attention_mask`); returns its outputs, as the
+        state machinery would give them position by position (training, full-sequence forward)."""
+        batch, seq = hidden.shape[:2]
+        mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device) if attention_mask is None else (
+            attention_mask.to(dtype=torch.long, device=hidden.device))
+        state = self._empty_state(batch, hidden.device, (m,))
+        state.attention_mask, state.position_ids = mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self._run_layer(state, self.num_layers + m, hidden, {}, {})
 
     def flush(self, state: EngineState) -> None:
         """Run every pending position through the remaining layers, so the cache is complete at every layer."""
@@ -284,7 +367,7 @@ class LayerEngine:
         cache = _KVOnlyCache(state.cache) if kv_only else state.cache
         kwargs = {self._cache_kwarg: cache}
         if self.parts.rotary is not None:
-            layer_type = self.layer_types[i] if self.parts.spec.rotary_per_layer_type else ""
+            layer_type = self._layer_type(i)
             if (layer_type, start) not in rotaries:
                 args = (layer_type,) if layer_type else ()
                 rotaries[layer_type, start] = self.parts.rotary(hidden, position_ids, *args)
@@ -293,7 +376,7 @@ class LayerEngine:
         state.work[prefix + "calls"][i] += 1
         state.work[prefix + "tokens"][i] += hidden.shape[0] * hidden.shape[1]
         try:
-            out = self.parts.layers[i](
+            out = self._layer(i)(
                 hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
             )
         except _KVWritten:

@@ -8,6 +8,8 @@ that the head's confidence stays honest about the mass it cannot name):
   from scratch or copied from the LM head.
 - `SharedHead`: a norm + a small residual adapter (low-rank or hidden x hidden, zero-initialised, so it starts as
   the model's own head applied early) in front of the model's frozen LM head, which it does not own or save.
+- `ContextHead`: a copy of one of the model's decoder layers in front of a `SharedHead`: it attends over the exit's
+  hidden states of earlier positions (its own KV cache, kept by the engine as a context layer).
 
 Every head reports its cost per token (`Cost`, see `costs_earlyexit.py`), so speed claims can be checked against the
 cost model.
@@ -100,9 +102,20 @@ class ExitHead(nn.Module):
         full[:, self.token_ids] = scores[:, :draft]
         return full
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    has_context = False  # a context head reads earlier positions through its block (see `ContextHead`)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits (`+ 1` for `OTHER` with a draft
-        vocabulary)."""
+        vocabulary). A context head needs whole sequences `(batch, seq, hidden)` (left padding marked by
+        `attention_mask`)."""
+        return self.logits_from(hidden)
+
+    def context_cost(self) -> Cost:
+        """Per-token cost of the head's context block (none: the head reads one position)."""
+        return Cost(0, 0)
+
+    def logits_from(self, hidden: Tensor) -> Tensor:
+        """The position-wise part of the head: `(..., hidden)` -> `(..., head_vocab)` logits."""
         normed = self.norm(hidden)
         logits = self.project(normed)
         if self.other is not None:
@@ -189,16 +202,72 @@ class SharedHead(ExitHead):
     def cost(self) -> Cost:
         weight, bias = self._rows()
         head = Cost(macs=weight.numel(), weight_bytes=weight.numel() * weight.element_size())
-        return module_cost(self) + head  # module_cost(self) covers norm, adapter and `other`
+        own = module_cost(self.norm) + module_cost(self.adapter)
+        return own + (module_cost(self.other) if self.other is not None else Cost(0, 0)) + head
+
+
+class ContextHead(SharedHead):
+    """A decoder layer of the base model's own architecture (`block`: a trainable copy of one of the model's layers)
+    in front of a shared head's norm, adapter and frozen LM head, as Kangaroo's adapter and EAGLE's draft layer: the
+    head reads its exit's hidden states of every earlier position through the block's attention.
+
+    The engine runs the block as a *context layer* with its own KV cache slot (`bind` tells the head which), so
+    decoding keeps that cache for every position, whichever exit the position left at; `forward` runs it over
+    whole sequences.
+    """
+
+    has_context = True
+
+    def __init__(
+        self, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
+        block: nn.Module, rank: int | None = None,
+    ) -> None:
+        super().__init__(final_norm, lm_head, token_ids, softcap, rank=rank)
+        self.block = block.requires_grad_(True)
+        self._engine, self._slot = None, None
+
+    def bind(self, engine, slot: int) -> None:
+        """Run the block as the engine's context layer `slot`."""
+        object.__setattr__(self, "_engine", engine)  # the model's engine: not a submodule of the head
+        self._slot = slot
+
+    @property
+    def context_slot(self) -> int:
+        """The engine's context layer that runs this head's block."""
+        return self._slot
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if self._engine is None:
+            raise RuntimeError("a context head runs its block through the model's engine; build it with the model")
+        if hidden.dim() != 3:
+            raise ValueError(f"a context head reads whole sequences (batch, seq, hidden); got {tuple(hidden.shape)}")
+        return self.logits_from(self._engine.run_context(self._slot, hidden, attention_mask))  # (batch, seq, vocab)
+
+    def context_cost(self) -> Cost:
+        return module_cost(self.block)
+
+
+def context_block(layer: nn.Module, attention: str, cache_index: int) -> nn.Module:
+    """A trainable copy of decoder `layer` that writes its keys and values to cache slot `cache_index` (its
+    `attention` submodule's `layer_idx`)."""
+    block = copy.deepcopy(layer)
+    for module in (block, getattr(block, attention)):
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = cache_index
+    return block.requires_grad_(True)
 
 
 def build_head(
     head_type: str, final_norm: nn.Module, lm_head: nn.Linear, token_ids: Tensor | None, softcap: float | None,
-    init: str = "lm_head", rank: int | None = None, init_std: float = 0.02,
+    init: str = "lm_head", rank: int | None = None, init_std: float = 0.02, block: nn.Module | None = None,
 ) -> ExitHead:
-    """One exit head of `head_type` (`"paper"` or `"shared"`)."""
+    """One exit head of `head_type` (`"paper"`, `"shared"` or `"context"`, which takes its `block`)."""
     if head_type == "paper":
         return PaperHead(final_norm, lm_head, token_ids, softcap, init=init, init_std=init_std)
     if head_type == "shared":
         return SharedHead(final_norm, lm_head, token_ids, softcap, rank=rank)
-    raise ValueError(f"head_type={head_type!r} is not one of paper, shared")
+    if head_type == "context":
+        if block is None:
+            raise ValueError("a context head needs its block (a copy of a decoder layer)")
+        return ContextHead(final_norm, lm_head, token_ids, softcap, block, rank=rank)
+    raise ValueError(f"head_type={head_type!r} is not one of paper, shared, context")

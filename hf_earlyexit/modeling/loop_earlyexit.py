@@ -96,7 +96,10 @@ class DecodeRun:
         eps = ee_model.config.eps if options.eps is None else options.eps
         rule = ExitRule.for_model(ee_model, eps, options.exit_policy, options.kv_fill)
         mask = model_kwargs.get("attention_mask")
-        state = engine.start(input_ids, torch.ones_like(input_ids) if mask is None else mask, rollback=rollback)
+        contexts = tuple(head.context_slot for head, on in zip(ee_model.exit_heads, rule.checked, strict=True)
+                         if on and head.has_context)  # checked context heads see every position
+        state = engine.start(input_ids, torch.ones_like(input_ids) if mask is None else mask, rollback=rollback,
+                             contexts=contexts)
         first = engine.final_logits(engine.run_to(state, engine.num_layers)[:, -1]).float()  # (batch, vocab)
         exit_layers = list(ee_model.config.exit_layers)
         stats = ExitStats(exit_layers=exit_layers, num_layers=engine.num_layers, checked_exits=[
@@ -155,7 +158,9 @@ def climb(run: DecodeRun, todo: Tensor, tokens: Tensor) -> Climb:
         if rule.checked[j]:
             rows = (index == num_exits).nonzero().squeeze(1)
             started = time.perf_counter()
-            head_logits = head(hidden[rows])  # (m, head_vocab)
+            # a context head reads its block's output, which has seen every earlier position (its own cache)
+            read = run.state.context_out[head.context_slot][:, -1] if head.has_context else hidden
+            head_logits = head.logits_from(read[rows])  # (m, head_vocab)
             tally.head_tokens[j] += len(rows)
             tally.head_calls[j] += 1
             fire = rule.fires(j, head, head_logits, hidden[rows], previous[rows] if previous is not None else None)

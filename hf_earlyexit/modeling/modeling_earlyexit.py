@@ -34,7 +34,7 @@ from .base_earlyexit import (
 from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig
 from .costs_earlyexit import CostModel
 from .decoding_earlyexit import early_exit_generate
-from .engine_earlyexit import LayerEngine
+from .engine_earlyexit import ContextLayer, LayerEngine
 from .folder_earlyexit import (
     BASE_SUBFOLDER,
     CALIBRATION_FILE,
@@ -48,7 +48,7 @@ from .folder_earlyexit import (
     replace_dir,
     resolved_commit,
 )
-from .heads_earlyexit import ExitHead, build_head
+from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
 from .metrics_earlyexit import threshold_for_eps
 from .options_earlyexit import OPTION_NAMES, DecodingOptions
@@ -123,9 +123,16 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 config.head_type, parts.norm, parts.lm_head, draft_ids, softcap,
                 init=config.head_init, rank=config.adapter_rank,
                 init_std=getattr(config.text_config, "initializer_range", 0.02),
+                block=self._context_block(k, m) if config.head_type == "context" else None,
             )
-            for _ in config.exit_layers
+            for m, k in enumerate(config.exit_layers)
         )
+        contexts = []
+        for head, k in zip(self.heads, config.exit_layers, strict=True):
+            if head.has_context:
+                head.bind(self.engine, len(contexts))
+                contexts.append(ContextLayer(head.block, source=k, copies=self._context_copies(k)))
+        self.engine.set_context_layers(contexts)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.calibration_stats: dict[str, Tensor] | None = None  # per head and token: score, agreement
         self.exit_stats = ExitStats(exit_layers=list(config.exit_layers), num_layers=self.engine.num_layers)
@@ -133,6 +140,15 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         # only): set it to a `DecodingOptions` to change the default mode
         self.decoding = DecodingOptions()
         self._costs: tuple[tuple, CostModel] | None = None
+
+    def _context_copies(self, k: int) -> int:
+        """The model layer the block of a context head at exit `k` copies (`config.context_init`)."""
+        return k if self.config.context_init == "next" else self.engine.num_layers - 1
+
+    def _context_block(self, k: int, m: int) -> nn.Module:
+        """The block of the `m`-th context head (exit `k`): it writes cache slot `L + m`, after the model's own."""
+        parts = self.engine.parts
+        return context_block(parts.layers[self._context_copies(k)], parts.spec.attn, self.engine.num_layers + m)
 
     # -- building and loading ----------------------------------------------------------------------------------
 
@@ -144,6 +160,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         head: str = EarlyExitConfig.head_type,
         *,
         head_init: str = EarlyExitConfig.head_init,
+        context_init: str = EarlyExitConfig.context_init,
         adapter_rank: int | None = None,
         draft_token_ids: Tensor | list[int] | None = None,
         draft_vocab_size: int | None = None,
@@ -159,7 +176,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             base: a loaded HF causal LM, a Hub id, a local path or `"embedded"`.
             exit_layers: exit after these decoder layers (1..L-1); default: exits at regular intervals.
-            head: `"paper"` or `"shared"`.
+            head: `"paper"`, `"shared"` or `"context"` (`context_init`: which layer the block copies).
             draft_token_ids: restrict heads to these token ids (e.g. the most frequent ones).
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
         """
@@ -178,7 +195,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             draft_vocab_size = len(draft_token_ids)
         config = EarlyExitConfig(
             base_model_name_or_path=name, base_revision=revision, text_config=base.config.to_dict(),
-            exit_layers=exit_layers, head_type=head, head_init=head_init, adapter_rank=adapter_rank,
+            exit_layers=exit_layers, head_type=head, head_init=head_init, context_init=context_init,
+            adapter_rank=adapter_rank,
             draft_vocab_size=draft_vocab_size, metric=metric, eps=eps, base_fingerprint=weight_fingerprint(base),
         )
         if draft_token_ids is not None:
@@ -375,7 +393,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         exit_hidden, logits = self.backbone_states(input_ids, attention_mask)
         return EarlyExitOutput(
             logits=logits,
-            exit_logits=tuple(head(hidden) for head, hidden in zip(self.heads, exit_hidden, strict=True)),
+            exit_logits=tuple(head(hidden, attention_mask) for head, hidden in zip(self.heads, exit_hidden,
+                                                                                      strict=True)),
             exit_hidden_states=exit_hidden if output_hidden_states else None,
         )
 

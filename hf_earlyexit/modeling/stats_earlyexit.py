@@ -165,21 +165,22 @@ def charge(stats: ExitStats, costs: CostModel, work: dict[str, list[int]], tally
     after the prompt pass (which plain decoding does alike), against the plain model's `decode_tokens` one-token
     passes in `plain_steps` batch steps."""
     num_layers = len(costs.layers)
-    stats.layer_tokens = sum(work["tokens"])
+    layers = costs.layers + costs.contexts  # the engine's layers: the model's, then context heads' blocks
+    stats.layer_tokens = sum(work["tokens"][:num_layers])
     stats.layer_tokens_full = decode_tokens * num_layers
     stats.kv_fill_tokens = sum(work["kv_tokens"])
     stats.head_tokens = sum(tally.head_tokens)
-    kv = costs.kv() if stats.kv_fill_tokens else [ZERO] * num_layers
+    kv = (costs.kv() if stats.kv_fill_tokens else [ZERO] * num_layers) + [ZERO] * len(costs.contexts)
 
     def spent(attr: str, counts: list[tuple[list[Cost], list[int]]]) -> int:
         return sum(getattr(c, attr) * t for parts, ts in counts for c, t in zip(parts, ts, strict=True))
 
     stats.macs = spent("macs", [
-        (costs.layers, work["tokens"]), (kv, work["kv_tokens"]), (costs.heads, tally.head_tokens),
+        (layers, work["tokens"]), (kv, work["kv_tokens"]), (costs.tails, tally.head_tokens),
         ([costs.final], [tally.final_tokens]),
     ])
     stats.weight_bytes = spent("weight_bytes", [
-        (costs.layers, work["calls"]), (kv, work["kv_calls"]), (costs.heads, tally.head_calls),
+        (layers, work["calls"]), (kv, work["kv_calls"]), (costs.tails, tally.head_calls),
         ([costs.final], [tally.final_calls]),
     ])
     stats.macs_full = costs.full.macs * decode_tokens

@@ -126,7 +126,7 @@ def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainCon
     if isinstance(targets, SparseTargets):  # one set of full-vocabulary top-k tokens serves every head
         targets = [targets] * len(model.exit_heads)
     for head, hidden, target in zip(model.exit_heads, teacher.hidden, targets, strict=True):
-        logits = head(hidden)  # (batch, seq, head_vocab)
+        logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
         if isinstance(target, SparseTargets):
             loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam)
         else:
@@ -161,7 +161,7 @@ def evaluate_heads(
         real = teacher.mask.bool()
         count += int(real.sum())
         for j, (head, hidden) in enumerate(zip(model.exit_heads, teacher.hidden, strict=True)):
-            logits = head(hidden)  # (batch, seq, head_vocab)
+            logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
             agree[j] += agrees_with(head, logits, teacher.top)[real].float().sum().item()
             logp = F.log_softmax(logits.float(), -1)
             entropy[j] += (-(logp.exp() * logp).sum(-1))[real].sum().item()
@@ -331,8 +331,11 @@ def load_checkpoint(folder: Path, model, optimizer, config: TrainConfig, acceler
 
 def _heads_identity(model: EarlyExitForCausalLM) -> dict:
     c = model.config
-    return {"exit_layers": list(c.exit_layers), "head_type": c.head_type, "head_init": c.head_init,
-            "adapter_rank": c.adapter_rank, "draft_vocab_size": c.draft_vocab_size}
+    identity = {"exit_layers": list(c.exit_layers), "head_type": c.head_type, "head_init": c.head_init,
+                "adapter_rank": c.adapter_rank, "draft_vocab_size": c.draft_vocab_size}
+    if c.head_type == "context":
+        identity["context_init"] = c.context_init
+    return identity
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, Tensor], list]:
