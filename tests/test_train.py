@@ -300,3 +300,30 @@ def test_text_records_become_passages(tmp_path):
     (tmp_path / "ids.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="holds no prose"):
         read_text_files([tmp_path / "ids.csv"])
+
+
+def test_train_job_draft_vocabulary_comes_from_its_own_corpus_and_topk_trains_from_features(base_path, tmp_path):
+    """The draft vocabulary is built from the corpus the heads train on (the user's text included), and
+    `loss="topk"` runs the backbone once into a feature store that a second run reuses."""
+    from hf_earlyexit.training.features import MANIFEST
+    from hf_earlyexit.training.pipeline import TrainJob, run_train
+
+    text = tmp_path / "zzz.jsonl"
+    text.write_text("".join('{"text": "zzz zzz zzz zzz zz z"}\n' for _ in range(40)))  # mostly the letter z
+    spec = GenerationSpec(num_sequences=4, max_new_tokens=8)
+    config = TrainConfig(steps=4, batch_size=4, loss="topk", topk=6, lam=0.1, log_every=2, checkpoint_every=4)
+    job = TrainJob(model=base_path, output_dir=str(tmp_path / "heads"), head="shared", adapter_rank=4,
+                   draft_vocab_size=5, text_files=[str(text)], seq_len=16, held_out_fraction=0.2,
+                   features_dir=str(tmp_path / "features"))
+    model, report = run_train(job, spec, config)
+    z = model.tokenizer.convert_tokens_to_ids("z")
+    assert z in model.exit_heads[0].token_ids.tolist()
+    assert (tmp_path / "features" / MANIFEST).exists() and list((tmp_path / "features").glob("shard-*"))
+    assert len(report) == 3 and all(0 <= r["agreement"] <= 1 for r in report)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("shard-*")}
+    job.output_dir, job.work_dir = str(tmp_path / "again"), str(tmp_path / "again.work")
+    run_train(job, spec, config)
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("shard-*")}
+    job.prompt_file, job.output_dir = str(tmp_path / "missing.txt"), str(tmp_path / "third")
+    with pytest.raises(FileNotFoundError):
+        run_train(job, spec, config)

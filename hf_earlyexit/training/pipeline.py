@@ -12,6 +12,7 @@ from accelerate.utils import parse_flag_from_env
 
 from ..loading import is_heads_folder, load
 from ..modeling.base_earlyexit import DTYPES, EMBEDDED, load_base_model, load_tokenizer
+from ..modeling.configuration_earlyexit import CONTEXT_INITS, HEAD_TYPES
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .calibrate import calibration_spec, run_calibration, save_calibrated
 from .data import (
@@ -24,6 +25,7 @@ from .data import (
     read_text_files,
     text_corpus,
 )
+from .features import FeatureStore
 from .train import CURVES_PNG, LOG_CSV, TrainConfig, evaluate_heads, train_heads
 
 logger = logging.getLogger(__name__)
@@ -40,49 +42,74 @@ class TrainJob:
     work_dir: str | None = field(default=None, metadata={"help": "checkpoints and logs (default: <output_dir>.work)"})
     dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
     exit_layers: list[int] | None = field(default=None, metadata={"help": "exit after these layers"})
-    head: str = field(default="shared", metadata={"help": "head type", "choices": ["paper", "shared"]})
+    head: str = field(default="shared", metadata={"help": "head type", "choices": list(HEAD_TYPES)})
     head_init: str = field(default="lm_head", metadata={"help": "paper heads: lm_head or scratch"})
+    context_init: str = field(default="next", metadata={
+        "help": "context heads: the layer their block copies", "choices": list(CONTEXT_INITS)})
     adapter_rank: int | None = field(default=64, metadata={"help": "shared heads: adapter rank"})
     draft_vocab_size: int | None = field(
         default=16384, metadata={"help": "restrict heads to the N most frequent tokens of the data (0: full vocab)"}
     )
     prompt_file: str | None = field(default=None, metadata={"help": "seed prompts, one per line (UTF-8)"})
     text_files: list[str] | None = field(default=None, metadata={"help": "plain-text files for teacher forcing"})
+    seq_len: int = field(default=128, metadata={"help": "text files: tokens per teacher-forced window"})
     held_out_fraction: float = field(default=0.1, metadata={"help": "sequences kept out of training for the report"})
+    features_dir: str | None = field(default=None, metadata={
+        "help": "loss topk: where the backbone's features go (default: <work_dir>/features; reused when it holds "
+                "this corpus)"})
 
     @property
     def work_path(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(f"{self.output_dir}.work")
 
+    @property
+    def features_path(self) -> Path:
+        return Path(self.features_dir) if self.features_dir else self.work_path / "features"
+
 
 def build_corpus(job: TrainJob, spec: GenerationSpec, base, tokenizer, model_id: str) -> Corpus:
-    """The training text: the model's own generations from seed prompts, plus user text files if given."""
-    if job.prompt_file:
-        spec.prompts = list(read_prompt_file(job.prompt_file))
-    corpus = generate_corpus(base, tokenizer, spec, model_id)
+    """The training text: the model's own generations from seed prompts (none when `spec.num_sequences` is 0),
+    plus the user's text files teacher-forced, cut into windows of `job.seq_len` tokens."""
+    read_inputs(job, spec)
+    parts = []
+    if spec.num_sequences:
+        parts.append(generate_corpus(base, tokenizer, spec, model_id))
     if job.text_files:
-        text = text_corpus(tokenizer, read_text_files(job.text_files), seq_len=corpus.input_ids.shape[1],
-                           source=",".join(job.text_files))
-        corpus = concat_corpora(corpus, text, tokenizer.pad_token_id or 0)
+        parts.append(text_corpus(tokenizer, read_text_files(job.text_files), seq_len=job.seq_len,
+                                 source=",".join(job.text_files)))
+    if not parts:
+        raise ValueError("no training text: give --num_sequences > 0 (generated text) or --text_files")
+    corpus = parts[0]
+    for part in parts[1:]:
+        corpus = concat_corpora(corpus, part, tokenizer.pad_token_id or 0)
     return corpus
 
 
 def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple[EarlyExitForCausalLM, list[dict]]:
-    """Generate data, build (or reload) heads, train them, report held-out agreement and save the folder."""
+    """Build the corpus, build (or reload) heads over it, train them, report held-out agreement, save the folder.
+
+    With `loss="topk"` the backbone runs over the training corpus once, into a `FeatureStore` on disk
+    (`features_dir`, default `<work_dir>/features`), and training streams from it.
+    """
     out = Path(job.output_dir)
     if out.exists() and any(out.iterdir()) and not (job.overwrite or job.resume):
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
+    read_inputs(job, spec)  # before any model work: a bad prompt or text file fails at once
     # one process, or each of an `accelerate launch`; made as `Accelerator` makes it, so CPU launches count their ranks
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    with state.main_process_first():  # the main process writes the generated data; the others read its cache
+    with state.main_process_first():  # the main process writes generated data and features; the others read them
+        base, tokenizer, heads = _base_of(job)
+        corpus = build_corpus(job, spec, base, tokenizer, heads.config.base_model_name_or_path if heads else job.model)
         with torch.random.fork_rng():  # new heads draw their initial weights from `seed`: every process the same
             torch.manual_seed(config.seed)
-            model = _load_or_build(job, spec)
+            model = heads or _new_heads(job, base, tokenizer, corpus)
         model.backbone.eval()
-        corpus = build_corpus(job, spec, model.backbone, model.tokenizer, model.config.base_model_name_or_path)
-    held_out, train = corpus.split(job.held_out_fraction)
+        held_out, train = corpus.split(job.held_out_fraction)
+        data = train
+        if config.loss == "topk":
+            data = FeatureStore.build(model, train, job.features_path, k=config.topk)
     logger.info("Training on %d sequences (%d tokens), %d held out", len(train), train.num_tokens, len(held_out))
-    train_heads(model, train, config, job.work_path, resume=job.resume)
+    train_heads(model, data, config, job.work_path, resume=job.resume)
     report = evaluate_heads(model, held_out)
     model.config.training = {
         "steps": config.steps, "train_config": asdict(config), "data": {**asdict(spec), "sequences": len(train),
@@ -95,21 +122,34 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
     return model, report
 
 
-def _load_or_build(job: TrainJob, spec: GenerationSpec) -> EarlyExitForCausalLM:
+def read_inputs(job: TrainJob, spec: GenerationSpec) -> None:
+    """Read the prompt file into `spec` and check the text files, before any model work."""
+    if job.prompt_file:
+        spec.prompts = list(read_prompt_file(job.prompt_file))
+    if job.text_files:
+        read_text_files(job.text_files)
+
+
+def _base_of(job: TrainJob):
+    """`(base, tokenizer, heads)`: the base model and tokenizer, and the heads when `job.model` is a heads folder to
+    go on training (else `None`)."""
     dtype = DTYPES[job.dtype]
     if job.model != EMBEDDED and is_heads_folder(job.model):
-        model, _ = _load_heads(job.model, dtype)
-        return model
-    base = load_base_model(job.model, dtype=dtype)
-    tokenizer = load_tokenizer(job.model)
+        model, tokenizer = _load_heads(job.model, dtype)
+        return model.backbone, tokenizer, model
+    return load_base_model(job.model, dtype=dtype), load_tokenizer(job.model), None
+
+
+def _new_heads(job: TrainJob, base, tokenizer, corpus: Corpus) -> EarlyExitForCausalLM:
+    """Fresh heads over `base`, their draft vocabulary the most frequent tokens of the corpus they train on."""
     draft = None
     if job.draft_vocab_size:
-        corpus = generate_corpus(base, tokenizer, spec, job.model)
         always = [t for t in [tokenizer.eos_token_id] if t is not None]
         draft = draft_vocabulary(corpus, base.config.get_text_config().vocab_size, job.draft_vocab_size, always)
     return EarlyExitForCausalLM.from_base(
-        base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init,
-        adapter_rank=job.adapter_rank if job.head == "shared" else None, draft_token_ids=draft, tokenizer=tokenizer,
+        base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init, context_init=job.context_init,
+        adapter_rank=job.adapter_rank if job.head in ("shared", "context") else None, draft_token_ids=draft,
+        tokenizer=tokenizer,
     )
 
 

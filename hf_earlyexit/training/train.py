@@ -48,6 +48,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lam: float = 0.95  # the paper's best setting: a high entropy penalty, with heads trained from scratch
     loss: str = "ce"
+    topk: int = 64  # loss topk: the model's most likely tokens kept per position
     # per-head multipliers of the learning rate (one per exit; None: all 1)
     head_lr_scale: list[float] | None = None
     mixed_precision: str = "no"
@@ -61,6 +62,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.topk < 1:
+            raise ValueError(f"topk={self.topk!r} must be a positive number of tokens")
         if self.head_lr_scale is not None and any(not scale > 0 for scale in self.head_lr_scale):
             raise ValueError(f"head_lr_scale={self.head_lr_scale!r} must hold positive numbers, one per exit")
         if not 0.0 <= self.lam <= 1.0:
