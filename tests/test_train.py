@@ -185,7 +185,7 @@ def test_accelerate_data_parallel_training_equals_one_process_with_the_whole_bat
 
 def test_calibration_metric_auto_takes_the_metric_that_lets_most_tokens_exit(base_path, corpus, tmp_path):
     from hf_earlyexit.modeling.configuration_earlyexit import METRICS
-    from hf_earlyexit.modeling.metrics_earlyexit import threshold_for_eps
+    from hf_earlyexit.modeling.exits_earlyexit import fit_thresholds
     from hf_earlyexit.training.calibrate import cascade_table, collect
 
     model = fresh(base_path, head="paper", head_init="scratch")
@@ -198,7 +198,7 @@ def test_calibration_metric_auto_takes_the_metric_that_lets_most_tokens_exit(bas
     _, fit = corpus.split(0.5)
     for metric in METRICS:  # each metric's share of exiting tokens, measured one metric at a time
         records = collect(model, fit, metric)
-        taus = [threshold_for_eps(r["score"], r["agree"], 0.6) for r in records]
+        taus = fit_thresholds([r["score"] for r in records], [r["agree"] for r in records], 0.6)
         expected = cascade_table(records, {"0.6": taus})[0]["exited"]
         assert selection["exited"][metric] == pytest.approx(expected), metric
     assert model.config.metric == max(METRICS, key=lambda m: selection["exited"][m])
@@ -327,3 +327,30 @@ def test_train_job_draft_vocabulary_comes_from_its_own_corpus_and_topk_trains_fr
     job.prompt_file, job.output_dir = str(tmp_path / "missing.txt"), str(tmp_path / "third")
     with pytest.raises(FileNotFoundError):
         run_train(job, spec, config)
+
+
+def test_cascade_fit_holds_the_whole_rule_at_eps_where_per_head_fits_fall_short():
+    """Exit 2 alone agrees at ε on all tokens, but exit 1 takes its easy tokens first: fit per head, the tokens exit 2
+    gets agree below ε; fit for the cascade, every exit's share and the whole rule stay at ε or above."""
+    from hf_earlyexit.modeling.exits_earlyexit import fit_thresholds
+    from hf_earlyexit.training.calibrate import cascade_table
+
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    easy = torch.rand(n, generator=gen) < 0.5
+    score1 = torch.where(easy, 0.9, 0.1) + 0.01 * torch.rand(n, generator=gen)  # exit 1 sees which tokens are easy
+    agree1 = easy & (torch.rand(n, generator=gen) < 0.95)
+    score2 = torch.rand(n, generator=gen)
+    agree2 = easy | (torch.rand(n, generator=gen) < score2)  # easy tokens always agree at exit 2
+    records = [{"score": score1, "agree": agree1}, {"score": score2, "agree": agree2}]
+    eps = 0.9
+    for fit, at_least in (("per_head", False), ("cascade", True)):
+        taus = fit_thresholds([score1, score2], [agree1, agree2], eps, fit)
+        row = cascade_table(records, {f"{eps:g}": taus})[0]
+        left_at_2 = (score1 < taus[0]) & (score2 >= taus[1])
+        share = float(agree2[left_at_2].double().mean())
+        assert (share >= eps - 1e-9) == at_least, (fit, share)
+        if fit == "cascade":
+            assert row["agreement_exited"] >= eps - 1e-9
+    with pytest.raises(ValueError, match="fit='greedy'"):
+        fit_thresholds([score1], [agree1], eps, "greedy")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .costs_earlyexit import CostModel
-from .metrics_earlyexit import confidence
+from .metrics_earlyexit import confidence, threshold_for_eps
 from .options_earlyexit import EXIT_POLICIES
 
 
@@ -127,4 +127,31 @@ def choose_checked(scores: Tensor, thresholds: Sequence[float | None], costs: Co
         if best_cost is None or mean < best_cost:
             best, best_cost = chosen, mean
     return best
+
+
+RULE_FITS = ("cascade", "per_head")
+
+
+def fit_thresholds(scores: Sequence[Tensor], agree: Sequence[Tensor], eps: float, fit: str = "cascade"
+                   ) -> list[float | None]:
+    """Per-exit thresholds at `eps` from calibration tokens: `scores[j]`, `agree[j]` `(N,)` of exit `j`, aligned
+    (entry `i` is one token for every exit).
+
+    `fit="cascade"` fits the whole rule: each exit on the tokens the exits before it let through, so the tokens that
+    leave at every exit agree at rate >= `eps` and so do all exited tokens together (an exit judged on every token
+    would count the easy ones earlier exits already took, and let through too many hard ones). `fit="per_head"`
+    fits each exit alone on every token (how folders calibrated before the cascade fit were made).
+    """
+    if fit not in RULE_FITS:
+        raise ValueError(f"fit={fit!r} is not one of {', '.join(RULE_FITS)}")
+    if fit == "per_head":
+        return [threshold_for_eps(s, a.bool(), eps) for s, a in zip(scores, agree, strict=True)]
+    through = torch.ones_like(scores[0], dtype=torch.bool)  # tokens no earlier exit took
+    thresholds: list[float | None] = []
+    for score, hit in zip(scores, agree, strict=True):
+        tau = threshold_for_eps(score[through], hit.bool()[through], eps) if bool(through.any()) else None
+        thresholds.append(tau)
+        if tau is not None:
+            through &= score < tau
+    return thresholds
 

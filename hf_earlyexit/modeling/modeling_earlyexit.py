@@ -35,6 +35,7 @@ from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig
 from .costs_earlyexit import CostModel
 from .decoding_earlyexit import early_exit_generate
 from .engine_earlyexit import ContextLayer, LayerEngine
+from .exits_earlyexit import fit_thresholds
 from .folder_earlyexit import (
     BASE_SUBFOLDER,
     CALIBRATION_FILE,
@@ -50,7 +51,6 @@ from .folder_earlyexit import (
 )
 from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
-from .metrics_earlyexit import threshold_for_eps
 from .options_earlyexit import OPTION_NAMES, DecodingOptions
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
@@ -450,10 +450,12 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         if not self.calibration_stats:
             raise ValueError(f"eps={eps!r}: these heads are not calibrated (run `hf-earlyexit calibrate`)")
         stats = self.calibration_stats
-        return [
-            threshold_for_eps(stats[f"score.{j}"], stats[f"agree.{j}"].bool(), float(eps))
-            for j in range(self.config.num_exits)
-        ]
+        fit = (self.config.calibration or {}).get("fit", "per_head")  # folders from before the cascade fit
+        if "aligned" not in stats:
+            fit = "per_head"
+        exits = range(self.config.num_exits)
+        return fit_thresholds([stats[f"score.{j}"] for j in exits], [stats[f"agree.{j}"] for j in exits],
+                              float(eps), fit)
 
     @property
     def costs(self) -> CostModel:

@@ -21,13 +21,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..modeling.configuration_earlyexit import METRICS
-from ..modeling.exits_earlyexit import ExitRule, first_exit
+from ..modeling.exits_earlyexit import ExitRule, first_exit, fit_thresholds
 from ..modeling.metrics_earlyexit import (
     DEFAULT_EPS_GRID,
     confidence,
     exit_rate_and_agreement,
-    threshold_for_eps,
-    thresholds_for_grid,
 )
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import CALIBRATION_PROMPTS, Corpus, GenerationSpec, generate_corpus
@@ -87,9 +85,12 @@ def collect_metrics(
         previous = embed(ids)  # (batch, seq, hidden): what the first exit's similarity compares against
         for j, head in enumerate(model.exit_heads):
             hidden, logits = out.exit_hidden_states[j], out.exit_logits[j]
+            # a head whose top class is OTHER cannot exit (the rule): such tokens never pass a threshold
+            real_token = head.to_token_ids(logits.argmax(-1)) >= 0
             for metric in metrics:
                 score = confidence(metric, logits=logits, hidden=hidden, previous_hidden=previous)  # (batch, seq)
-                scores[j][metric].append(score[real].float().cpu())
+                score = score.float().masked_fill(~real_token, -math.inf)
+                scores[j][metric].append(score[real].cpu())
             agrees[j].append(agreement(head, logits, out.logits)[real].cpu())
             previous = hidden
     return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a)}
@@ -114,6 +115,12 @@ def eps_table(records: list[dict], thresholds: dict[str, list], exit_layers: lis
             coverage, agree = exit_rate_and_agreement(rec["score"], rec["agree"], tau)
             rows.append({"eps": float(key), "exit": layer, "threshold": tau, "coverage": coverage, "agreement": agree})
     return rows
+
+
+def grid_thresholds(records: list[dict], grid) -> dict[str, list[float | None]]:
+    """`f"{eps:g}"` -> per-exit thresholds fit for the whole rule (`fit_thresholds`, cascade) at every ε of `grid`."""
+    scores, agree = [r["score"] for r in records], [r["agree"] for r in records]
+    return {f"{float(eps):g}": fit_thresholds(scores, agree, float(eps)) for eps in grid}
 
 
 def cascade_table(records: list[dict], thresholds: dict[str, list]) -> list[dict]:
@@ -155,8 +162,7 @@ def run_calibration(
     else:
         records = collect(model, fit, metric, config.batch_size)
     check_enough(records, model.config.exit_layers, config.min_tokens)
-    per_head = [thresholds_for_grid(r["score"], r["agree"], config.eps_grid) for r in records]
-    thresholds = {key: [h[key] for h in per_head] for key in per_head[0]}
+    thresholds = grid_thresholds(records, config.eps_grid)
     held = collect(model, check, metric, config.batch_size)
     check_rows = eps_table(held, thresholds, model.config.exit_layers)
     cascade_rows = cascade_table(held, thresholds)
@@ -164,7 +170,8 @@ def run_calibration(
     model.config.thresholds = thresholds
     model.calibration_stats = _stats_tensors(records)
     model.config.calibration = {
-        "metric": metric, "prompts": list(CALIBRATION_PROMPTS), "sequences": len(fit), "tokens": fit.num_tokens,
+        "metric": metric, "fit": "cascade", "prompts": list(CALIBRATION_PROMPTS), "sequences": len(fit),
+        "tokens": fit.num_tokens,
         "check_sequences": len(check), "check_tokens": check.num_tokens, "config": asdict(config),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "check": check_rows,
         "cascade": cascade_rows,
@@ -187,8 +194,7 @@ def choose_metric(
     exited = {}
     for metric in METRICS:
         records = [{"score": r[metric], "agree": r["agree"]} for r in every]
-        taus = {f"{eps:g}": [threshold_for_eps(r["score"], r["agree"], eps) for r in records]}
-        exited[metric] = cascade_table(records, taus)[0]["exited"]
+        exited[metric] = cascade_table(records, grid_thresholds(records, [eps]))[0]["exited"]
     best = max(METRICS, key=lambda m: exited[m])
     logger.info("Confidence metric at ε=%g: %s (fraction of calibration tokens that exit: %s)", eps, best,
                 ", ".join(f"{m} {v:.3f}" for m, v in exited.items()))
