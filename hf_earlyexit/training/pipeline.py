@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ class TrainJob:
     prompt_file: str | None = field(default=None, metadata={"help": "seed prompts, one per line (UTF-8)"})
     text_files: list[str] | None = field(default=None, metadata={"help": "plain-text files for teacher forcing"})
     seq_len: int = field(default=128, metadata={"help": "text files: tokens per teacher-forced window"})
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "text files: read at most this many tokens (passages in file order, windows kept whole)"})
     held_out_fraction: float = field(default=0.1, metadata={"help": "sequences kept out of training for the report"})
     features_dir: str | None = field(default=None, metadata={
         "help": "loss topk: where the backbone's features go (default: <work_dir>/features; reused when it holds "
@@ -75,8 +78,14 @@ def build_corpus(job: TrainJob, spec: GenerationSpec, base, tokenizer, model_id:
     if spec.num_sequences:
         parts.append(generate_corpus(base, tokenizer, spec, model_id))
     if job.text_files:
-        parts.append(text_corpus(tokenizer, read_text_files(job.text_files), seq_len=job.seq_len,
-                                 source=",".join(job.text_files)))
+        per_file = [read_text_files([path]) for path in job.text_files]
+        # round robin over the files, so a token budget reads some of each
+        passages = [p for group in itertools.zip_longest(*per_file) for p in group if p is not None]
+        text = text_corpus(tokenizer, passages, seq_len=job.seq_len, source=",".join(job.text_files))
+        if job.max_text_tokens:
+            rows = max(1, job.max_text_tokens // job.seq_len)
+            text = Corpus(text.input_ids[:rows], text.attention_mask[:rows], text.source)
+        parts.append(text)
     if not parts:
         raise ValueError("no training text: give --num_sequences > 0 (generated text) or --text_files")
     corpus = parts[0]
