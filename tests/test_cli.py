@@ -99,11 +99,16 @@ def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
     assert set(report["sets"]) == {"varied", "repetitive"}
     for part in report["sets"].values():
         rows = {r["family"]: r for r in part["rows"]}
-        families = {"plain", "dssd", "dssd_lookup", "early_exit", "hf_early_exit", "prompt_lookup", "layerskip"}
+        families = {"plain", "dssd", "dssd_lookup", "early_exit", "hf_early_exit", "prompt_lookup", "layerskip",
+                    "oracle_dssd"}
         assert families <= set(rows)
-        for family in ("dssd", "dssd_lookup", "layerskip", "hf_early_exit", "prompt_lookup"):
+        for family in ("dssd", "dssd_lookup", "layerskip", "hf_early_exit", "prompt_lookup", "oracle_dssd"):
             assert rows[family]["identical_sequences"] == 2, family  # lossless methods reproduce plain greedy
         assert rows["dssd"]["drafted"] > 0 and 0 <= rows["dssd"]["acceptance_rate"] <= 1
+        oracles = [r for r in part["rows"] if r["family"] == "oracle_dssd"]
+        assert len(oracles) == 3 and all(r["acceptance_rate"] == 1.0 for r in oracles)  # the oracle is always kept
+        best = max(r["tokens_per_s"] for r in oracles)
+        assert rows["dssd"]["vs_ceiling"] == pytest.approx(rows["dssd"]["tokens_per_s"] / best)
 
 
 def test_bench_vocab_study(calibrated_folder, tmp_path, monkeypatch, capsys):

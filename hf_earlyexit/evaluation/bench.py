@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 
 from ..formatting import num
 from ..loading import ModelArgs
+from ..modeling.drafters_earlyexit import Proposal
+from ..modeling.exits_earlyexit import ExitRule
+from ..modeling.loop_earlyexit import DecodeRun, climb
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from ..modeling.options_earlyexit import DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS
 from ..training.data import GenerationSpec, draft_vocabulary, generate_corpus
@@ -85,6 +88,9 @@ class BenchArgs(ModelArgs):
     batch_size: int = field(default=1, metadata={"help": "prompts per generate call (left padded)"})
     num_prompts: int = field(default=len(BENCH_PROMPTS), metadata={"help": "how many prompts of each set to use"})
     repeats: int = field(default=1, metadata={"help": "timed repetitions of every configuration (median kept)"})
+    oracle: bool = field(default=True, metadata={
+        "help": "dssd mode: also time the oracle ceiling, DSSD whose drafts at each exit are the full model's own "
+                "tokens at that exit's real cost (every speed is then also given as a fraction of the best ceiling)"})
     per_exit: bool = field(default=True, metadata={"help": "early_exit mode: also time tokens forced to leave at "
                                                            "each exit"})
     vocab_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768, 65536],
@@ -165,6 +171,32 @@ def _forced(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
     return {"0": taus}
 
 
+class OracleDrafter:
+    """The oracle ceiling of DSSD at exit `j`: it drafts the full model's own next token (known from a plain greedy
+    run of the same prompts) while doing the real work of a draft at exit `j` (the layers below it and its head), so
+    every draft is kept and the time is the best a head at that exit could give."""
+
+    name = "oracle"
+
+    def __init__(self, run: DecodeRun, j: int, reference: list[list[int]]) -> None:
+        num_exits = run.rule.num_exits
+        thresholds = tuple(-math.inf if i == j else None for i in range(num_exits))
+        self.rule = ExitRule(thresholds, tuple(i == j for i in range(num_exits)), run.rule.metric)
+        self.run, self.j, self.reference = run, j, reference
+
+    def propose(self, wanted: torch.Tensor, newest: torch.Tensor, history: list[list[int]]) -> Proposal:
+        tokens = torch.full_like(newest, -1)
+        if bool(wanted.any()):
+            climb(self.run, wanted, newest, self.rule)  # the work of a draft at exit j (its verdict is not needed)
+        for i in wanted.nonzero().squeeze(1).tolist():
+            sofar = history[i]
+            ref = next((r for r in self.reference if r[: len(sofar)] == sofar and len(r) > len(sofar)), None)
+            if ref is not None:
+                tokens[i] = ref[len(sofar)]
+        exits = torch.full_like(newest, self.rule.num_exits).masked_fill(wanted, self.j)
+        return Proposal(ok=wanted & (tokens >= 0), exits=exits, tokens=tokens)
+
+
 @dataclass
 class _Config:
     """One timed configuration of the bench."""
@@ -175,7 +207,9 @@ class _Config:
     run: object  # (encoding) -> (sequences, ExitStats | None)
 
 
-def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list[_Config]:
+def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, references: dict) -> list[_Config]:
+    """Every timed configuration; `references` (filled before timing) maps `id(encoding)` to the plain greedy
+    sequences of that encoding, which the oracle drafts from."""
     saved = dict(model.config.thresholds or {})
 
     def plain(enc):
@@ -195,6 +229,14 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
     def hf(**extra):
         def run(enc):
             return model.generate(**enc, mode="plain", **extra, **common), None
+        return run
+
+    def oracle(j):
+        def run(enc):
+            def drafter(decode_run):
+                return OracleDrafter(decode_run, j, references[id(enc)])
+            return ours("dssd", 0.0, _forced(model, j), max_draft=args.max_draft, exit_policy="all",
+                        drafters=(drafter,))(enc)
         return run
 
     exits = model.config.exit_layers
@@ -223,6 +265,9 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict) -> list
             for eps in args.dssd_eps_grid:
                 configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
                                        ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
+        if args.oracle:
+            for j, layer in enumerate(exits):
+                configs.append(_Config("oracle_dssd", f"oracle DSSD at exit@{layer}", {"exit": layer}, oracle(j)))
         if args.peers:
             for layer in args.hf_early_exit_layers or exits:
                 configs.append(_Config("hf_early_exit", f"HF assistant_early_exit={layer}", {"layer": layer},
@@ -302,9 +347,15 @@ def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, group
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
     same_loop = next((r["tokens_per_s"] for r in rows if r["family"] == "early_exit" and r["eps"] == 1.0), None)
+    # the ceilings: DSSD with an oracle drafter, early exit forced to one exit (same work, the head's tokens)
+    ceilings = {"dssd": max((r["tokens_per_s"] for r in rows if r["family"] == "oracle_dssd"), default=None),
+                "early_exit": max((r["tokens_per_s"] for r in rows if r["family"] == "forced"), default=None)}
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_speed
         row["speedup_vs_eps1"] = row["tokens_per_s"] / same_loop if same_loop else None
+        kind = "dssd" if row["family"].startswith("dssd") or row["family"] == "layerskip" else row["family"]
+        ceiling = ceilings.get(kind)
+        row["vs_ceiling"] = row["tokens_per_s"] / ceiling if ceiling else None
     return rows
 
 
@@ -331,7 +382,8 @@ def run_bench(args: BenchArgs) -> dict:
     # EOS off (no extra logits processor), so every run writes exactly max_new_tokens tokens
     common = {"max_new_tokens": args.max_new_tokens, "eos_token_id": None, "do_sample": False,
               "pad_token_id": tokenizer.pad_token_id}
-    configs = _configs(args, model, common)
+    references: dict[int, list[list[int]]] = {}
+    configs = _configs(args, model, common, references)
     report = {
         "model": args.model, "dtype": args.dtype, "mode": args.mode, "kv_fill": args.kv_fill,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
@@ -345,6 +397,8 @@ def run_bench(args: BenchArgs) -> dict:
             groups = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
             encoded = [tokenizer(g, return_tensors="pt", padding=True) for g in groups]
             configs[0].run(encoded[0])  # warm-up
+            for enc in encoded:  # what the oracle drafts: the plain model's own greedy tokens
+                references[id(enc)] = model.generate(**enc, mode="plain", **common).tolist()
             times, outputs, stats = _measure(args, configs, encoded)
             report["sets"][name] = {"prompts": prompts, "rows": _rows(configs, times, outputs, stats, len(encoded))}
     out_dir = Path(args.output_dir)
@@ -366,9 +420,9 @@ def bench_table(report: dict) -> str:
             f"{name} prompts: {report['dtype']}, batch {report['batch_size']}, {report['max_new_tokens']} new tokens "
             f"x {len(part['prompts'])} prompts, {report['threads']} threads",
             "",
-            "| run | tok/s | vs plain | vs ε=1 | token agreement | identical seqs | accepted / drafted | accepted per "
-            "round | layer work | MACs | exits (" + " / ".join(names) + ") |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| run | tok/s | vs plain | vs ε=1 | vs ceiling | token agreement | identical seqs | accepted / drafted | "
+            "accepted per round | layer work | MACs | exits (" + " / ".join(names) + ") |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in part["rows"]:
             exits = " / ".join(f"{f:.2f}" for f in row["exit_fractions"]) if "exit_fractions" in row else "–"
@@ -376,7 +430,8 @@ def bench_table(report: dict) -> str:
                          if "identical_sequences" in row else "–")
             lines.append(
                 f"| {row['label']} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f} | "
-                f"{num(row['speedup_vs_eps1'], '.2f')} | {num(row.get('agreement', 1.0))} | {identical} | "
+                f"{num(row['speedup_vs_eps1'], '.2f')} | {num(row.get('vs_ceiling'), '.2f')} | "
+                f"{num(row.get('agreement', 1.0))} | {identical} | "
                 f"{num(row.get('acceptance_rate'), '.2f')} | {num(row.get('mean_accepted'), '.2f')} | "
                 f"{num(row.get('layers_fraction'), '.2f')} | {num(row.get('macs_fraction'), '.2f')} | {exits} |"
             )
@@ -412,4 +467,5 @@ def plot_bench(report: dict, path: Path) -> None:
 
 _FAMILY_COLOURS = {"plain": "black", "early_exit": "tab:blue", "forced": "tab:cyan", "dssd": "tab:red",
                    "dssd_lookup": "tab:pink",
-                   "hf_early_exit": "tab:orange", "prompt_lookup": "tab:green", "layerskip": "tab:purple"}
+                   "hf_early_exit": "tab:orange", "prompt_lookup": "tab:green", "layerskip": "tab:purple",
+                   "oracle_dssd": "tab:gray"}

@@ -25,15 +25,17 @@ from .stats_earlyexit import ExitStats, Tally, charge
 _OTHER_LOOPS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "custom_generate")
 
 
-def run_decoding_loop(ee_model, loop, what: str, inputs: Tensor | None, options: DecodingOptions, kwargs: dict):
+def run_decoding_loop(ee_model, loop, what: str, inputs: Tensor | None, options: DecodingOptions, kwargs: dict,
+                      **loop_kwargs):
     """Let the base model's `generate()` prepare everything (configs, processors, stopping criteria) and run `loop`
-    as its `custom_generate` decoding loop, with `ee_model` and `options` bound."""
+    as its `custom_generate` decoding loop, with `ee_model`, `options` and `loop_kwargs` bound."""
     for key in _OTHER_LOOPS:
         if kwargs.get(key) is not None:
             raise ValueError(f"{key} cannot be combined with {what}")
     _move_stop_strings(ee_model, kwargs)
     # HF hands a callable loop neither the streamer nor the tokenizer, so the streamer is bound here
-    decode = functools.partial(loop, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_options=options)
+    decode = functools.partial(loop, streamer=kwargs.get("streamer"), ee_model=ee_model, ee_options=options,
+                               **loop_kwargs)
     return ee_model.backbone.generate(inputs, custom_generate=decode, **kwargs)
 
 
@@ -134,14 +136,16 @@ class Climb:
         return self.exit_index < self.num_exits
 
 
-def climb(run: DecodeRun, todo: Tensor, tokens: Tensor) -> Climb:
+def climb(run: DecodeRun, todo: Tensor, tokens: Tensor, rule: ExitRule | None = None) -> Climb:
     """Run the newest position of `run.state` up the checked exits; each row in `todo` `(n,)` bool leaves at the
     first exit that fires (the rule), others ride along. Stops at the exit by which every row in `todo` has left.
 
     Args:
         tokens: `(n,)` the newest tokens (the first exit's hidden-state similarity compares with their embedding).
+        rule: another rule than the call's (a drafter of its own, e.g. the bench's oracle).
     """
-    model, rule, tally = run.ee_model, run.rule, run.tally
+    model, tally = run.ee_model, run.tally
+    rule = rule or run.rule
     engine = model.engine
     n, num_exits = todo.shape[0], rule.num_exits
     vocab_size = engine.config.vocab_size

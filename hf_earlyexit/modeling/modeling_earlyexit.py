@@ -408,7 +408,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.engine.final_logits(self.engine.run_to(state, self.num_layers))  # (batch, seq, vocab)
         return exit_hidden, logits
 
-    def generate(self, inputs: Tensor | None = None, *, decoding: DecodingOptions | None = None, **kwargs):
+    def generate(self, inputs: Tensor | None = None, *, decoding: DecodingOptions | None = None,
+                 drafters: tuple = (), **kwargs):
         """Generate token ids; every HF `generate()` argument applies (lengths, sampling, stopping, streamers, ...).
 
         Args:
@@ -417,6 +418,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 (`"plain"`, `"early_exit"`, `"dssd"`; `"early_exit"` when only `eps` is given), `eps`,
                 `exit_policy`, `kv_fill` (early exit), `max_draft`, `lookup`, `adaptive_draft` (DSSD). An option
                 for another mode than the call's is refused, naming it.
+            drafters: DSSD: factories `(DecodeRun) -> Drafter` of drafters of your own (the contract of
+                `drafters_earlyexit.py`), asked before prompt lookup and the heads.
 
         With `return_dict_in_generate=True`, an early-exit or DSSD call returns `EarlyExitGenerateOutput` (HF's
         output plus `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
@@ -424,12 +427,14 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         """
         given = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
         options = DecodingOptions.build(decoding or self.decoding, **given)
+        if drafters and options.mode != "dssd":
+            raise ValueError(f"drafters apply to mode='dssd', not mode={options.mode!r}")
         if options.mode == "plain":
             return self.backbone.generate(inputs, **kwargs)
         self.thresholds_for(self.config.eps if options.eps is None else options.eps)  # calibrated? before any work
         if options.mode == "early_exit":
             return early_exit_generate(self, inputs, options, **kwargs)
-        return dssd_generate(self, inputs, options, **kwargs)
+        return dssd_generate(self, inputs, options, drafters, **kwargs)
 
     def reset_exit_stats(self) -> None:
         """Start counting exits and work afresh (`model.exit_stats`)."""

@@ -277,16 +277,21 @@ def _count(stats: ExitStats, ctx: _Round, drafts: _Drafts, i: int, made: int, ac
 @torch.no_grad()
 def dssd_decode(
     model, input_ids: Tensor, logits_processor, stopping_criteria, generation_config, synced_gpus: bool = False,
-    streamer=None, *, ee_model, ee_options: DecodingOptions, **model_kwargs,
+    streamer=None, *, ee_model, ee_options: DecodingOptions, ee_drafters: tuple = (), **model_kwargs,
 ):
-    """The decoding loop HF `generate()` calls (as `custom_generate`) for self-speculative decoding."""
+    """The decoding loop HF `generate()` calls (as `custom_generate`) for self-speculative decoding.
+
+    `ee_drafters`: factories `(DecodeRun) -> Drafter` of drafters asked before prompt lookup and the heads.
+    """
     check_search(generation_config, "self-speculative decoding")
     batch_size, device = input_ids.shape[0], input_ids.device
     run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=True)
     engine, stats = ee_model.engine, run.stats
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else 0
-    drafters = [LookupDrafter(ee_options.lookup, pad, run.rule.num_exits)] if ee_options.lookup else []
+    drafters = [make(run) for make in ee_drafters]
+    if ee_options.lookup:
+        drafters.append(LookupDrafter(ee_options.lookup, pad, run.rule.num_exits))
     ctx = _Round(run, [*drafters, HeadDrafter(run)], logits_processor if len(logits_processor) else None,
                  generation_config.do_sample, pad, ee_options.max_draft)
     max_length = generation_config.max_length
@@ -356,11 +361,13 @@ def dssd_decode(
     return EarlyExitGenerateOutput(sequences=out.input_ids, exit_stats=stats, exit_index=exits)
 
 
-def dssd_generate(ee_model, inputs: Tensor | None, options: DecodingOptions, **kwargs):
+def dssd_generate(ee_model, inputs: Tensor | None, options: DecodingOptions, drafters: tuple = (), **kwargs):
     """`generate()` with self-speculative decoding: HF prepares everything, `dssd_decode` runs the loop.
 
     `options.lookup > 0` also drafts by prompt lookup (n-grams up to `lookup` tokens matched in the sequence so far):
     a position whose suffix occurred before takes the token that followed it, at no layer cost; the heads draft the
-    others. Verification is unchanged, so the output is still the base model's.
+    others. `drafters`: factories `(DecodeRun) -> Drafter` of your own drafters, asked first. Verification is
+    unchanged, so the output is still the base model's.
     """
-    return run_decoding_loop(ee_model, dssd_decode, "self-speculative decoding", inputs, options, kwargs)
+    return run_decoding_loop(ee_model, dssd_decode, "self-speculative decoding", inputs, options, kwargs,
+                             ee_drafters=tuple(drafters))
