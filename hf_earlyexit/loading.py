@@ -24,6 +24,8 @@ from .modeling.modeling_earlyexit import EarlyExitForCausalLM
 
 SHIPPED = "shipped"
 MANIFEST = "MANIFEST.json"
+
+
 def shipped_dir() -> Path:
     """The folder of the shipped heads inside the installed package."""
     return Path(__file__).parent / "shipped_heads" / "gemma3-270m"
@@ -57,7 +59,8 @@ def verify(folder: Path | None = None) -> dict:
     for name, digest in manifest["files"].items():
         actual = file_digest(folder / name)
         if actual != digest:
-            raise ValueError(f"shipped file {name} has SHA-256 {actual}, the manifest records {digest}")
+            raise ValueError(f"shipped file {name} has SHA-256 {actual}, the manifest records {digest}: the shipped "
+                             f"heads in {folder} were modified; reinstall hf-earlyexit")
     return manifest
 
 
@@ -77,13 +80,15 @@ def load(
 
     Args:
         name_or_path: a saved heads folder / Hub repo, `"shipped"` (the embedded model with the trained heads that
-            ship in the package), or a base model (Hub id, local path, `"embedded"`), to which fresh heads are
-            attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
+            ship in the package, every file checked against `MANIFEST.json` first), or a base model (Hub id, local
+            path, `"embedded"`), to which fresh heads are attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
         dtype: dtype of the base model (e.g. `torch.bfloat16`); default: as stored.
 
     Returns:
         `(model, tokenizer)`.
     """
+    if name_or_path == SHIPPED:
+        verify(shipped_dir())  # every load: a tampered file is refused by name before anything is read
     name_or_path = resolve(name_or_path)
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
