@@ -56,7 +56,8 @@ class EarlyExitConfig(PreTrainedConfig):
         metric (`str`): confidence metric used by calibration and early exit.
         thresholds (`dict[str, list[float]]`, *optional*): calibrated thresholds, `f"{eps:g}"` -> one per exit.
         eps (`float`): default accuracy target ε in (0, 1].
-        base_fingerprint (`list[float]`, *optional*): mean |w| per part of the base the heads were built on.
+        base_fingerprint (`list[list[float]]`, *optional*): per part of the base the heads were built on, its weight
+            norm and projections (`weight_fingerprint`); configs written before hold one mean |w| per part.
         training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
         calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date), the
             per-head coverage / agreement of every ε on held-out tokens (`check`) and the whole rule's (`cascade`).
@@ -82,7 +83,7 @@ class EarlyExitConfig(PreTrainedConfig):
     metric: str = "breaking_ties"
     thresholds: dict[str, list[float]] | None = None
     eps: float = 0.9
-    base_fingerprint: list[float] | None = None
+    base_fingerprint: list[list[float]] | list[float] | None = None
     training: dict | None = None
     calibration: dict | None = None
     base_subfolder: str | None = None

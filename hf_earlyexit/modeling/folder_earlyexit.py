@@ -22,7 +22,16 @@ from transformers import PreTrainedModel
 from transformers.utils import cached_file
 from transformers.utils.hub import resolve_revision
 
-from .base_earlyexit import EMBEDDED, canonical_name, fingerprint_mismatch, load_base_model, weight_fingerprint
+from .base_earlyexit import (
+    EMBEDDED,
+    canonical_name,
+    fingerprint_mismatch,
+    fingerprint_part_names,
+    is_legacy_fingerprint,
+    legacy_weight_fingerprint,
+    load_base_model,
+    weight_fingerprint,
+)
 from .configuration_earlyexit import EarlyExitConfig
 
 logger = logging.getLogger(__name__)
@@ -129,26 +138,48 @@ def resolved_commit(name: str, revision: str | None, hub: dict) -> str | None:
     return getattr(resolved, "resolved", None) or revision
 
 
-def check_compatible(config: EarlyExitConfig, base: PreTrainedModel, ignore_base_mismatch: bool = False) -> None:
-    """Raise `HeadsMismatchError` naming both values when the heads were saved for a different base.
+def recorded_base(config: EarlyExitConfig) -> str:
+    """The base the heads record, for messages: `'name'` (at revision `'rev'`)."""
+    revision = f" at revision {config.base_revision!r}" if config.base_revision else ""
+    return f"{config.base_model_name_or_path!r}{revision}"
 
-    Shapes must always match; `ignore_base_mismatch=True` turns different weights (fingerprint) into a warning.
+
+def given_base(base: PreTrainedModel) -> str:
+    """The base model the heads are attached to, for messages."""
+    name, revision = canonical_name(base)
+    if not name:
+        return "a model built in memory"
+    return f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+
+
+def check_compatible(config: EarlyExitConfig, base: PreTrainedModel, ignore_base_mismatch: bool = False) -> None:
+    """Raise `HeadsMismatchError` naming both bases and both values when the heads were saved for a different base.
+
+    Shapes must always match; `ignore_base_mismatch=True` turns different weights (fingerprint) into a warning. A
+    legacy fingerprint (one mean |w| per part, configs written before the projections) is checked as such.
     """
     saved, current = config.text_config, base.config.get_text_config()
     for field in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
         a, b = getattr(saved, field, None), getattr(current, field, None)
         if a != b:
-            raise HeadsMismatchError(f"heads were saved for a base with {field}={a!r}; this base has {field}={b!r}")
-    if config.base_fingerprint:
-        current_fp = weight_fingerprint(base)
-        bad = fingerprint_mismatch(config.base_fingerprint, current_fp)
+            raise HeadsMismatchError(
+                f"heads were saved for the base {recorded_base(config)} with {field}={a!r}; the base model they are "
+                f"attached to ({given_base(base)}) has {field}={b!r}"
+            )
+    recorded_fp = config.base_fingerprint
+    if recorded_fp:
+        legacy = is_legacy_fingerprint(recorded_fp)
+        current_fp = legacy_weight_fingerprint(base) if legacy else weight_fingerprint(base)
+        bad = fingerprint_mismatch(recorded_fp, current_fp)
         if bad is not None:
-            a = config.base_fingerprint[bad] if bad < len(config.base_fingerprint) else None
+            names = fingerprint_part_names(len(current_fp))
+            part = f" ({names[bad]})" if bad < len(names) and len(recorded_fp) == len(current_fp) else ""
+            a = recorded_fp[bad] if bad < len(recorded_fp) else None
             b = current_fp[bad] if bad < len(current_fp) else None
             _mismatch(
-                f"heads were trained on different base weights: weight fingerprint part {bad} is {a!r} in the "
-                f"heads' config but {b!r} in this base model ({config.base_model_name_or_path!r})",
-                ignore_base_mismatch,
+                f"heads were trained on other base weights: weight fingerprint part {bad}{part} is {a!r} for the "
+                f"recorded base {recorded_base(config)} but {b!r} for the base model they are attached to "
+                f"({given_base(base)})", ignore_base_mismatch,
             )
 
 
