@@ -93,10 +93,40 @@ def embedded_dir() -> Path:
     return target
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hub repo id (`name` or `org/name`)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
+
+
+def check_local_path(name: str, what: str = "model") -> None:
+    """Refuse, naming it, a `name` that must be a local path (or was one: a leftover of an interrupted save lies
+    beside it) but does not exist, instead of letting it pass as a malformed Hub repo id."""
+    if not isinstance(name, str) or name == EMBEDDED or Path(name).expanduser().exists():
+        return
+    path = Path(name).expanduser()
+    backup = path.with_name(f".{path.name}.old") if path.name else None
+    if backup is not None and backup.exists():
+        raise FileNotFoundError(f"{what} {name!r} does not exist; an interrupted save left its previous contents in "
+                                f"{backup}: rename that folder back to {name!r}")
+    if looks_like_path(name):
+        raise FileNotFoundError(f"{what} path {name!r} does not exist (expected a local folder, or a Hub repo id "
+                                "like 'org/name')")
+
+
+def record_name(name_or_path: str) -> str:
+    """The name to record for a base model: a local folder as an absolute path (a relative one would break when the
+    heads are loaded from another working directory), anything else unchanged."""
+    if name_or_path != EMBEDDED and Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser().resolve())
+    return name_or_path
+
+
 def resolve_base(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
     """Turn a base name into something `from_pretrained` can open: `(path_or_id, revision)`."""
     if name_or_path == EMBEDDED:
         return str(embedded_dir()), None
+    check_local_path(name_or_path, "base model")
     return name_or_path, revision
 
 
@@ -106,7 +136,7 @@ def canonical_name(model: PreTrainedModel) -> tuple[str, str | None]:
     cached = cache_root() / "gemma-3-270m-dense-"
     if path and str(Path(path).resolve()).startswith(str(cached.resolve())):
         return EMBEDDED, Path(path).name.removeprefix("gemma-3-270m-dense-")
-    return path, None
+    return (record_name(path) if path else path), None
 
 
 def load_base_model(

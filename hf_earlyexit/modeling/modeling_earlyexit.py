@@ -26,12 +26,14 @@ from .architectures_earlyexit import arch_spec
 from .base_earlyexit import (
     EMBEDDED,
     canonical_name,
+    check_local_path,
     embedded_revision,
     load_base_model,
     load_tokenizer,
+    record_name,
     weight_fingerprint,
 )
-from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig
+from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig, UnsupportedFormatError
 from .costs_earlyexit import CostModel
 from .decoding_earlyexit import early_exit_generate
 from .engine_earlyexit import ContextLayer, LayerEngine
@@ -42,10 +44,14 @@ from .folder_earlyexit import (
     HEADS_FILE,
     HeadsMismatchError,
     check_compatible,
+    check_extra_file_name,
     check_revision,
+    clean_stale_staging,
     load_recorded_base,
+    make_staging,
     read_calibration,
     read_heads,
+    recover_backup,
     replace_dir,
     resolved_commit,
 )
@@ -181,7 +187,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
         """
         if isinstance(base, str):
-            name = base
+            name = record_name(base)  # a local folder by its absolute path: the heads load from anywhere
             if tokenizer is None:
                 tokenizer = load_tokenizer(base, revision)
             revision = embedded_revision() if base == EMBEDDED else resolved_commit(name, revision, base_kwargs)
@@ -239,8 +245,9 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         source = str(pretrained_model_name_or_path)
+        check_local_path(source, "heads folder")
         if config is None:
-            config = EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
+            config = read_config(source, revision, hub)
         state = read_heads(source, revision=revision, **hub)
         if base_model is None:
             base_model = load_recorded_base(
@@ -287,22 +294,34 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code and
         the model card `README.md`.
 
-        Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind.
+        Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind and the
+        previous contents stay (or the error names where they are). Staging folders of killed saves are removed.
         `extra_files` (name -> existing file) are copied in too (logs, plots, `bench.json`, `eval_results.json`,
-        which the card reports; a `README.md` among them replaces the rendered card). `merged=True` also writes a
+        which the card reports; a `README.md` among them replaces the rendered card): names are relative paths
+        inside the folder, never the heads' own files or tensor files. `merged=True` also writes a
         full copy of the base model under `base/` (large; loading then needs no other base). `repo_id` names the
         Hub repo in the card's usage snippets.
         """
         target = Path(save_directory)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub=True is not handled by save_pretrained; call model.push_to_hub(repo_id)")
+        extra_files = {check_extra_file_name(name): Path(source) for name, source in (extra_files or {}).items()}
+        for name, source in extra_files.items():
+            if not source.is_file():
+                raise FileNotFoundError(f"extra_files[{name!r}]: {source} is not a file")
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} is a file, not a folder; remove it or choose another path")
+        if target.parent.is_dir():
+            recover_backup(target)  # an interrupted save's previous contents go back first: never lost
+            clean_stale_staging(target)
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        staging = make_staging(target)
         try:
             config = self._write_folder(staging, tokenizer or self.tokenizer, merged)
-            for name, source in (extra_files or {}).items():
+            for name, source in extra_files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, staging / name)
             write_card(staging, config, repo_id)
             replace_dir(staging, target)
@@ -479,6 +498,16 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def exit_heads(self) -> list[ExitHead]:
         return list(self.heads)
+
+
+def read_config(source: str, revision: str | None, hub: dict) -> EarlyExitConfig:
+    """The heads' `config.json`, with a bad field named together with the folder it came from."""
+    try:
+        return EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
+    except UnsupportedFormatError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"config.json of the heads in {source} is invalid: {err}") from err
 
 
 def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
