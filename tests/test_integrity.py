@@ -81,7 +81,7 @@ def test_a_missing_local_path_is_named_as_a_path(tmp_path):
 
 @pytest.mark.parametrize("name, message", [
     ("../../escaped.txt", "must be a relative path inside the heads folder"),
-    ("/tmp/escaped.txt", "must be a relative path inside the heads folder"),
+    ("{tmp}/escaped.txt", "must be a relative path inside the heads folder"),
     ("logs/../../escaped.txt", "must be a relative path inside the heads folder"),
     ("config.json", "would replace a file the heads folder writes itself"),
     ("exit_heads.safetensors", "would replace a file the heads folder writes itself"),
@@ -92,11 +92,11 @@ def test_extra_files_outside_the_folder_or_over_its_own_files_are_refused(heads,
     model = EarlyExitForCausalLM.from_pretrained(heads)
     source = tmp_path / "log.txt"
     source.write_text("log")
+    name = name.format(tmp=tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(ValueError, match=rf"extra_files name={re.escape(repr(name))} {message}"):
         model.save_pretrained(tmp_path / "deep" / "out", extra_files={name: source})
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/escaped.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, inside or outside
 
 
 def test_extra_files_may_go_into_subfolders(heads, tmp_path):
