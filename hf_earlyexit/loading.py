@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .modeling.base_earlyexit import DTYPES, EMBEDDED, load_tokenizer, parse_dtype
+from .modeling.base_earlyexit import DTYPES, EMBEDDED, check_local_path, load_tokenizer, parse_dtype
 from .modeling.configuration_earlyexit import HEAD_TYPES, EarlyExitConfig
 from .modeling.modeling_earlyexit import EarlyExitForCausalLM
 
@@ -69,8 +69,19 @@ def is_heads_folder(name_or_path: str, **hub) -> bool:
     if name_or_path == EMBEDDED:
         return False
     name_or_path = resolve(name_or_path)
+    check_local_path(name_or_path)
     config, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
+    if "model_type" not in config and _looks_like_heads(config):
+        # transformers would take the folder's auto_map for a base model's remote code and ask to run it
+        raise ValueError(f"config.json of {name_or_path} has no model_type; a heads folder's config.json has "
+                         f"model_type {EarlyExitConfig.model_type!r} (restore it)")
     return config.get("model_type") == EarlyExitConfig.model_type
+
+
+def _looks_like_heads(config: dict) -> bool:
+    auto_map = config.get("auto_map")
+    code = [str(v) for v in auto_map.values()] if isinstance(auto_map, dict) else []
+    return any("_earlyexit." in v for v in code) or "exit_layers" in config or "base_fingerprint" in config
 
 
 def load(
@@ -90,6 +101,7 @@ def load(
     if name_or_path == SHIPPED:
         verify(shipped_dir())  # every load: a tampered file is refused by name before anything is read
     name_or_path = resolve(name_or_path)
+    check_local_path(name_or_path)
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
         hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM
@@ -203,3 +204,159 @@ def test_read_only_previous_contents_are_removed_after_the_swap(heads):
     (heads / "sub").chmod(0o555)
     EarlyExitForCausalLM.from_pretrained(heads).save_pretrained(heads, overwrite=True)
     assert sorted(p.name for p in heads.parent.iterdir()) == ["heads"]
+
+
+# -- item 10: the training checkpoint swap: resume finds the newest complete checkpoint in every crash state ---------
+
+
+@pytest.fixture(scope="module")
+def corpus(base_dir):
+    from hf_earlyexit.training.data import GenerationSpec, generate_corpus
+
+    model = EarlyExitForCausalLM.from_base(str(base_dir), exit_layers=[1, 2])
+    return generate_corpus(model.backbone, model.tokenizer, GenerationSpec(num_sequences=8, max_new_tokens=8),
+                           "tiny", cache=False)
+
+
+def heads_for_training(base_dir) -> EarlyExitForCausalLM:
+    torch.manual_seed(0)
+    return EarlyExitForCausalLM.from_base(str(base_dir), exit_layers=[1, 2], head="shared", adapter_rank=4)
+
+
+def config_for(steps: int):
+    from hf_earlyexit.training.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=2, checkpoint_every=2, log_every=1, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(base_dir, corpus, tmp_path_factory) -> dict[int, Path]:
+    """Complete checkpoints of one run at steps 2 and 4."""
+    from hf_earlyexit.training.train import train_heads
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    found = {}
+    for steps in (2, 4):
+        train_heads(heads_for_training(base_dir), corpus, config_for(steps), root / "work", resume=steps > 2)
+        found[steps] = root / f"step{steps}"
+        shutil.copytree(root / "work" / "checkpoint", found[steps])
+    return found
+
+
+def place(checkpoints, work: Path, **states) -> None:
+    """Lay out a work dir as a crash leaves it: `checkpoint`, `checkpoint.partial`, `checkpoint.old` each a copy of
+    the checkpoint at step N, or `"incomplete"` (its state file not yet written)."""
+    for suffix, state in states.items():
+        target = work / ("checkpoint" + ("" if suffix == "current" else f".{suffix}"))
+        shutil.copytree(checkpoints[4 if state == "incomplete" else state], target)
+        if state == "incomplete":
+            (target / "trainer_state.json").unlink()
+
+
+CRASH_STATES = {
+    "staging_half_written": ({"current": 2, "partial": "incomplete"}, 2),
+    "between_the_renames": ({"old": 2, "partial": 4}, 4),
+    "old_not_yet_deleted": ({"current": 4, "old": 2}, 4),
+    "stale_old_of_an_earlier_crash": ({"current": 2, "old": 4}, 4),
+    "only_the_old_one_complete": ({"old": 2, "partial": "incomplete"}, 2),
+}
+
+
+@pytest.mark.parametrize("states, newest", CRASH_STATES.values(), ids=CRASH_STATES.keys())
+def test_resume_finds_the_newest_complete_checkpoint_in_every_crash_state(base_dir, corpus, checkpoints, tmp_path,
+                                                                           caplog, states, newest):
+    from hf_earlyexit.training.train import find_checkpoint, train_heads
+
+    work = tmp_path / "work"
+    place(checkpoints, work, **states)
+    assert json.loads((find_checkpoint(work / "checkpoint") / "trainer_state.json").read_text())["step"] == newest
+    with caplog.at_level(logging.INFO, logger="hf_earlyexit.training.train"):
+        train_heads(heads_for_training(base_dir), corpus, config_for(6), work, resume=True)
+    assert f"Resuming from step {newest} " in caplog.text
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+    assert json.loads((work / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_a_fresh_run_refuses_leftovers_of_an_interrupted_one(base_dir, corpus, checkpoints, tmp_path):
+    from hf_earlyexit.training.train import train_heads
+
+    place(checkpoints, tmp_path / "work", old=2, partial=4)
+    with pytest.raises(FileExistsError, match=r"checkpoint\.partial exists; pass resume=True"):
+        train_heads(heads_for_training(base_dir), corpus, config_for(2), tmp_path / "work")
+
+
+def test_a_checkpoint_swap_that_fails_names_where_the_previous_checkpoint_is(base_dir, corpus, checkpoints, tmp_path,
+                                                                             monkeypatch):
+    from hf_earlyexit.training.train import find_checkpoint, train_heads
+
+    work = tmp_path / "work"
+    place(checkpoints, work, current=4)
+    original = Path.rename
+
+    def rename(self, target):
+        if self.name == "checkpoint.partial":
+            raise OSError("simulated failure")
+        return original(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match=r"the previous checkpoint is in .*checkpoint\.old; --resume finds"):
+        train_heads(heads_for_training(base_dir), corpus, config_for(6), work, resume=True)
+    step = json.loads((find_checkpoint(work / "checkpoint") / "trainer_state.json").read_text())["step"]
+    assert step == 6  # the new one, complete in checkpoint.partial, is what a resume continues
+
+
+# -- item 6: resume compares the data the corpus is built from -----------------------------------------------------
+
+
+@pytest.fixture()
+def train_run(base_dir, tmp_path, monkeypatch):
+    """A finished `run_train` job (2 steps) on generated text and a text file, and what to build it again."""
+    from hf_earlyexit.training.data import GenerationSpec
+    from hf_earlyexit.training.pipeline import TrainJob, run_train
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("a short text that the heads also read. " * 8)
+    job = TrainJob(model=str(base_dir), output_dir=str(tmp_path / "heads"), exit_layers=[1, 2], adapter_rank=4,
+                   draft_vocab_size=0, text_files=[str(text)], seq_len=16)
+    run_train(job, GenerationSpec(num_sequences=4, max_new_tokens=6), config_for(2))
+    job.resume = True
+    return job, text
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_sequences": 6}, "data num_sequences: checkpoint 4 vs now 6"),
+    ({"sampling_seed": 7}, "data sampling_seed: checkpoint 0 vs now 7"),
+    ({"prompts": ["Another prompt"]}, r"data prompts \(sha256\): checkpoint '[0-9a-f]+' vs now '[0-9a-f]+'"),
+    ({"text": "other text"}, r"data text_files \(sha256\)"),
+    ({"seq_len": 32}, "data seq_len: checkpoint 16 vs now 32"),
+])
+def test_resume_with_other_data_is_refused_before_any_model_work(train_run, monkeypatch, change, message):
+    from hf_earlyexit.training import pipeline
+    from hf_earlyexit.training.data import GenerationSpec
+
+    job, text = train_run
+    spec = GenerationSpec(num_sequences=4, max_new_tokens=6)
+    for key, value in change.items():
+        if key == "text":
+            text.write_text(value)
+        elif hasattr(job, key):
+            setattr(job, key, value)
+        else:
+            setattr(spec, key, value)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data settings were compared")
+
+    monkeypatch.setattr(pipeline, "_base_of", no_model)
+    with pytest.raises(ValueError, match=rf"cannot resume .*checkpoint with different settings: .*{message}"):
+        pipeline.run_train(job, spec, config_for(4))
+
+
+def test_resume_with_the_same_data_continues(train_run):
+    from hf_earlyexit.training.data import GenerationSpec
+    from hf_earlyexit.training.pipeline import run_train
+
+    job, _ = train_run
+    model, _ = run_train(job, GenerationSpec(num_sequences=4, max_new_tokens=6), config_for(4))
+    assert model.config.training["steps"] == 4

@@ -259,6 +259,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, backbone=base_model)
         model.load_heads_state(state, source)
         model.calibration_stats = read_calibration(source, revision=revision, **hub)
+        check_calibration(model.calibration_stats, config.num_exits, source)
         return model.eval()
 
     def load_heads_state(self, state: dict[str, Tensor], source: str = "state dict") -> None:
@@ -276,6 +277,11 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                     f"head tensor {key!r} in {source} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(expected[key].shape)} for this base model"
                 )
+            if key.endswith("token_ids"):  # the draft vocabulary: ids the base model's vocabulary has, once each
+                try:
+                    _check_token_ids(tensor, self.config.text_config.vocab_size)
+                except ValueError as err:
+                    raise HeadsMismatchError(f"head tensor {key!r} in {source}: {err}") from None
         self.heads.load_state_dict(state, strict=True)
 
     # -- saving ------------------------------------------------------------------------------------------------
@@ -409,6 +415,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: `(batch, seq)`; left or right padding marked by `attention_mask` `(batch, seq)`.
             output_hidden_states: also return each exit's raw hidden states.
         """
+        _check_mask(input_ids, attention_mask)
         exit_hidden, logits = self.backbone_states(input_ids, attention_mask)
         return EarlyExitOutput(
             logits=logits,
@@ -444,6 +451,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         output plus `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
         `reset_exit_stats()`.
         """
+        _check_mask(inputs if inputs is not None else kwargs.get("input_ids"), kwargs.get("attention_mask"))
         given = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
         options = DecodingOptions.build(decoding or self.decoding, **given)
         if drafters and options.mode != "dssd":
@@ -508,6 +516,35 @@ def read_config(source: str, revision: str | None, hub: dict) -> EarlyExitConfig
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise ValueError(f"config.json of the heads in {source} is invalid: {err}") from err
+
+
+def check_calibration(stats: dict[str, Tensor] | None, num_exits: int, source: str) -> None:
+    """Calibration statistics must hold, per exit `j`, `score.{j}` and `agree.{j}`: 1-D and of equal length."""
+    if stats is None:
+        return
+    expected = [f"{kind}.{j}" for j in range(num_exits) for kind in ("score", "agree")]
+    missing = [key for key in expected if key not in stats]
+    if missing:
+        raise ValueError(f"calibration file {CALIBRATION_FILE} in {source} lacks {missing[:4]} (it holds "
+                         f"{sorted(stats)[:6]}); expected score.j and agree.j for each of the {num_exits} exits: "
+                         "calibrate again (hf-earlyexit calibrate)")
+    lengths = {key: tuple(stats[key].shape) for key in expected}
+    for j in range(num_exits):
+        score, agree = lengths[f"score.{j}"], lengths[f"agree.{j}"]
+        if len(score) != 1 or score != agree:
+            raise ValueError(f"calibration file {CALIBRATION_FILE} in {source}: score.{j} {score} and agree.{j} "
+                             f"{agree} must be 1-D of equal length")
+    if "aligned" in stats and len({lengths[f"score.{j}"] for j in range(num_exits)}) > 1:
+        raise ValueError(f"calibration file {CALIBRATION_FILE} in {source} is marked aligned but its exits hold "
+                         f"different token counts {[lengths[f'score.{j}'][0] for j in range(num_exits)]}")
+
+
+def _check_mask(input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+    if input_ids is None or attention_mask is None or not hasattr(attention_mask, "shape"):
+        return
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected the shape of input_ids, "
+                         f"{tuple(input_ids.shape)} (batch, sequence)")
 
 
 def _check_token_ids(token_ids: Tensor, vocab: int) -> None:
