@@ -360,3 +360,258 @@ def test_resume_with_the_same_data_continues(train_run):
     job, _ = train_run
     model, _ = run_train(job, GenerationSpec(num_sequences=4, max_new_tokens=6), config_for(4))
     assert model.config.training["steps"] == 4
+
+
+# -- item 12: user errors are one line naming the value and what was expected ---------------------------------------
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run `hf-earlyexit argv`; assert exit status 2 and one line on stderr without a traceback; return it."""
+    from hf_earlyexit.commands import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-earlyexit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def train_argv(base_dir, tmp_path, *extra) -> list[str]:
+    return ["train", "--model", str(base_dir), "--output_dir", str(tmp_path / "out"), "--exit_layers", "1", "2",
+            "--adapter_rank", "4", "--draft_vocab_size", "0", "--max_new_tokens", "4", "--steps", "2", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint_every", "0"], "checkpoint_every=0 must be a positive number of steps"),
+    (["--log_every", "0"], "log_every=0 must be a positive number of steps"),
+    (["--num_sequences", "0"], "num_sequences=0 gives too little text.*at least 2"),
+    (["--num_sequences", "1"], "num_sequences=1 gives too little text.*at least 2"),
+    (["--num_sequences", "-3"], "num_sequences=-3 must be an integer >= 0"),
+    (["--held_out_fraction", "1.5"], "held_out_fraction=1.5 must lie strictly between 0 and 1"),
+    (["--held_out_fraction", "0"], "held_out_fraction=0.0 must lie strictly between 0 and 1"),
+    (["--prompt_file", "missing.txt"], "prompt file missing.txt does not exist"),
+])
+def test_cli_train_refuses_bad_values_in_one_line(base_dir, tmp_path, capsys, monkeypatch, extra, message):
+    from hf_earlyexit.training import pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline, "_base_of", no_model)
+    monkeypatch.chdir(tmp_path)
+    assert re.search(message, cli_error(capsys, train_argv(base_dir, tmp_path, *extra)))
+
+
+def test_cli_train_refuses_an_output_dir_that_is_a_file(base_dir, tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    line = cli_error(capsys, train_argv(base_dir, tmp_path, "--num_sequences", "4"))
+    assert re.search(r"output_dir='.*out' is a file; expected a folder", line)
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_cli_calibrate_refuses_too_few_sequences(capsys, tmp_path):
+    line = cli_error(capsys, ["calibrate", "--model", str(tmp_path), "--num_sequences", "1"])
+    assert "num_sequences=1 must be at least 2" in line
+
+
+def test_cli_names_a_missing_path_and_debug_shows_the_traceback(capsys, tmp_path):
+    from hf_earlyexit.commands import cli
+
+    missing = str(tmp_path / "nowhere")
+    assert f"model path '{missing}' does not exist" in cli_error(capsys, ["info", "--model", missing])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["info", "--model", missing, "--debug"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"eps": "abc"}, "eps='abc' must be a number in"),
+    ({"eps": True}, "eps=True must be a number in"),
+    ({"mode": "dssd", "max_draft": True}, "max_draft=True must be a positive integer"),
+    ({"mode": "dssd", "lookup": True}, "lookup=True must be a non-negative integer"),
+    ({"mode": "dssd", "adaptive_draft": "yes"}, "adaptive_draft='yes' must be True or False"),
+])
+def test_decoding_values_of_the_wrong_type_are_named(options, message):
+    from hf_earlyexit import DecodingOptions
+
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions.build(**options)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("exit_layers", [1.5, 2, 3], r"exit_layers=\[1.5, 2, 3\] must be a list of layer numbers"),
+    ("exit_layers", "12", "exit_layers='12' must be a list of layer numbers"),
+    ("exit_layers", [True, 2], r"exit_layers=\[True, 2\] must be a list of layer numbers"),
+    ("thresholds", [0.5, 0.5], r"thresholds=\[0.5, 0.5\] must map ε"),
+    ("thresholds", {"high": [0.5, 0.5]}, "thresholds key 'high' must be an ε in"),
+    ("thresholds", {"0.9": ["a", 0.5]}, r"thresholds\['0.9'\]=\['a', 0.5\] must be a list of numbers"),
+    ("draft_vocab_size", "5", "draft_vocab_size='5' must be a positive integer or null"),
+    ("adapter_rank", 2.5, "adapter_rank=2.5 must be a positive integer or null"),
+    ("eps", "high", "eps='high' must be a number"),
+    ("head_type", 3, "head_type=3 must be a string"),
+    ("training", "yes", "training='yes' must be a JSON object or null"),
+    ("base_fingerprint", "abc", "base_fingerprint='abc' must be a list of numbers per part"),
+    ("base_model_name_or_path", 5, "base_model_name_or_path=5 must be a model id or path"),
+    ("text_config", "llama", "text_config='llama' must be the base model's config"),
+])
+def test_config_fields_of_the_wrong_type_are_named_with_the_folder(heads, field, value, message):
+    edit_config(heads, **{field: value})
+    with pytest.raises(ValueError, match=rf"config.json of the heads in {re.escape(str(heads))} is invalid: {message}"):
+        EarlyExitForCausalLM.from_pretrained(heads)
+
+
+def test_a_calibration_file_with_other_keys_is_named(heads):
+    from safetensors.torch import save_file
+
+    save_file({"score0": torch.zeros(4), "agree0": torch.ones(4)}, heads / "calibration.safetensors")
+    with pytest.raises(ValueError, match=r"calibration file calibration.safetensors in .* lacks \['score.0', "
+                                         r"'agree.0', .*\].*expected score.j and agree.j for each of the 2 exits"):
+        EarlyExitForCausalLM.from_pretrained(heads)
+    save_file({"score.0": torch.zeros(4), "agree.0": torch.ones(3), "score.1": torch.zeros(4),
+               "agree.1": torch.ones(4)}, heads / "calibration.safetensors")
+    with pytest.raises(ValueError, match=r"score.0 \(4,\) and agree.0 \(3,\) must be 1-D of equal length"):
+        EarlyExitForCausalLM.from_pretrained(heads)
+
+
+def test_draft_token_ids_outside_the_vocabulary_are_refused_on_load(base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_earlyexit import HeadsMismatchError
+
+    model = EarlyExitForCausalLM.from_base(str(base_dir), exit_layers=[1, 2], draft_token_ids=list(range(10)))
+    model.save_pretrained(tmp_path / "heads")
+    state = load_file(tmp_path / "heads" / "exit_heads.safetensors")
+    key = next(k for k in state if k.endswith("token_ids"))
+    state[key][3] = 500
+    save_file(state, tmp_path / "heads" / "exit_heads.safetensors")
+    with pytest.raises(HeadsMismatchError, match=rf"head tensor '{re.escape(key)}' in .*: draft_token_ids must lie in "
+                                                 r"0..96, got ids from 0 to 500"):
+        EarlyExitForCausalLM.from_pretrained(tmp_path / "heads")
+
+
+def test_an_attention_mask_of_the_wrong_shape_is_named(heads):
+    from test_decoding import GREEDY, set_median_thresholds
+
+    model = EarlyExitForCausalLM.from_pretrained(heads)
+    set_median_thresholds(model)
+    ids = torch.randint(3, 90, (1, 6))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    message = r"attention_mask has shape \(1, 5\); expected the shape of input_ids, \(1, 6\)"
+    for mode in ("early_exit", "dssd"):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, mode=mode, eps=0.5, **GREEDY)
+    with pytest.raises(ValueError, match=message):
+        model(ids, attention_mask=mask)
+
+
+def test_a_config_without_model_type_is_named_instead_of_asking_to_run_code(heads):
+    from hf_earlyexit import load
+
+    config = json.loads((heads / "config.json").read_text())
+    del config["model_type"]
+    (heads / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json of .*heads has no model_type; a heads folder's config.json "
+                                         r"has model_type 'earlyexit'"):
+        load(str(heads))
+
+
+def test_mismatch_errors_name_the_recorded_base_and_the_given_one(heads, base_dir):
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_earlyexit import HeadsMismatchError
+
+    config = tiny_model("llama").config
+    config.hidden_size = 48
+    other = AutoModelForCausalLM.from_config(config)
+    other.config.name_or_path = "someone/other-model"
+    with pytest.raises(HeadsMismatchError, match=rf"saved for the base '{re.escape(str(base_dir))}' with "
+                                                 r"hidden_size=32; the base model they are attached to "
+                                                 r"\('someone/other-model'\) has hidden_size=48"):
+        EarlyExitForCausalLM.from_pretrained(heads, base_model=other)
+
+
+# -- lm-eval: items 3, 4, 5, 12 and 13 (refused at start-up, naming the value) -------------------------------------
+
+
+@pytest.fixture()
+def calibrated(heads) -> Path:
+    from test_decoding import set_median_thresholds
+    from tiny import tiny_tokenizer
+
+    model = EarlyExitForCausalLM.from_pretrained(heads)
+    set_median_thresholds(model, key="0.5")
+    model.save_pretrained(heads, overwrite=True, tokenizer=tiny_tokenizer())
+    return heads
+
+
+def ee_hf(**args):
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+
+    return EarlyExitLM(device="cpu", batch_size=1, dtype="float32", **args)
+
+
+def test_lm_eval_metric_other_than_the_calibrated_one_is_refused(calibrated):
+    lm = ee_hf(pretrained=str(calibrated), eps=0.5, metric="breaking_ties")  # the heads' own: accepted
+    assert lm.early_exit_report()["metric"] == "breaking_ties"
+    with pytest.raises(ValueError, match=r"metric='max_prob': these heads were calibrated for metric 'breaking_ties' "
+                                         r"and their calibration statistics hold no max_prob scores"):
+        ee_hf(pretrained=str(calibrated), eps=0.5, metric="max_prob")
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"metric": "vibes"}, "metric='vibes' is not one of"),
+    ({"kv_fill": "copy"}, "kv_fill='copy' is not one of"),
+    ({"mode": "dssd", "max_draft": True}, "max_draft=True must be a positive integer"),
+    ({"mode": "dssd", "max_draft": 0}, "max_draft=0 must be a positive integer"),
+    ({"mode": "dssd", "kv_fill": "propagate"}, "kv_fill='propagate' does not apply to mode='dssd'"),
+    ({"max_draft": 4}, "max_draft=4 does not apply to mode='early_exit'"),
+    ({"lookup": 2}, "lookup=2 does not apply to mode='early_exit'"),
+    ({"mode": "full", "kv_fill": "propagate"}, "kv_fill='propagate' does not apply to mode='plain'"),
+    ({"eps": "abc"}, "eps='abc' must be a number in"),
+    ({"eps": True}, "eps=True must be a number in"),
+])
+def test_lm_eval_options_are_checked_at_start_up_before_the_model_loads(calibrated, monkeypatch, args, message):
+    from hf_earlyexit.evaluation import lm_eval_model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(lm_eval_model, "load", no_model)
+    with pytest.raises(ValueError, match=message):
+        ee_hf(pretrained=str(calibrated), **args)
+
+
+def test_lm_eval_refuses_unknown_model_args_naming_its_own(calibrated):
+    with pytest.raises(TypeError, match=r"--model_args \['epsilon'\] are not arguments of ee-hf; its own are eps"):
+        ee_hf(pretrained=str(calibrated), epsilon=0.5)
+
+
+def test_lm_eval_names_a_pretrained_path_that_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"model path '{re.escape(str(tmp_path))}/nowhere' does not exist"):
+        ee_hf(pretrained=str(tmp_path / "nowhere"))
+
+
+# -- item 2: the draft vocabulary comes from the user's prompts, read before any work --------------------------------
+
+
+def test_train_job_draft_vocabulary_comes_from_the_prompt_file(base_dir, tmp_path, monkeypatch):
+    from hf_earlyexit.training import pipeline
+    from hf_earlyexit.training.data import GenerationSpec
+    from hf_earlyexit.training.pipeline import TrainJob, run_train
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zzzzzzzzzzzzzzzzzzzzzzzz\nzzzzzzzzzzzzzzzzzzzz zz\n")
+    job = TrainJob(model=str(base_dir), output_dir=str(tmp_path / "heads"), exit_layers=[1, 2], adapter_rank=4,
+                   draft_vocab_size=4, prompt_file=str(prompts))
+    model, _ = run_train(job, GenerationSpec(num_sequences=4, max_new_tokens=4), config_for(2))
+    assert model.tokenizer.convert_tokens_to_ids("z") in model.exit_heads[0].token_ids.tolist()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    job.prompt_file, job.output_dir = str(tmp_path / "latin1.txt"), str(tmp_path / "again")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the prompt file was read")
+
+    monkeypatch.setattr(pipeline, "_base_of", no_model)
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        run_train(job, GenerationSpec(num_sequences=4, max_new_tokens=4), config_for(2))
