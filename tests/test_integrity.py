@@ -437,6 +437,13 @@ def test_decoding_values_of_the_wrong_type_are_named(options, message):
         DecodingOptions.build(**options)
 
 
+@pytest.mark.parametrize("eps", ["abc", True, float("nan"), 1.5])
+def test_thresholds_for_names_a_bad_eps(heads, eps):
+    model = EarlyExitForCausalLM.from_pretrained(heads)
+    with pytest.raises(ValueError, match=rf"eps={re.escape(repr(eps))} must be a number in \[0, 1\]"):
+        model.thresholds_for(eps)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("exit_layers", [1.5, 2, 3], r"exit_layers=\[1.5, 2, 3\] must be a list of layer numbers"),
     ("exit_layers", "12", "exit_layers='12' must be a list of layer numbers"),

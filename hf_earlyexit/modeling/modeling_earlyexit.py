@@ -57,7 +57,7 @@ from .folder_earlyexit import (
 )
 from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
-from .options_earlyexit import OPTION_NAMES, DecodingOptions
+from .options_earlyexit import OPTION_NAMES, DecodingOptions, check_eps
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
 
@@ -472,8 +472,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
         From the calibrated grid when `eps` is on it, else derived from the stored calibration statistics.
         """
-        if not 0.0 <= float(eps) <= 1.0:
-            raise ValueError(f"eps={eps!r} must lie in [0, 1]")
+        eps = check_eps(eps)  # a number in [0, 1], named when it is not (text, True, NaN)
         if float(eps) == 1.0:
             return [None] * self.config.num_exits
         grid = self.config.thresholds or {}
