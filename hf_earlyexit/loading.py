@@ -18,12 +18,14 @@ import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .modeling.base_earlyexit import DTYPES, EMBEDDED, load_tokenizer, parse_dtype
+from .modeling.base_earlyexit import DTYPES, EMBEDDED, check_local_path, load_tokenizer, parse_dtype
 from .modeling.configuration_earlyexit import HEAD_TYPES, EarlyExitConfig
 from .modeling.modeling_earlyexit import EarlyExitForCausalLM
 
 SHIPPED = "shipped"
 MANIFEST = "MANIFEST.json"
+
+
 def shipped_dir() -> Path:
     """The folder of the shipped heads inside the installed package."""
     return Path(__file__).parent / "shipped_heads" / "gemma3-270m"
@@ -57,7 +59,8 @@ def verify(folder: Path | None = None) -> dict:
     for name, digest in manifest["files"].items():
         actual = file_digest(folder / name)
         if actual != digest:
-            raise ValueError(f"shipped file {name} has SHA-256 {actual}, the manifest records {digest}")
+            raise ValueError(f"shipped file {name} has SHA-256 {actual}, the manifest records {digest}: the shipped "
+                             f"heads in {folder} were modified; reinstall hf-earlyexit")
     return manifest
 
 
@@ -66,8 +69,19 @@ def is_heads_folder(name_or_path: str, **hub) -> bool:
     if name_or_path == EMBEDDED:
         return False
     name_or_path = resolve(name_or_path)
+    check_local_path(name_or_path)
     config, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
+    if "model_type" not in config and _looks_like_heads(config):
+        # transformers would take the folder's auto_map for a base model's remote code and ask to run it
+        raise ValueError(f"config.json of {name_or_path} has no model_type; a heads folder's config.json has "
+                         f"model_type {EarlyExitConfig.model_type!r} (restore it)")
     return config.get("model_type") == EarlyExitConfig.model_type
+
+
+def _looks_like_heads(config: dict) -> bool:
+    auto_map = config.get("auto_map")
+    code = [str(v) for v in auto_map.values()] if isinstance(auto_map, dict) else []
+    return any("_earlyexit." in v for v in code) or "exit_layers" in config or "base_fingerprint" in config
 
 
 def load(
@@ -77,14 +91,17 @@ def load(
 
     Args:
         name_or_path: a saved heads folder / Hub repo, `"shipped"` (the embedded model with the trained heads that
-            ship in the package), or a base model (Hub id, local path, `"embedded"`), to which fresh heads are
-            attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
+            ship in the package, every file checked against `MANIFEST.json` first), or a base model (Hub id, local
+            path, `"embedded"`), to which fresh heads are attached (`kwargs` go to `EarlyExitForCausalLM.from_base`).
         dtype: dtype of the base model (e.g. `torch.bfloat16`); default: as stored.
 
     Returns:
         `(model, tokenizer)`.
     """
+    if name_or_path == SHIPPED:
+        verify(shipped_dir())  # every load: a tampered file is refused by name before anything is read
     name_or_path = resolve(name_or_path)
+    check_local_path(name_or_path)
     if is_heads_folder(name_or_path):
         model = EarlyExitForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
         hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}

@@ -67,9 +67,11 @@ def test_generate_prints_text_colours_and_exit_summary(calibrated_folder, capsys
     assert "\033[" in out and "exit@1" in out and "tok/s" in out and "decoder-layer work" in out
 
 
-def test_generate_needs_a_prompt(calibrated_folder):
+def test_generate_needs_a_prompt(calibrated_folder, capsys):
+    assert main(["generate", "--model", calibrated_folder, "--dtype", "float32"]) == 2  # a user error: one line
+    assert "give a prompt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give a prompt"):
-        main(["generate", "--model", calibrated_folder, "--dtype", "float32"])
+        main(["generate", "--model", calibrated_folder, "--dtype", "float32", "--debug"])
 
 
 def test_bench_writes_json_and_plot(calibrated_folder, tmp_path, capsys):
@@ -173,10 +175,10 @@ def test_demo_explains_where_a_sequence_departs_from_plain(calibrated_folder):
     assert 0 < d["resolution"] < d["logit_gap"]
 
 
-def test_demo_refuses_uncalibrated_heads(tmp_path):
+def test_demo_refuses_uncalibrated_heads(tmp_path, capsys):
     base = save_tiny_base("llama", tmp_path / "base")
-    with pytest.raises(ValueError, match="no calibrated thresholds"):
-        main(["demo", "--model", base, "--dtype", "float32", "--output_dir", str(tmp_path / "demo")])
+    assert main(["demo", "--model", base, "--dtype", "float32", "--output_dir", str(tmp_path / "demo")]) == 2
+    assert "no calibrated thresholds" in capsys.readouterr().err
 
 
 def test_generate_dssd_with_lookup_matches_plain(calibrated_folder, capsys):

@@ -403,7 +403,7 @@ def test_folder_from_a_newer_format_is_refused(world, fake_hub, tmp_path):
     with pytest.raises(UnsupportedFormatError, match=message):
         EarlyExitForCausalLM.from_pretrained(folder)
     with pytest.raises(UnsupportedFormatError, match=message):
-        cli.main(["push", str(folder), HEADS_ID])
+        cli.main(["push", str(folder), HEADS_ID, "--debug"])
     assert fake_hub.calls == []
     del config["format_version"]  # a folder from before the field existed reads as format 1
     (folder / "config.json").write_text(json.dumps(config))
@@ -433,7 +433,7 @@ def test_untrained_heads_are_refused_unless_forced(world, fake_hub, tmp_path):
         model.push_to_hub(HEADS_ID)
     model.save_pretrained(tmp_path / "untrained")
     with pytest.raises(ValueError, match="never trained"):
-        cli.main(["push", str(tmp_path / "untrained"), HEADS_ID])
+        cli.main(["push", str(tmp_path / "untrained"), HEADS_ID, "--debug"])
     assert fake_hub.calls == []
     model.push_to_hub(HEADS_ID, force=True)
     assert "These heads are untrained" in (fake_hub.last / "README.md").read_text()
@@ -451,14 +451,14 @@ def test_folders_with_base_weights_or_no_heads_are_refused(world, fake_hub, tmp_
     (folder / "base").mkdir()
     save_file({"w": torch.zeros(2)}, folder / "base" / "model.safetensors")
     with pytest.raises(ValueError, match="full copy of the base model.*--merged"):
-        cli.main(["push", str(folder), HEADS_ID])
+        cli.main(["push", str(folder), HEADS_ID, "--debug"])
     shutil.rmtree(folder / "base")
     (folder / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="adapter_config.json"):
         check_heads_folder(folder)
     base = save_tiny_base("llama", tmp_path / "a-base")
     with pytest.raises(ValueError, match="holds a 'llama' model, not early-exit heads"):
-        cli.main(["push", base, HEADS_ID])
+        cli.main(["push", base, HEADS_ID, "--debug"])
     assert fake_hub.calls == []
 
 

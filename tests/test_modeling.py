@@ -17,6 +17,12 @@ from transformers import AutoModelForCausalLM, OPTConfig
 
 import hf_earlyexit
 from hf_earlyexit import EarlyExitConfig, EarlyExitForCausalLM, HeadsMismatchError, UnsupportedArchitectureError
+from hf_earlyexit.modeling.base_earlyexit import (
+    fingerprint_mismatch,
+    is_legacy_fingerprint,
+    legacy_weight_fingerprint,
+    weight_fingerprint,
+)
 
 HEAD_SETUPS = {
     "paper_full": {"head": "paper"},
@@ -282,8 +288,54 @@ def test_heads_for_another_base_name_both_values(llama_heads, changes, message):
 
 def test_heads_for_other_weights_of_the_same_shape_are_refused(llama_heads):
     other = tiny_model("llama", seed=123)
-    with pytest.raises(HeadsMismatchError, match="weight fingerprint part 0 is .* but .* in this base"):
+    message = r"weight fingerprint part 0 \(embedding\) is .* for the recorded base '.*base' but .* attached to"
+    with pytest.raises(HeadsMismatchError, match=message):
         EarlyExitForCausalLM.from_pretrained(llama_heads, base_model=other)
+
+
+def permuted(model):
+    """`model` with the elements of every weight tensor shuffled: every mean |w| and norm stays the same."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            flat = param.flatten()
+            param.copy_(flat[torch.randperm(flat.numel(), generator=g)].view_as(param))
+    return model
+
+
+def test_heads_for_permuted_weights_are_refused(llama_heads):
+    """Means survive a permutation of a tensor's elements; the fingerprint's projections do not."""
+    base = AutoModelForCausalLM.from_pretrained(llama_heads.parent / "base")
+    EarlyExitForCausalLM.from_pretrained(llama_heads, base_model=base)  # the same weights load
+    with pytest.raises(HeadsMismatchError, match=r"weight fingerprint part 0 \(embedding\)"):
+        EarlyExitForCausalLM.from_pretrained(llama_heads, base_model=permuted(base))
+    fingerprint = weight_fingerprint(tiny_model("llama"))
+    assert len(fingerprint) == 4 + 3 and all(len(part) == 5 for part in fingerprint)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fingerprint_survives_dtype_casts_and_tells_permutations_apart(arch):
+    model = tiny_model(arch)
+    fingerprint = weight_fingerprint(model)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fingerprint_mismatch(fingerprint, weight_fingerprint(tiny_model(arch).to(dtype))) is None, dtype
+    assert fingerprint_mismatch(fingerprint, weight_fingerprint(permuted(tiny_model(arch)))) is not None
+    assert fingerprint_mismatch(fingerprint, weight_fingerprint(tiny_model(arch, seed=1))) == 0
+
+
+def test_configs_with_the_legacy_fingerprint_still_load_and_are_checked(llama_heads):
+    """Folders written before the projections record one mean |w| per part: they load on their base (also in bf16)
+    and other weights are still refused."""
+    base = AutoModelForCausalLM.from_pretrained(llama_heads.parent / "base")
+    config = json.loads((llama_heads / "config.json").read_text())
+    config["base_fingerprint"] = legacy_weight_fingerprint(base)
+    assert is_legacy_fingerprint(config["base_fingerprint"])
+    (llama_heads / "config.json").write_text(json.dumps(config))
+    model = EarlyExitForCausalLM.from_pretrained(llama_heads)
+    assert model.config.base_fingerprint == config["base_fingerprint"]
+    EarlyExitForCausalLM.from_pretrained(llama_heads, base_model=base.to(torch.bfloat16))
+    with pytest.raises(HeadsMismatchError, match="weight fingerprint part 0 .* for the recorded base"):
+        EarlyExitForCausalLM.from_pretrained(llama_heads, base_model=tiny_model("llama", seed=123))
 
 
 def test_fingerprint_survives_a_bf16_base(llama_heads):

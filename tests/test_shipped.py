@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM, load, load_tokenizer, shipped_dir
@@ -42,6 +44,35 @@ def test_a_changed_or_extra_shipped_file_is_named(tmp_path):
     (copy / MANIFEST).unlink()
     with pytest.raises(FileNotFoundError, match="MANIFEST.json"):
         verify(copy)
+
+
+@pytest.mark.parametrize("tamper", ["threshold", "weights"])
+def test_loading_tampered_shipped_heads_is_refused_before_the_base_loads(tmp_path, monkeypatch, tamper):
+    """`load("shipped")` checks the manifest every time: a changed threshold or head tensor is refused by file name."""
+    import hf_earlyexit.loading as loading
+
+    copy = tmp_path / "heads"
+    shutil.copytree(shipped_dir(), copy)
+    if tamper == "threshold":
+        config = json.loads((copy / "config.json").read_text())
+        config["thresholds"]["0.9"][0] = -1.0
+        (copy / "config.json").write_text(json.dumps(config, indent=2))
+        name = "config.json"
+    else:
+        tensors = load_file(copy / "exit_heads.safetensors")
+        key = sorted(tensors)[0]
+        tensors[key] = torch.zeros_like(tensors[key])
+        save_file(tensors, copy / "exit_heads.safetensors", metadata={"format": "pt"})
+        name = "exit_heads.safetensors"
+    monkeypatch.setattr(loading, "shipped_dir", lambda: copy)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the shipped heads were loaded without checking their manifest")
+
+    monkeypatch.setattr(loading.EarlyExitForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(loading.EarlyExitForCausalLM, "from_base", never)
+    with pytest.raises(ValueError, match=rf"shipped file {name} has SHA-256 .* reinstall"):
+        load("shipped", dtype=torch.float32)
 
 
 def test_ship_refuses_heads_that_are_not_calibrated_heads_of_the_embedded_model(tmp_path):

@@ -89,6 +89,8 @@ POSITIONAL_FIELDS = {"push": ("model", "repo_id")}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-earlyexit", description="Early-exit heads for Hugging Face causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (anywhere on the line; default: one line, exit 2)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name, (types, _, help_text) in COMMANDS.items():
         command = sub.add_parser(name, dataclass_types=list(types), help=help_text, description=help_text)
@@ -100,8 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors a user's input causes (a bad value, file or folder): one line on stderr and exit status 2, unless --debug
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a user error (bad value, missing or unusable file) prints one line naming it and returns
+    2, with the traceback only under `--debug` (accepted anywhere on the line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [word for word in argv if word != "--debug"]
+    try:
+        return _run(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"hf-earlyexit: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:
         run_eval(argv[1:])
         return 0

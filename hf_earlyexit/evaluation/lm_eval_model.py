@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from ..formatting import num
 from ..loading import load
 from ..modeling.base_earlyexit import parse_dtype
+from ..modeling.configuration_earlyexit import METRICS
 from ..modeling.exits_earlyexit import ExitRule, take_first
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
@@ -44,7 +45,8 @@ class EarlyExitLM(HFLM):
     Args (besides `HFLM`'s):
         eps: accuracy target ε in [0, 1] (1 = the full model everywhere).
         mode: `early_exit` (default), `dssd` (generation is lossless; scoring still exits), or `full`.
-        metric: confidence metric override (default: the heads' calibrated one).
+        metric: confidence metric (default and, for calibrated heads, the only one accepted: the metric their
+            thresholds were calibrated for).
         kv_fill, max_draft, exit_policy, lookup: decoding options of generation tasks (`DecodingOptions`); one that
             does not apply to the mode is refused.
     """
@@ -54,6 +56,8 @@ class EarlyExitLM(HFLM):
                  lookup: int | None = None, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        if metric is not None and metric not in METRICS:
+            raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
         self.ee_eps = 1.0 if mode == "full" else check_eps(eps)
         self.ee_mode = mode
         # generation's decoding options, validated before the model loads (an option for another mode is refused)
@@ -71,11 +75,23 @@ class EarlyExitLM(HFLM):
         kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
         super().__init__(pretrained=str(pretrained), **kwargs)
         self._join_data_parallel()
-        if metric is not None:
-            self._model.config.metric = metric
+        if metric is not None and metric != self._model.config.metric:
+            self._use_metric(metric)
         self._model.thresholds_for(self.ee_eps)  # fails early, naming ε, when the heads are not calibrated
         if self.rank == 0:
             atexit.register(self._print_report)  # after lm-eval's own results table
+
+    def _use_metric(self, metric: str) -> None:
+        """Score confidence with `metric` instead of the heads' own. Thresholds belong to the metric they were
+        calibrated for and the calibration statistics hold that metric's scores only, so calibrated heads are
+        refused: thresholds of one metric applied to another's scores would exit at a different ε than reported."""
+        config = self._model.config
+        if config.thresholds or self._model.calibration_stats:
+            raise ValueError(
+                f"metric={metric!r}: these heads were calibrated for metric {config.metric!r} and their calibration "
+                f"statistics hold no {metric} scores, so no thresholds for {metric} can be derived; leave metric= "
+                f"out, or calibrate a copy for it (hf-earlyexit calibrate --metric {metric})")
+        config.metric = metric
 
     @property
     def generation_options(self) -> DecodingOptions:

@@ -9,6 +9,7 @@ Any other name is a Hub id or local path, loaded the usual transformers way.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -92,10 +93,40 @@ def embedded_dir() -> Path:
     return target
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hub repo id (`name` or `org/name`)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
+
+
+def check_local_path(name: str, what: str = "model") -> None:
+    """Refuse, naming it, a `name` that must be a local path (or was one: a leftover of an interrupted save lies
+    beside it) but does not exist, instead of letting it pass as a malformed Hub repo id."""
+    if not isinstance(name, str) or name == EMBEDDED or Path(name).expanduser().exists():
+        return
+    path = Path(name).expanduser()
+    backup = path.with_name(f".{path.name}.old") if path.name else None
+    if backup is not None and backup.exists():
+        raise FileNotFoundError(f"{what} {name!r} does not exist; an interrupted save left its previous contents in "
+                                f"{backup}: rename that folder back to {name!r}")
+    if looks_like_path(name):
+        raise FileNotFoundError(f"{what} path {name!r} does not exist (expected a local folder, or a Hub repo id "
+                                "like 'org/name')")
+
+
+def record_name(name_or_path: str) -> str:
+    """The name to record for a base model: a local folder as an absolute path (a relative one would break when the
+    heads are loaded from another working directory), anything else unchanged."""
+    if name_or_path != EMBEDDED and Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser().resolve())
+    return name_or_path
+
+
 def resolve_base(name_or_path: str, revision: str | None = None) -> tuple[str, str | None]:
     """Turn a base name into something `from_pretrained` can open: `(path_or_id, revision)`."""
     if name_or_path == EMBEDDED:
         return str(embedded_dir()), None
+    check_local_path(name_or_path, "base model")
     return name_or_path, revision
 
 
@@ -105,7 +136,7 @@ def canonical_name(model: PreTrainedModel) -> tuple[str, str | None]:
     cached = cache_root() / "gemma-3-270m-dense-"
     if path and str(Path(path).resolve()).startswith(str(cached.resolve())):
         return EMBEDDED, Path(path).name.removeprefix("gemma-3-270m-dense-")
-    return path, None
+    return (record_name(path) if path else path), None
 
 
 def load_base_model(
@@ -124,14 +155,41 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, **kwargs) -> 
     return AutoTokenizer.from_pretrained(path, revision=revision, **kwargs)
 
 
-def weight_fingerprint(model: PreTrainedModel) -> list[float]:
-    """A dtype-robust fingerprint of a base model: the mean |w| of each top-level part and decoder layer.
+# pseudo-random probe vectors per part: a fingerprint part is [‖w‖, p_1 .. p_PROBES]
+FINGERPRINT_PROBES = 4
 
-    Means over many weights survive a cast to bf16 to ~1e-3 relative, yet differ between checkpoints.
+
+def weight_fingerprint(model: PreTrainedModel) -> list[list[float]]:
+    """A dtype-robust fingerprint of a base model, one entry per part (embedding, each decoder layer, final norm, LM
+    head): `[‖w‖, p_1, ..., p_4]`, the part's weight norm and projections `p_k = Σ u_k·W·v_k` of each of its weight
+    tensors (as rows x columns) onto fixed pseudo-random row and column vectors.
+
+    Any material change of a weight moves a projection by about ‖w‖, also one that keeps every mean and norm (the
+    elements of a tensor permuted); a cast to bf16 moves them by about 1e-3 ‖w‖ (`fingerprint_mismatch`). Configs
+    written before this format hold `legacy_weight_fingerprint` (one float per part), still checked as such.
     """
+    return [_part_fingerprint(module) for module in _fingerprint_modules(model)]
+
+
+def legacy_weight_fingerprint(model: PreTrainedModel) -> list[float]:
+    """The fingerprint of configs written before `weight_fingerprint`'s projections: the mean |w| of each part."""
+    return [round(_mean_abs(m), 6) for m in _fingerprint_modules(model)]
+
+
+def is_legacy_fingerprint(fingerprint: list) -> bool:
+    """Whether a recorded fingerprint has the legacy format (one number per part, not a list per part)."""
+    return bool(fingerprint) and not isinstance(fingerprint[0], list | tuple)
+
+
+def fingerprint_part_names(model_or_count: PreTrainedModel | int) -> list[str]:
+    """Names of the fingerprint's parts, in order: `embedding`, `layer 0` .. `layer L-1`, `final norm`, `LM head`."""
+    count = model_or_count if isinstance(model_or_count, int) else len(_fingerprint_modules(model_or_count))
+    return ["embedding", *(f"layer {i}" for i in range(count - 3)), "final norm", "LM head"][:count]
+
+
+def _fingerprint_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     parts = model_parts(model)
-    modules = [parts.embed, *parts.layers, parts.norm, parts.lm_head]
-    return [round(_mean_abs(m), 6) for m in modules]
+    return [parts.embed, *parts.layers, parts.norm, parts.lm_head]
 
 
 def _mean_abs(module: torch.nn.Module) -> float:
@@ -142,11 +200,52 @@ def _mean_abs(module: torch.nn.Module) -> float:
     return total / max(count, 1)
 
 
-def fingerprint_mismatch(saved: list[float], current: list[float], rel_tol: float = 1e-2) -> int | None:
-    """Index of the first part whose fingerprint differs beyond `rel_tol`, or `None` when they agree."""
+def _probe(n: int, salt: int, device: torch.device) -> torch.Tensor:
+    """`(n, FINGERPRINT_PROBES)` float64 in [-1, 1]: fixed pseudo-random values (an integer hash of position, probe
+    and `salt`; the same on every machine and torch version)."""
+    i = torch.arange(n, dtype=torch.int64, device=device)[:, None]
+    k = torch.arange(FINGERPRINT_PROBES, dtype=torch.int64, device=device)[None, :]
+    x = (i * 2654435761 + k * 40503 + salt * 977 + 12345) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    return (x & 0xFFFF).double() / 32767.5 - 1.0
+
+
+def _part_fingerprint(module: torch.nn.Module) -> list[float]:
+    squares = 0.0
+    projections = torch.zeros(FINGERPRINT_PROBES, dtype=torch.float64)
+    for t, param in enumerate(module.parameters()):
+        w = param.detach()
+        w = w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(1, -1)
+        rows, cols = w.shape
+        u, v = _probe(rows, 2 * t, w.device), _probe(cols, 2 * t + 1, w.device)
+        step = max(1, 2**22 // max(cols, 1))  # rows per chunk: bounded float64 memory for large embeddings
+        for start in range(0, rows, step):
+            chunk = w[start:start + step].double()
+            squares += chunk.square().sum().item()
+            projections += ((chunk @ v) * u[start:start + step]).sum(0).cpu()
+    return [float(f"{value:.7g}") for value in (math.sqrt(squares), *projections.tolist())]
+
+
+def fingerprint_mismatch(saved: list, current: list, rel_tol: float = 1e-2) -> int | None:
+    """Index of the first part whose fingerprint differs beyond `rel_tol`, or `None` when they agree.
+
+    Both in the same format: `weight_fingerprint`'s (norm and projections, each compared within `rel_tol` x the
+    norm) or the legacy one (mean |w|, within `rel_tol` relative).
+    """
     if len(saved) != len(current):
         return 0
-    for i, (a, b) in enumerate(zip(saved, current, strict=False)):
-        if abs(a - b) > rel_tol * max(abs(a), abs(b), 1e-12):
+    for i, (a, b) in enumerate(zip(saved, current, strict=True)):
+        if isinstance(a, list | tuple) != isinstance(b, list | tuple):
+            return i
+        if not isinstance(a, list | tuple):
+            if abs(a - b) > rel_tol * max(abs(a), abs(b), 1e-12):
+                return i
+            continue
+        if len(a) != len(b):
+            return i
+        scale = rel_tol * max(abs(a[0]), abs(b[0]), 1e-12)
+        if any(abs(x - y) > scale for x, y in zip(a, b, strict=True)):
             return i
     return None

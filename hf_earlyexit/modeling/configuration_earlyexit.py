@@ -7,6 +7,9 @@ calibrated thresholds.
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -56,7 +59,8 @@ class EarlyExitConfig(PreTrainedConfig):
         metric (`str`): confidence metric used by calibration and early exit.
         thresholds (`dict[str, list[float]]`, *optional*): calibrated thresholds, `f"{eps:g}"` -> one per exit.
         eps (`float`): default accuracy target ε in (0, 1].
-        base_fingerprint (`list[float]`, *optional*): mean |w| per part of the base the heads were built on.
+        base_fingerprint (`list[list[float]]`, *optional*): per part of the base the heads were built on, its weight
+            norm and projections (`weight_fingerprint`); configs written before hold one mean |w| per part.
         training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
         calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date), the
             per-head coverage / agreement of every ε on held-out tokens (`check`) and the whole rule's (`cascade`).
@@ -82,7 +86,7 @@ class EarlyExitConfig(PreTrainedConfig):
     metric: str = "breaking_ties"
     thresholds: dict[str, list[float]] | None = None
     eps: float = 0.9
-    base_fingerprint: list[float] | None = None
+    base_fingerprint: list[list[float]] | list[float] | None = None
     training: dict | None = None
     calibration: dict | None = None
     base_subfolder: str | None = None
@@ -90,7 +94,10 @@ class EarlyExitConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         check_format_version(self.format_version)  # first: a newer folder may hold fields this code misreads
+        if self.text_config is not None and not isinstance(self.text_config, dict | PreTrainedConfig):
+            raise ValueError(f"text_config={self.text_config!r} must be the base model's config (a JSON object)")
         super().__post_init__(**kwargs)
+        self._check_types()
         if self.text_config is None:
             return  # an empty config, as `PreTrainedConfig` machinery builds for defaults and diffs
         num_layers = self.text_config.num_hidden_layers
@@ -115,6 +122,49 @@ class EarlyExitConfig(PreTrainedConfig):
                 raise ValueError(
                     f"thresholds[{key!r}] has {len(values)} values but there are {len(self.exit_layers)} exits"
                 )
+
+    def _check_types(self) -> None:
+        """Every field of the right JSON type, named with what was expected (a hand-edited config.json fails here,
+        not deep inside loading)."""
+        if not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path={self.base_model_name_or_path!r} must be a model id or path "
+                             "(a string)")
+        for name in ("base_revision",):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a string or null")
+        if self.exit_layers is not None and (
+            not isinstance(self.exit_layers, list | tuple) or not all(_is_int(k) for k in self.exit_layers)
+        ):
+            raise ValueError(f"exit_layers={self.exit_layers!r} must be a list of layer numbers (integers)")
+        for name in ("head_type", "head_init", "context_init", "metric"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
+        for name in ("adapter_rank", "draft_vocab_size"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer or null")
+        if not _is_number(self.eps):
+            raise ValueError(f"eps={self.eps!r} must be a number in (0, 1]")
+        if self.thresholds is not None:
+            if not isinstance(self.thresholds, dict):
+                raise ValueError(f"thresholds={self.thresholds!r} must map ε (e.g. \"0.9\") to one threshold per exit")
+            for key, values in self.thresholds.items():
+                if not _is_eps_key(key):
+                    raise ValueError(f"thresholds key {key!r} must be an ε in [0, 1] written as text (e.g. \"0.9\")")
+                if not isinstance(values, list | tuple) or not all(
+                    v is None or (_is_number(v) and not math.isnan(v)) for v in values
+                ):
+                    raise ValueError(f"thresholds[{key!r}]={values!r} must be a list of numbers (null: never exits)")
+        fingerprint = self.base_fingerprint
+        if fingerprint is not None and (not isinstance(fingerprint, list) or not (
+            all(_is_number(v) for v in fingerprint)
+            or all(isinstance(part, list) and all(_is_number(v) for v in part) for part in fingerprint)
+        )):
+            raise ValueError(f"base_fingerprint={fingerprint!r} must be a list of numbers per part of the base model")
+        for name in ("training", "calibration"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a JSON object or null")
+        if self.base_subfolder is not None:
+            check_inside_folder("base_subfolder", self.base_subfolder)
 
     @staticmethod
     def validate_exits(exit_layers: list[int], num_layers: int) -> None:
@@ -146,6 +196,31 @@ def check_format_version(version: Any) -> None:
             f"format {FORMAT_VERSION}. Upgrade hf-earlyexit (pip install -U hf-earlyexit), or load the folder with "
             "trust_remote_code=True so that its own code reads it"
         )
+
+
+def check_inside_folder(name: str, path: Any) -> str:
+    """`path` as a relative path that stays inside its folder (no `..`, not absolute); refuse anything else."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{name}={path!r} must be a relative path inside the heads folder (a non-empty string)")
+    parts = path.replace("\\", "/").split("/")
+    if path.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", path) or ".." in parts:
+        raise ValueError(f"{name}={path!r} must be a relative path inside the heads folder (no '..', not absolute)")
+    return path
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_eps_key(key: Any) -> bool:
+    try:
+        return isinstance(key, str) and 0.0 <= float(key) <= 1.0
+    except ValueError:
+        return False
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

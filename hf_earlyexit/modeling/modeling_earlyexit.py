@@ -26,12 +26,14 @@ from .architectures_earlyexit import arch_spec
 from .base_earlyexit import (
     EMBEDDED,
     canonical_name,
+    check_local_path,
     embedded_revision,
     load_base_model,
     load_tokenizer,
+    record_name,
     weight_fingerprint,
 )
-from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig
+from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig, UnsupportedFormatError
 from .costs_earlyexit import CostModel
 from .decoding_earlyexit import early_exit_generate
 from .engine_earlyexit import ContextLayer, LayerEngine
@@ -42,16 +44,20 @@ from .folder_earlyexit import (
     HEADS_FILE,
     HeadsMismatchError,
     check_compatible,
+    check_extra_file_name,
     check_revision,
+    clean_stale_staging,
     load_recorded_base,
+    make_staging,
     read_calibration,
     read_heads,
+    recover_backup,
     replace_dir,
     resolved_commit,
 )
 from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
-from .options_earlyexit import OPTION_NAMES, DecodingOptions
+from .options_earlyexit import OPTION_NAMES, DecodingOptions, check_eps
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
 
@@ -181,7 +187,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
         """
         if isinstance(base, str):
-            name = base
+            name = record_name(base)  # a local folder by its absolute path: the heads load from anywhere
             if tokenizer is None:
                 tokenizer = load_tokenizer(base, revision)
             revision = embedded_revision() if base == EMBEDDED else resolved_commit(name, revision, base_kwargs)
@@ -239,8 +245,9 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         source = str(pretrained_model_name_or_path)
+        check_local_path(source, "heads folder")
         if config is None:
-            config = EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
+            config = read_config(source, revision, hub)
         state = read_heads(source, revision=revision, **hub)
         if base_model is None:
             base_model = load_recorded_base(
@@ -252,6 +259,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, backbone=base_model)
         model.load_heads_state(state, source)
         model.calibration_stats = read_calibration(source, revision=revision, **hub)
+        check_calibration(model.calibration_stats, config.num_exits, source)
         return model.eval()
 
     def load_heads_state(self, state: dict[str, Tensor], source: str = "state dict") -> None:
@@ -269,6 +277,11 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                     f"head tensor {key!r} in {source} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(expected[key].shape)} for this base model"
                 )
+            if key.endswith("token_ids"):  # the draft vocabulary: ids the base model's vocabulary has, once each
+                try:
+                    _check_token_ids(tensor, self.config.text_config.vocab_size)
+                except ValueError as err:
+                    raise HeadsMismatchError(f"head tensor {key!r} in {source}: {err}") from None
         self.heads.load_state_dict(state, strict=True)
 
     # -- saving ------------------------------------------------------------------------------------------------
@@ -287,22 +300,34 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         """Write the heads folder atomically: config.json (+ auto_map), exit_heads.safetensors, tokenizer, code and
         the model card `README.md`.
 
-        Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind.
+        Refuses a non-empty `save_directory` unless `overwrite=True`; on any failure nothing is left behind and the
+        previous contents stay (or the error names where they are). Staging folders of killed saves are removed.
         `extra_files` (name -> existing file) are copied in too (logs, plots, `bench.json`, `eval_results.json`,
-        which the card reports; a `README.md` among them replaces the rendered card). `merged=True` also writes a
+        which the card reports; a `README.md` among them replaces the rendered card): names are relative paths
+        inside the folder, never the heads' own files or tensor files. `merged=True` also writes a
         full copy of the base model under `base/` (large; loading then needs no other base). `repo_id` names the
         Hub repo in the card's usage snippets.
         """
         target = Path(save_directory)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub=True is not handled by save_pretrained; call model.push_to_hub(repo_id)")
+        extra_files = {check_extra_file_name(name): Path(source) for name, source in (extra_files or {}).items()}
+        for name, source in extra_files.items():
+            if not source.is_file():
+                raise FileNotFoundError(f"extra_files[{name!r}]: {source} is not a file")
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} is a file, not a folder; remove it or choose another path")
+        if target.parent.is_dir():
+            recover_backup(target)  # an interrupted save's previous contents go back first: never lost
+            clean_stale_staging(target)
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        staging = make_staging(target)
         try:
             config = self._write_folder(staging, tokenizer or self.tokenizer, merged)
-            for name, source in (extra_files or {}).items():
+            for name, source in extra_files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, staging / name)
             write_card(staging, config, repo_id)
             replace_dir(staging, target)
@@ -390,6 +415,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: `(batch, seq)`; left or right padding marked by `attention_mask` `(batch, seq)`.
             output_hidden_states: also return each exit's raw hidden states.
         """
+        _check_mask(input_ids, attention_mask)
         exit_hidden, logits = self.backbone_states(input_ids, attention_mask)
         return EarlyExitOutput(
             logits=logits,
@@ -425,6 +451,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         output plus `exit_stats` and the exit of each token); `model.exit_stats` accumulates over calls until
         `reset_exit_stats()`.
         """
+        _check_mask(inputs if inputs is not None else kwargs.get("input_ids"), kwargs.get("attention_mask"))
         given = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
         options = DecodingOptions.build(decoding or self.decoding, **given)
         if drafters and options.mode != "dssd":
@@ -445,8 +472,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
         From the calibrated grid when `eps` is on it, else derived from the stored calibration statistics.
         """
-        if not 0.0 <= float(eps) <= 1.0:
-            raise ValueError(f"eps={eps!r} must lie in [0, 1]")
+        eps = check_eps(eps)  # a number in [0, 1], named when it is not (text, True, NaN)
         if float(eps) == 1.0:
             return [None] * self.config.num_exits
         grid = self.config.thresholds or {}
@@ -479,6 +505,45 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def exit_heads(self) -> list[ExitHead]:
         return list(self.heads)
+
+
+def read_config(source: str, revision: str | None, hub: dict) -> EarlyExitConfig:
+    """The heads' `config.json`, with a bad field named together with the folder it came from."""
+    try:
+        return EarlyExitConfig.from_pretrained(source, revision=revision, **hub)
+    except UnsupportedFormatError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"config.json of the heads in {source} is invalid: {err}") from err
+
+
+def check_calibration(stats: dict[str, Tensor] | None, num_exits: int, source: str) -> None:
+    """Calibration statistics must hold, per exit `j`, `score.{j}` and `agree.{j}`: 1-D and of equal length."""
+    if stats is None:
+        return
+    expected = [f"{kind}.{j}" for j in range(num_exits) for kind in ("score", "agree")]
+    missing = [key for key in expected if key not in stats]
+    if missing:
+        raise ValueError(f"calibration file {CALIBRATION_FILE} in {source} lacks {missing[:4]} (it holds "
+                         f"{sorted(stats)[:6]}); expected score.j and agree.j for each of the {num_exits} exits: "
+                         "calibrate again (hf-earlyexit calibrate)")
+    lengths = {key: tuple(stats[key].shape) for key in expected}
+    for j in range(num_exits):
+        score, agree = lengths[f"score.{j}"], lengths[f"agree.{j}"]
+        if len(score) != 1 or score != agree:
+            raise ValueError(f"calibration file {CALIBRATION_FILE} in {source}: score.{j} {score} and agree.{j} "
+                             f"{agree} must be 1-D of equal length")
+    if "aligned" in stats and len({lengths[f"score.{j}"] for j in range(num_exits)}) > 1:
+        raise ValueError(f"calibration file {CALIBRATION_FILE} in {source} is marked aligned but its exits hold "
+                         f"different token counts {[lengths[f'score.{j}'][0] for j in range(num_exits)]}")
+
+
+def _check_mask(input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+    if input_ids is None or attention_mask is None or not hasattr(attention_mask, "shape"):
+        return
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected the shape of input_ids, "
+                         f"{tuple(input_ids.shape)} (batch, sequence)")
 
 
 def _check_token_ids(token_ids: Tensor, vocab: int) -> None:

@@ -24,7 +24,7 @@ from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from ..training.calibrate import CalibrateConfig, calibration_spec, collect, collect_metrics
 from ..training.data import GenerationSpec, draft_vocabulary, generate_corpus
 from ..training.pipeline import CalibrateJob, TrainJob, build_corpus, run_calibrate, run_train
-from ..training.train import CHECKPOINT, TrainConfig, train_heads
+from ..training.train import CHECKPOINT, TrainConfig, find_checkpoint, train_heads
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def _dynamics_run(run, folder, base, tokenizer, draft, train, held_out, init: st
     config = TrainConfig(steps=sizes.train_steps, batch_size=sizes.batch_size, lam=lam, log_every=sizes.log_every,
                          checkpoint_every=sizes.log_every)
     work = folder / name
-    history = train_heads(model, train, config, work, resume=(work / CHECKPOINT).exists(), held_out=held_out)
+    history = train_heads(model, train, config, work, resume=find_checkpoint(work / CHECKPOINT) is not None,
+                          held_out=held_out)
     records = collect(model, held_out, "breaking_ties")
     result = {"name": name, "init": init, "lam": lam, "exit_layers": list(model.config.exit_layers),
               "train_config": asdict(config), "history": history,
@@ -157,7 +158,7 @@ def _train_and_calibrate(run, folder: Path, path: str) -> None:
     work = folder / "work"
     job = TrainJob(model=args.model, output_dir=path, work_dir=str(work), dtype=args.dtype,
                    exit_layers=args.exit_layers, draft_vocab_size=args.draft_vocab_size, adapter_rank=args.adapter_rank,
-                   resume=(work / CHECKPOINT).exists(), overwrite=True)
+                   resume=find_checkpoint(work / CHECKPOINT) is not None, overwrite=True)
     run_train(job, _train_spec(sizes), TrainConfig(steps=sizes.train_steps, batch_size=sizes.batch_size, lam=args.lam))
     calibrate = CalibrateJob(model=path, dtype=args.dtype, num_sequences=sizes.calibration_sequences,
                              max_new_tokens=sizes.calibration_tokens)

@@ -52,8 +52,13 @@ class CalibrateConfig:
         if self.metric is not None and self.metric not in (*METRICS, AUTO_METRIC):
             raise ValueError(f"metric={self.metric!r} is not one of {', '.join((*METRICS, AUTO_METRIC))}")
         for eps in self.eps_grid:
-            if not (isinstance(eps, int | float) and 0.0 <= eps <= 1.0):
+            if isinstance(eps, bool) or not (isinstance(eps, int | float) and 0.0 <= eps <= 1.0):
                 raise ValueError(f"eps={eps!r} in eps_grid must lie in [0, 1]")
+        if not 0.0 < self.check_fraction < 1.0:
+            raise ValueError(f"check_fraction={self.check_fraction!r} must lie strictly between 0 and 1")
+        for name in ("min_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
 
 
 def calibration_spec() -> GenerationSpec:

@@ -67,10 +67,22 @@ class GenerationSpec:
     top_k: int = field(default=50, metadata={"help": "sampling top-k"})
     sampling_seed: int = field(default=0, metadata={"help": "seed of the sampler"})
 
+    def __post_init__(self) -> None:
+        for name, low in (("num_sequences", 0), ("max_new_tokens", 1), ("generation_batch_size", 1), ("top_k", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or not (
+            0.0 < self.temperature < float("inf")
+        ):
+            raise ValueError(f"temperature={self.temperature!r} must be a positive number")
+
 
 def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     """One prompt per non-empty line of a UTF-8 text file; empty or non-UTF-8 files are refused."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist (expected a UTF-8 text file, one prompt per line)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -145,6 +157,8 @@ def read_text_files(paths: list[str | Path]) -> list[str]:
     one passage. Empty, non-UTF-8 or malformed files are refused with the file named."""
     texts = []
     for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {path} does not exist (expected a UTF-8 text, .jsonl or .csv file)")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from .data import (
     text_corpus,
 )
 from .features import FeatureStore
-from .train import CURVES_PNG, LOG_CSV, TrainConfig, evaluate_heads, train_heads
+from .train import CHECKPOINT, CURVES_PNG, LOG_CSV, TrainConfig, check_resumable, evaluate_heads, train_heads
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,17 @@ class TrainJob:
     features_dir: str | None = field(default=None, metadata={
         "help": "loss topk: where the backbone's features go (default: <work_dir>/features; reused when it holds "
                 "this corpus)"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction={self.held_out_fraction!r} must lie strictly between 0 and 1 (the "
+                             "fraction of sequences kept out of training)")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len!r} must be at least 2 tokens")
+        if self.max_text_tokens is not None and self.max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens={self.max_text_tokens!r} must be a positive number of tokens")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size!r} must be >= 0 (0: the full vocabulary)")
 
     @property
     def work_path(self) -> Path:
@@ -101,9 +114,19 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
     (`features_dir`, default `<work_dir>/features`), and training streams from it.
     """
     out = Path(job.output_dir)
+    for name, path in (("output_dir", out), ("work_dir", job.work_path)):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{name}={str(path)!r} is a file; expected a folder (or a path that does not "
+                                     "exist yet)")
     if out.exists() and any(out.iterdir()) and not (job.overwrite or job.resume):
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it or --resume to continue")
     read_inputs(job, spec)  # before any model work: a bad prompt or text file fails at once
+    if not job.text_files and spec.num_sequences < 2:
+        raise ValueError(f"num_sequences={spec.num_sequences} gives too little text: training keeps some sequences "
+                         "out for its report, so it needs at least 2 (or --text_files)")
+    data = data_settings(job, spec)
+    if job.resume:  # other data or hyper-parameters are refused before any model work
+        check_resumable(job.work_path / CHECKPOINT, config, data)
     # one process, or each of an `accelerate launch`; made as `Accelerator` makes it, so CPU launches count their ranks
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with state.main_process_first():  # the main process writes generated data and features; the others read them
@@ -113,12 +136,15 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
             torch.manual_seed(config.seed)
             model = heads or _new_heads(job, base, tokenizer, corpus)
         model.backbone.eval()
+        if len(corpus) < 2:
+            raise ValueError(f"the training text makes {len(corpus)} sequence(s); training keeps some out for its "
+                             "report, so it needs at least 2: raise --num_sequences or give more text")
         held_out, train = corpus.split(job.held_out_fraction)
-        data = train
+        source = train
         if config.loss == "topk":
-            data = FeatureStore.build(model, train, job.features_path, k=config.topk)
+            source = FeatureStore.build(model, train, job.features_path, k=config.topk)
     logger.info("Training on %d sequences (%d tokens), %d held out", len(train), train.num_tokens, len(held_out))
-    train_heads(model, data, config, job.work_path, resume=job.resume)
+    train_heads(model, source, config, job.work_path, resume=job.resume, data=data)
     report = evaluate_heads(model, held_out)
     model.config.training = {
         "steps": config.steps, "train_config": asdict(config), "data": {**asdict(spec), "sequences": len(train),
@@ -129,6 +155,21 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
         model.save_pretrained(out, overwrite=True, extra_files=extra)
     state.wait_for_everyone()
     return model, report
+
+
+def data_settings(job: TrainJob, spec: GenerationSpec) -> dict:
+    """What the training corpus is built from, as a checkpoint records it (a resumed run must build the same):
+    generation settings, the prompts' and text files' contents (SHA-256) and how text is cut and held out."""
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    settings = {k: v for k, v in asdict(spec).items() if k != "prompts"}
+    settings["prompts (sha256)"] = digest(json.dumps(spec.prompts).encode()) if spec.num_sequences else None
+    settings["text_files (sha256)"] = [digest(Path(path).read_bytes()) for path in job.text_files or []]
+    for name in ("seq_len", "max_text_tokens"):
+        settings[name] = getattr(job, name) if job.text_files else None
+    settings["held_out_fraction"] = job.held_out_fraction
+    return settings
 
 
 def read_inputs(job: TrainJob, spec: GenerationSpec) -> None:
@@ -175,6 +216,13 @@ class CalibrateJob:
     num_sequences: int = field(default=64, metadata={"help": "calibration sequences the model writes"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per calibration sequence"})
     prompt_file: str | None = field(default=None, metadata={"help": "calibration prompts, one per line (UTF-8)"})
+
+    def __post_init__(self) -> None:
+        if self.num_sequences < 2:
+            raise ValueError(f"num_sequences={self.num_sequences!r} must be at least 2 (half the calibration sequences "
+                             "set the thresholds, the other half checks them)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive number of tokens")
 
 
 def run_calibrate(job: CalibrateJob, config) -> tuple[dict, list[dict], list[dict]]:

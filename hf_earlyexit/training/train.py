@@ -14,6 +14,8 @@ import csv
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +72,11 @@ class TrainConfig:
             raise ValueError(f"lam={self.lam!r} must lie in [0, 1]")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be positive")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive number of steps")
+        if not 0.0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be a positive number")
         if self.teacher_cache_gib < 0:
             raise ValueError(f"teacher_cache_gib={self.teacher_cache_gib!r} must be >= 0 (0: no cache)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -177,7 +184,7 @@ def evaluate_heads(
 
 def train_heads(
     model: EarlyExitForCausalLM, corpus: Corpus | FeatureStore, config: TrainConfig, work_dir: str | Path,
-    resume: bool = False, held_out: Corpus | FeatureStore | None = None,
+    resume: bool = False, held_out: Corpus | FeatureStore | None = None, data: dict | None = None,
 ) -> list[dict]:
     """Train `model`'s heads on `corpus` (the backbone stays frozen); returns the log rows.
 
@@ -188,6 +195,8 @@ def train_heads(
         resume: continue from `work_dir/checkpoint` (refused if its hyper-parameters differ from `config`).
         held_out: sequences never trained on; when given, every logged step also records each head's agreement and
             mean entropy on them (`held_out_agreement`, `held_out_entropy`), as `evaluate_heads` measures them.
+        data: the settings the corpus was built from (JSON values); recorded in checkpoints, and a resumed run with
+            other values is refused like other hyper-parameters.
     """
     work_dir = Path(work_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -204,10 +213,12 @@ def train_heads(
     model, optimizer = accelerator.prepare(model, optimizer)
     start, history = 0, []
     if resume:
-        start, history = load_checkpoint(work_dir / CHECKPOINT, model, optimizer, config, accelerator)
-    elif (work_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{work_dir / CHECKPOINT} exists; pass resume=True (--resume) to continue it, or use "
-                              "another work dir")
+        start, history = load_checkpoint(work_dir / CHECKPOINT, model, optimizer, config, accelerator, data)
+    else:
+        existing = [p for p in checkpoint_folders(work_dir / CHECKPOINT) if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists; pass resume=True (--resume) to continue it, or use another "
+                                  "work dir")
     inner = _unwrap(accelerator, model)
     teacher = _teacher(inner, corpus, config)
     held_out_teacher = None if held_out is None else _teacher(inner, held_out, config, with_targets=False)
@@ -230,7 +241,7 @@ def train_heads(
             history.extend({"step": step + 1, "exit": k, **s}
                            for k, s in zip(inner.config.exit_layers, stats, strict=True))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(work_dir / CHECKPOINT, inner, optimizer, config, step + 1, history, accelerator)
+            save_checkpoint(work_dir / CHECKPOINT, inner, optimizer, config, step + 1, history, accelerator, data)
     if accelerator.is_main_process:
         write_log(history, work_dir)
     return history
@@ -288,47 +299,129 @@ def _rows_for_step(teacher, step: int, config: TrainConfig, accelerator: Acceler
 # -- checkpoints (safetensors + JSON) ------------------------------------------------------------------------------
 
 
+STATE_FILE = "trainer_state.json"
+HEADS_FILE = "heads.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def checkpoint_folders(folder: Path) -> tuple[Path, Path, Path]:
+    """`folder` and what an interrupted swap can leave beside it: `.partial` (the next checkpoint, written but not
+    yet moved into place) and `.old` (the previous one, moved aside but not yet replaced or deleted)."""
+    return folder, folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+
+
+def _complete_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint in `folder` (its state, written last, names it), else `None`."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or not all((folder / name).is_file() for name in (HEADS_FILE, OPTIMIZER_FILE)):
+        return None
+    return step
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint among `folder`, `.partial` and `.old` (every state a crash during
+    `save_checkpoint` can leave), or `None`."""
+    best: tuple[int, Path] | None = None
+    for path in checkpoint_folders(folder):
+        step = _complete_step(path)
+        if step is not None and (best is None or step > best[0]):
+            best = (step, path)
+    return None if best is None else best[1]
+
+
+def _settle(folder: Path) -> None:
+    """Put the newest complete checkpoint at `folder` and remove what an interrupted save left beside it."""
+    folder, staging, old = checkpoint_folders(folder)
+    best = find_checkpoint(folder)
+    if best is not None and best != folder:
+        if folder.exists():
+            shutil.rmtree(folder)  # older or incomplete: the newest complete one replaces it
+        best.rename(folder)
+        logger.warning("Recovered checkpoint %s from %s, left by an interrupted save", folder, best)
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
 def save_checkpoint(folder: Path, model: EarlyExitForCausalLM, optimizer, config: TrainConfig, step: int,
-                    history: list[dict], accelerator: Accelerator) -> None:
-    """Write heads, optimizer tensors and trainer state into `folder`, atomically (temp folder, then rename)."""
+                    history: list[dict], accelerator: Accelerator, data: dict | None = None) -> None:
+    """Write heads, optimizer tensors and trainer state into `folder`, atomically: a staging folder (`.partial`,
+    its state file written last) swapped in by two renames (the previous checkpoint waits in `.old`). A crash at
+    any point leaves a complete checkpoint that `find_checkpoint` finds; the next save cleans up."""
     if not accelerator.is_main_process:
         return
-    staging = folder.with_name(folder.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
+    folder, staging, old = checkpoint_folders(folder)
+    _settle(folder)
+    staging.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.heads.state_dict().items()},
-              staging / "heads.safetensors")
+              staging / HEADS_FILE)
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, staging / "optimizer.safetensors")
+    save_file(tensors, staging / OPTIMIZER_FILE)
     state = {"step": step, "train_config": asdict(config), "heads_config": _heads_identity(model),
              "param_groups": groups, "history": history}
-    (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    old = folder.with_name(folder.name + ".old")
+    if data is not None:
+        state["data"] = data
+    (staging / (STATE_FILE + ".tmp")).write_text(json.dumps(state, indent=1))
+    os.replace(staging / (STATE_FILE + ".tmp"), staging / STATE_FILE)  # last: the checkpoint is complete
     if folder.exists():
         folder.rename(old)
-    staging.rename(folder)
-    if old.exists():
-        for p in old.iterdir():
-            p.unlink()
-        old.rmdir()
+    try:
+        staging.rename(folder)
+    except OSError as err:
+        raise OSError(f"could not move the new checkpoint (step {step}) from {staging} to {folder} ({err}); the "
+                      f"previous checkpoint is in {old}; --resume finds the newest complete one of both") from err
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, config: TrainConfig, accelerator: Accelerator):
-    """Restore heads + optimizer from `folder`; refuse when hyper-parameters or heads differ. Returns (step, log)."""
-    if not (folder / "trainer_state.json").exists():
-        raise FileNotFoundError(f"no checkpoint to resume in {folder}")
-    state = json.loads((folder / "trainer_state.json").read_text())
-    inner = _unwrap(accelerator, model)
-    saved = {**state["train_config"], **state["heads_config"]}
-    current = {**asdict(config), **_heads_identity(inner)}
+def settings_diff(state: dict, config: TrainConfig, data: dict | None, heads: dict | None = None) -> list[str]:
+    """What differs between a checkpoint's recorded settings and this run's: hyper-parameters, the data the corpus
+    was built from (when both record it) and the heads (when given)."""
+    saved, current = dict(state["train_config"]), asdict(config)
+    if heads is not None:
+        saved.update(state["heads_config"])
+        current.update(heads)
     for free in ("steps", "teacher_cache_gib"):  # training longer than planned, or with(out) the cache, is allowed
         current[free] = saved[free] = None
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if data is not None and state.get("data") is not None:
+        saved.update({f"data {k}": v for k, v in state["data"].items()})
+        current.update({f"data {k}": v for k, v in data.items()})
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def check_resumable(folder: Path, config: TrainConfig, data: dict | None = None) -> Path:
+    """The checkpoint `--resume` would continue (`find_checkpoint`), refused when its hyper-parameters or data
+    settings differ from this run's: called before any model work."""
+    found = find_checkpoint(folder)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {folder} (nor beside it in "
+                                f"{checkpoint_folders(folder)[1].name} / {checkpoint_folders(folder)[2].name})")
+    diffs = settings_diff(json.loads((found / STATE_FILE).read_text()), config, data)
     if diffs:
-        raise ValueError(f"cannot resume {folder} with different settings: " + "; ".join(diffs))
-    inner.load_heads_state(load_file(folder / "heads.safetensors"), str(folder))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["param_groups"]))
-    logger.info("Resuming from step %d (%s)", state["step"], folder)
+        raise ValueError(f"cannot resume {found} with different settings: " + "; ".join(diffs))
+    return found
+
+
+def load_checkpoint(folder: Path, model, optimizer, config: TrainConfig, accelerator: Accelerator,
+                    data: dict | None = None):
+    """Restore heads + optimizer from the newest complete checkpoint at `folder` (or beside it, after a crash);
+    refuse when hyper-parameters, data settings or heads differ. Returns (step, log)."""
+    found = check_resumable(folder, config, data)
+    state = json.loads((found / STATE_FILE).read_text())
+    inner = _unwrap(accelerator, model)
+    if data is not None and state.get("data") is None:
+        logger.warning("%s records no data settings (an older checkpoint): make sure this run builds the same corpus",
+                       found)
+    diffs = settings_diff(state, config, data, _heads_identity(inner))
+    if diffs:
+        raise ValueError(f"cannot resume {found} with different settings: " + "; ".join(diffs))
+    inner.load_heads_state(load_file(found / HEADS_FILE), str(found))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(found / OPTIMIZER_FILE), state["param_groups"]))
+    logger.info("Resuming from step %d (%s)", state["step"], found)
     return state["step"], state["history"]
 
 
