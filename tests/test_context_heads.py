@@ -100,10 +100,11 @@ def test_context_cache_after_rollback_and_row_selection(arch):
     assert_same_cache(model, state, expected_ids, expected_mask)
 
 
+@pytest.mark.parametrize("rank", [None, 2], ids=["full_block", "low_rank_block"])
 @pytest.mark.parametrize("lengths", [[7], [9, 5, 7, 3]], ids=["batch1", "batch4"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_dssd_with_context_heads_is_plain_greedy(arch, lengths):
-    model = context_model(arch)
+def test_dssd_with_context_heads_is_plain_greedy(arch, lengths, rank):
+    model = context_model(arch, context_rank=rank)
     set_median_thresholds(model)
     ids, mask = batch(lengths)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, mode="plain", **GREEDY)

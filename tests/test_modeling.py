@@ -29,6 +29,7 @@ HEAD_SETUPS = {
     "paper_draft_scratch": {"head": "paper", "head_init": "scratch", "draft_token_ids": list(range(40, 90))},
     "shared_lowrank_draft": {"head": "shared", "adapter_rank": 4, "draft_token_ids": list(range(10, 60))},
     "shared_full": {"head": "shared"},
+    "context_lowrank": {"head": "context", "adapter_rank": 4, "context_rank": 3},
     "context_draft": {"head": "context", "adapter_rank": 4, "draft_token_ids": list(range(5, 70))},
     "context_last_full": {"head": "context", "context_init": "last"},
 }
@@ -426,3 +427,33 @@ def test_default_exits_are_regular_intervals():
     assert default_exit_layers(32) == [6, 12, 18, 24]  # the paper's Phi-2 placement
     assert default_exit_layers(18) == [3, 6, 9, 12]
     assert default_exit_layers(2) == [1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_low_rank_context_blocks_save_only_their_deltas_and_norms(arch, tmp_path):
+    base = tiny_model(arch)
+    full = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", adapter_rank=4)
+    low = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", adapter_rank=4, context_rank=2)
+    ids, mask = batch([7, 5])
+    with torch.no_grad():  # deltas start at zero: the same head as a full copy
+        for a, b in zip(full(ids, attention_mask=mask).exit_logits, low(ids, attention_mask=mask).exit_logits,
+                        strict=True):
+            torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
+    full_size = sum(p.numel() for p in full.heads.parameters())
+    low_size = sum(p.numel() for p in low.heads.parameters())
+    assert low_size < full_size / 2
+    from hf_earlyexit.modeling.costs_earlyexit import module_cost
+    from hf_earlyexit.modeling.heads_earlyexit import LowRankDelta
+
+    for head, full_cost, low_cost in zip(low.exit_heads, full.costs.contexts, low.costs.contexts, strict=True):
+        deltas = sum((module_cost(m) for m in head.block.modules() if isinstance(m, LowRankDelta)),
+                     module_cost(torch.nn.Identity()))
+        assert deltas.macs > 0 and low_cost == full_cost + deltas  # the block still reads the layer's projections
+    perturb_heads(low)
+    low.save_pretrained(tmp_path / "heads")
+    again = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads", base_model=base)
+    assert again.config.context_rank == 2
+    with torch.no_grad():
+        for a, b in zip(low(ids, attention_mask=mask).exit_logits, again(ids, attention_mask=mask).exit_logits,
+                        strict=True):
+            torch.testing.assert_close(a, b)

@@ -53,6 +53,8 @@ class EarlyExitConfig(PreTrainedConfig):
             layer in front of a shared head: it attends over earlier positions).
         context_init (`str`): context heads: the layer their block copies, `"next"` (the first layer the exit
             skips) or `"last"` (the model's last layer).
+        context_rank (`int`, *optional*): context heads: keep the block's projections the model's own (not saved)
+            and train rank-`context_rank` deltas on them; `None`: the whole block is trained and saved.
         head_init (`str`): `"lm_head"` (copy the model's head) or `"scratch"`; recorded for provenance.
         adapter_rank (`int`, *optional*): rank of the shared head's adapter (`None`: a full hidden x hidden map).
         draft_vocab_size (`int`, *optional*): restrict heads to the most frequent `draft_vocab_size` tokens.
@@ -80,6 +82,7 @@ class EarlyExitConfig(PreTrainedConfig):
     exit_layers: list[int] | None = None
     head_type: str = "paper"
     context_init: str = "next"
+    context_rank: int | None = None
     head_init: str = "lm_head"
     adapter_rank: int | None = None
     draft_vocab_size: int | None = None
@@ -115,8 +118,10 @@ class EarlyExitConfig(PreTrainedConfig):
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= vocab:
             raise ValueError(f"draft_vocab_size={self.draft_vocab_size!r} must lie in 1..{vocab} (the vocab size)")
         hidden = self.text_config.hidden_size
-        if self.adapter_rank is not None and not 0 < self.adapter_rank <= hidden:
-            raise ValueError(f"adapter_rank={self.adapter_rank!r} must lie in 1..{hidden} (the hidden size)")
+        for name in ("adapter_rank", "context_rank"):
+            rank = getattr(self, name)
+            if rank is not None and not 0 < rank <= hidden:
+                raise ValueError(f"{name}={rank!r} must lie in 1..{hidden} (the hidden size)")
         for key, values in (self.thresholds or {}).items():
             if len(values) != len(self.exit_layers):
                 raise ValueError(
@@ -139,7 +144,7 @@ class EarlyExitConfig(PreTrainedConfig):
         for name in ("head_type", "head_init", "context_init", "metric"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
-        for name in ("adapter_rank", "draft_vocab_size"):
+        for name in ("adapter_rank", "draft_vocab_size", "context_rank"):
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer or null")
         if not _is_number(self.eps):

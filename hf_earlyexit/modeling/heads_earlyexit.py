@@ -244,17 +244,59 @@ class ContextHead(SharedHead):
         return self.logits_from(self._engine.run_context(self._slot, hidden, attention_mask))  # (batch, seq, vocab)
 
     def context_cost(self) -> Cost:
-        return module_cost(self.block)
+        return block_cost(self.block)
 
 
-def context_block(layer: nn.Module, attention: str, cache_index: int) -> nn.Module:
+class LowRankDelta(nn.Module):
+    """A frozen projection of the base model (not owned, not saved) plus a trainable low-rank delta `up(down(x))`,
+    zero at the start: `x -> base(x) + up(down(x))`. Works for `nn.Linear` and GPT-2's `Conv1D` (`nf`, `(in, out)`
+    weight)."""
+
+    def __init__(self, base: nn.Module, rank: int) -> None:
+        super().__init__()
+        weight = base.weight
+        in_features, out_features = (weight.shape[0], base.nf) if hasattr(base, "nf") else weight.shape[::-1]
+        self.down = nn.Linear(in_features, rank, bias=False).to(device=weight.device, dtype=weight.dtype)
+        self.up = nn.Linear(rank, out_features, bias=False).to(device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.up.weight)
+        object.__setattr__(self, "base", base)  # the model's own, frozen, deliberately not a submodule
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+    def cost(self) -> Cost:
+        return module_cost(self.base) + module_cost(self)
+
+
+def context_block(layer: nn.Module, attention: str, cache_index: int, rank: int | None = None) -> nn.Module:
     """A trainable copy of decoder `layer` that writes its keys and values to cache slot `cache_index` (its
-    `attention` submodule's `layer_idx`)."""
+    `attention` submodule's `layer_idx`). With `rank`, its projections stay the model's own (frozen, shared, not
+    saved) plus trainable rank-`rank` deltas; only those and the block's norms are the head's weights."""
     block = copy.deepcopy(layer)
     for module in (block, getattr(block, attention)):
         if hasattr(module, "layer_idx"):
             module.layer_idx = cache_index
-    return block.requires_grad_(True)
+    block.requires_grad_(True)
+    if rank is not None:
+        originals = dict(layer.named_modules())
+        for name, module in list(block.named_modules()):
+            if name and module.__class__ is originals[name].__class__ and _is_projection(module):
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attr, LowRankDelta(originals[name], rank))
+    return block
+
+
+def _is_projection(module: nn.Module) -> bool:
+    """A weight matrix applied to the hidden states (`nn.Linear`, or GPT-2's `Conv1D` which has `nf`)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "nf") and getattr(module, "weight", None) is not None)
+
+
+def block_cost(block: nn.Module) -> Cost:
+    """Per-token cost of a context block: its own weights plus the frozen projections its deltas read."""
+    own = module_cost(block)
+    shared = [m.base for m in block.modules() if isinstance(m, LowRankDelta)]
+    return own + sum((module_cost(b) for b in shared), Cost(0, 0))
 
 
 def build_head(

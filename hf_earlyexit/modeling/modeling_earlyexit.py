@@ -154,7 +154,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     def _context_block(self, k: int, m: int) -> nn.Module:
         """The block of the `m`-th context head (exit `k`): it writes cache slot `L + m`, after the model's own."""
         parts = self.engine.parts
-        return context_block(parts.layers[self._context_copies(k)], parts.spec.attn, self.engine.num_layers + m)
+        return context_block(parts.layers[self._context_copies(k)], parts.spec.attn, self.engine.num_layers + m,
+                             rank=self.config.context_rank)
 
     # -- building and loading ----------------------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         *,
         head_init: str = EarlyExitConfig.head_init,
         context_init: str = EarlyExitConfig.context_init,
+        context_rank: int | None = None,
         adapter_rank: int | None = None,
         draft_token_ids: Tensor | list[int] | None = None,
         draft_vocab_size: int | None = None,
@@ -182,7 +184,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             base: a loaded HF causal LM, a Hub id, a local path or `"embedded"`.
             exit_layers: exit after these decoder layers (1..L-1); default: exits at regular intervals.
-            head: `"paper"`, `"shared"` or `"context"` (`context_init`: which layer the block copies).
+            head: `"paper"`, `"shared"` or `"context"` (`context_init`: which layer the block copies;
+                `context_rank`: train low-rank deltas on the block's projections instead of a full copy).
             draft_token_ids: restrict heads to these token ids (e.g. the most frequent ones).
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
         """
@@ -202,6 +205,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         config = EarlyExitConfig(
             base_model_name_or_path=name, base_revision=revision, text_config=base.config.to_dict(),
             exit_layers=exit_layers, head_type=head, head_init=head_init, context_init=context_init,
+            context_rank=context_rank,
             adapter_rank=adapter_rank,
             draft_vocab_size=draft_vocab_size, metric=metric, eps=eps, base_fingerprint=weight_fingerprint(base),
         )

@@ -49,6 +49,8 @@ class TrainJob:
     head_init: str = field(default="lm_head", metadata={"help": "paper heads: lm_head or scratch"})
     context_init: str = field(default="next", metadata={
         "help": "context heads: the layer their block copies", "choices": list(CONTEXT_INITS)})
+    context_rank: int | None = field(default=None, metadata={
+        "help": "context heads: train rank-N deltas on the block's projections (small folders) instead of a full copy"})
     adapter_rank: int | None = field(default=64, metadata={"help": "shared heads: adapter rank"})
     draft_vocab_size: int | None = field(
         default=16384, metadata={"help": "restrict heads to the N most frequent tokens of the data (0: full vocab)"}
@@ -198,6 +200,7 @@ def _new_heads(job: TrainJob, base, tokenizer, corpus: Corpus) -> EarlyExitForCa
         draft = draft_vocabulary(corpus, base.config.get_text_config().vocab_size, job.draft_vocab_size, always)
     return EarlyExitForCausalLM.from_base(
         base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init, context_init=job.context_init,
+        context_rank=job.context_rank if job.head == "context" else None,
         adapter_rank=job.adapter_rank if job.head in ("shared", "context") else None, draft_token_ids=draft,
         tokenizer=tokenizer,
     )

@@ -430,7 +430,7 @@ def _heads_identity(model: EarlyExitForCausalLM) -> dict:
     identity = {"exit_layers": list(c.exit_layers), "head_type": c.head_type, "head_init": c.head_init,
                 "adapter_rank": c.adapter_rank, "draft_vocab_size": c.draft_vocab_size}
     if c.head_type == "context":
-        identity["context_init"] = c.context_init
+        identity["context_init"], identity["context_rank"] = c.context_init, c.context_rank
     return identity
 
 
