@@ -24,6 +24,7 @@ def test_shipped_files_match_their_manifest_and_hold_only_the_heads_own():
     size = sum((shipped_dir() / name).stat().st_size for name in files)
     assert size < 5 * 2**20, f"shipped heads take {size / 2**20:.1f} MiB"
     assert manifest["command"][:2] == ["hf-earlyexit", "ship"]
+    assert f"\n# {shipped_dir().name}\n" in (shipped_dir() / "README.md").read_text()  # not its staging name
 
 
 def test_a_changed_or_extra_shipped_file_is_named(tmp_path):
@@ -106,5 +107,6 @@ def test_shipped_heads_load_on_the_embedded_model_draft_and_stay_lossless(tmp_pa
     for name in ("config.json", "exit_heads.safetensors", "calibration.safetensors"):
         assert manifest["files"][name] == shipped[name], name
     assert not set(manifest["files"]) & set(LEFT_OUT)
+    assert "\n# again\n" in (tmp_path / "again" / "README.md").read_text()
     with pytest.raises(FileExistsError, match="--overwrite"):
         ship(ShipArgs(model=str(tmp_path / "saved"), target=str(tmp_path / "again")))

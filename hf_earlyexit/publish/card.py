@@ -35,17 +35,20 @@ HEAD_DESCRIPTIONS = {
 }
 
 
-def render_card(folder: str | Path, repo_id: str | None = None, license: str | None = None) -> str:
+def render_card(folder: str | Path, repo_id: str | None = None, license: str | None = None,
+                title: str | None = None) -> str:
     """The card (`README.md` text) of the heads folder `folder`.
 
     Args:
         repo_id: the Hub repo the usage snippets name (default: a placeholder).
+        title: the card's heading when there is no `repo_id` (default: the folder's name; a folder written under
+            a staging name passes its final one).
         license: a Hub license id; default `"gemma"` for the embedded Gemma 3 base, else `"other"` (the base
             model's license applies to heads derived from its weights).
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    context = card_context(folder, config, repo_id)
+    context = card_context(folder, config, repo_id, title)
     data = card_data(folder, config, context, license)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]), trim_blocks=True, lstrip_blocks=True,
@@ -71,13 +74,13 @@ def card_data(folder: Path, config: dict, context: dict, license: str | None = N
     )
 
 
-def card_context(folder: Path, config: dict, repo_id: str | None) -> dict:
+def card_context(folder: Path, config: dict, repo_id: str | None, title: str | None = None) -> dict:
     """What the template shows, as plain values and pre-formatted table rows."""
     text = config.get("text_config") or {}
     layers = config.get("exit_layers") or []
     name = repo_id or "<user>/<this-repo>"
     return {
-        "name": name.split("/")[-1] if repo_id else folder.name,
+        "name": name.split("/")[-1] if repo_id else title or folder.name,
         "repo_id": name,
         "base": config.get("base_model_name_or_path"),
         "base_hub_id": hub_base_model(config.get("base_model_name_or_path")),

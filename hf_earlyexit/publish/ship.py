@@ -68,7 +68,7 @@ def ship(args: ShipArgs) -> dict:
         for name, extra in ((BENCH_FILE, args.bench_file), (SWEEP_FILE, args.eval_file)):
             if extra:
                 shutil.copyfile(extra, staging / name)
-        (staging / CARD_FILE).write_text(render_card(staging), encoding="utf-8")
+        (staging / CARD_FILE).write_text(render_card(staging, title=target.name), encoding="utf-8")
         manifest = write_manifest(staging, ["hf-earlyexit", "ship", *sys.argv[2:]] if sys.argv[1:2] == ["ship"]
                                   else ["hf-earlyexit", "ship", "--model", str(source)])
         replace_dir(staging, target)
