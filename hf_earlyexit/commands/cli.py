@@ -13,6 +13,7 @@ from transformers import HfArgumentParser
 from ..evaluation.agreement import AgreementArgs, run_agreement
 from ..evaluation.bench import BenchArgs, run_bench
 from ..evaluation.lm_eval_plugin import run_eval
+from ..evaluation.local_tasks import TasksArgs, write_local_tasks
 from ..evaluation.sweep import SweepArgs, run_sweep
 from ..loading import ModelArgs
 from ..publish.hub import PushArgs, run_push
@@ -52,6 +53,14 @@ def _sweep(args: SweepArgs) -> None:
           "score_vs_eps.png, speedup_vs_eps.png, exits_vs_eps.png")
 
 
+def _tasks(args: TasksArgs) -> None:
+    written = write_local_tasks(args)
+    for name, entry in written.items():
+        splits = ", ".join(f"{split} {n}" for split, n in entry["splits"].items())
+        print(f"{name}: lm-eval's {entry['builtin']} on {splits} documents")
+    print(f"{len(written)} tasks written to {args.output_dir}; run them with --include_path {args.output_dir}")
+
+
 def _reproduce(args: ReproduceArgs) -> None:
     result = run_reproduce(args)
     print(f"steps run: {', '.join(result['ran']) or 'none'}; already done (skipped): "
@@ -76,6 +85,8 @@ COMMANDS: dict[str, tuple[tuple[type, ...], Callable[..., None], str]] = {
                   "per-exit agreement with the full model on a text file or on the model's own continuations"),
     "bench": ((BenchArgs,), run_bench, "tokens/s of early exit at an ε grid vs plain decoding, side by side"),
     "sweep": ((SweepArgs,), _sweep, "lm-eval tasks across an ε grid: CSV/JSON and the paper's three plots"),
+    "tasks": ((TasksArgs,), _tasks,
+              "write lm-eval's built-in arc/hellaswag/winogrande/mmlu/piqa tasks over local files (official formats)"),
     "reproduce": ((ReproduceArgs,), _reproduce, "re-measure the papers' claims: docs/RESULTS.md, figures, verdicts"),
     "push": ((PushArgs,), run_push, "upload a heads folder to the Hugging Face Hub (one commit, never base weights)"),
     "ship": ((ShipArgs,), _ship, "maintainers: make a heads folder of the embedded model the package's shipped heads"),
