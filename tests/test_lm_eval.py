@@ -324,3 +324,78 @@ def test_rank_local_view_is_restored_after_an_error():
         assert lm.world_size == 1 and lm.rank == 1
         raise RuntimeError("boom")
     assert (lm.rank, lm.world_size) == (1, 2)
+
+
+def sweep_points(heads: str, include: Path, out: Path, eps: list[str], *extra: str) -> dict[float, dict]:
+    """`hf-earlyexit sweep` over the shipped tasks and a perplexity task: per ε, the metrics and the exit report
+    without timings."""
+    import json
+
+    from hf_earlyexit.commands.cli import main
+
+    tasks = ["ee_capitals", "ee_sequences", *ROLLING_DOCS]
+    assert main(["sweep", "--model", heads, "--tasks", *tasks, "--include_path", str(include), "--eps", *eps,
+                 "--limit", "4", "--batch_size", "3", "--output_dir", str(out), *extra]) == 0
+    points = {}
+    for point in json.loads((out / "sweep.json").read_text()):
+        for kinds in point["early_exit"]["tasks"].values():
+            for entry in kinds.values():
+                entry.pop("tokens_per_s", None)
+        points[point["eps"]] = point
+    return points
+
+
+@pytest.fixture(scope="module")
+def separate_sweep(folders, tmp_path_factory):
+    """The reference: one full evaluation per ε."""
+    _, heads = folders
+    root = tmp_path_factory.mktemp("separate_sweep")
+    include = tasks_with_rolling(root / "tasks")
+    return include, sweep_points(heads, include, root / "sweep", ["0.5", "0.7", "1"], "--no_one_pass")
+
+
+@pytest.mark.parametrize("order", [["0.5", "0.7", "1"], ["1", "0.7", "0.5"]])
+def test_one_pass_sweep_equals_a_separate_run_at_each_eps(folders, separate_sweep, tmp_path, order):
+    """Scored requests of every ε come from the first point's forward passes, exactly: the same metrics (accuracy,
+    perplexity), per-task exit counts and layers saved as an evaluation per ε; generation still decodes per ε.
+    Either the full model (ε = 1) or an exiting ε may be the point that records."""
+    _, heads = folders
+    include, expected = separate_sweep
+    got = sweep_points(heads, include, tmp_path / "sweep", order)
+    assert got.keys() == expected.keys() == {0.5, 0.7, 1.0}
+    for eps, point in expected.items():
+        assert got[eps]["metrics"] == point["metrics"], eps
+        assert got[eps]["early_exit"] == point["early_exit"], eps
+    capitals = {eps: p["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"]
+                for eps, p in got.items()}
+    assert capitals[0.5] < capitals[0.7] < capitals[1.0] == 1.0  # the points differ: exits depend on ε
+
+
+def test_replayed_points_run_no_forward_pass_for_scored_requests(folders, monkeypatch):
+    """After the recording evaluation, a replayed ε answers log-likelihood requests without the model, and an ε
+    that was not recorded is refused by name."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+
+    _, heads = folders
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    lm = EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", batch_size=4)
+    calls = []
+    base = lm.model.get_base_model()
+    handle = base.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        lm.start_scoring_sweep([0.5, 1.0])
+        first = lm_eval.simple_evaluate(model=lm, tasks=["ee_capitals"], limit=LIMIT, task_manager=manager)
+        assert calls, "the recording evaluation runs the model"
+        calls.clear()
+        lm.replay_scoring(1.0)
+        replayed = lm_eval.simple_evaluate(model=lm, tasks=["ee_capitals"], limit=LIMIT, task_manager=manager)
+        assert not calls
+    finally:
+        handle.remove()
+    assert replayed["config"]["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"] == 1.0
+    assert first["config"]["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"] < 1.0
+    with pytest.raises(ValueError, match="eps=0.7 was not recorded"):
+        lm.replay_scoring(0.7)

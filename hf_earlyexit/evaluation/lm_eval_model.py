@@ -24,15 +24,15 @@ from collections.abc import Iterator
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from torch.nn import functional as F
 
 from ..formatting import num
 from ..loading import load
 from ..modeling.base_earlyexit import parse_dtype
 from ..modeling.configuration_earlyexit import METRICS
-from ..modeling.exits_earlyexit import ExitRule, take_first
+from ..modeling.exits_earlyexit import ExitRule
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
+from .scoring import ScoringSweep, count_exits, exit_index, head_outputs, mixed_log_probs
 
 MODES = ("early_exit", "dssd", "full")
 # what HFLM itself passes on to `_create_model`; any other `--model_args` key is unknown
@@ -70,6 +70,7 @@ class EarlyExitLM(HFLM):
         self.ee_generation: dict[str, ExitStats] = {}
         self.ee_seconds: dict[str, float] = {}
         self._exit_map: torch.Tensor | None = None
+        self.ee_sweep: ScoringSweep | None = None
         self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
         kwargs.setdefault("backend", "causal")
         kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
@@ -115,6 +116,7 @@ class EarlyExitLM(HFLM):
         eps = check_eps(eps)
         self._model.thresholds_for(eps)
         self.ee_eps = eps
+        self.ee_sweep = None  # a one-pass sweep's record is served only through `replay_scoring`
         if self.ee_options.mode != "plain":
             self.ee_options = DecodingOptions.build(self.ee_options, eps=eps)
         self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
@@ -156,43 +158,79 @@ class EarlyExitLM(HFLM):
         model = self.model
         base = model.get_base_model()
         rule = ExitRule.for_model(model, self.ee_eps)
-        num_exits = rule.num_exits
+        sweep = self._recording_sweep
+        wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
+        if sweep is not None:
+            wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
         with torch.no_grad():
-            if not any(rule.checked):
+            if not any(wanted):
                 logits = base(inps).logits  # the unmodified model, exactly as `--model hf` computes it
-                self._exit_map = torch.full(inps.shape, num_exits, dtype=torch.long, device=inps.device)
+                heads = [None] * rule.num_exits
+            else:
+                out = base(inps, output_hidden_states=True)
+                logits, heads = out.logits, head_outputs(model, out.hidden_states, inps, wanted)
+            if sweep is not None:
+                sweep.record_batch(model, logits, heads, inps)
+            if not any(rule.checked):
+                self._exit_map = torch.full(inps.shape, rule.num_exits, dtype=torch.long, device=inps.device)
                 return logits
-            out = base(inps, output_hidden_states=True)
-            logits = F.log_softmax(out.logits.float(), dim=-1)  # (batch, seq, vocab)
-            index = torch.full(inps.shape, num_exits, dtype=torch.long, device=inps.device)
-            previous = model.get_input_embeddings()(inps)
-            for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
-                hidden = out.hidden_states[layer]  # raw output of decoder layer `layer - 1`
-                if rule.checked[j]:
-                    head_logits = head(hidden)  # (batch, seq, head_vocab)
-                    leave = take_first(index, j, rule.fires(j, head, head_logits, hidden, previous), num_exits) == j
-                    if bool(leave.any()):
-                        logits[leave] = head.vocab_scores(head_logits[leave], logits.shape[-1], other="spread")
-                        index[leave] = j
-                previous = hidden
-        self._exit_map = index
-        return logits
+            self._exit_map = exit_index(model, rule, heads, inps.shape, inps.device)  # (batch, seq)
+            return mixed_log_probs(model, logits, heads, self._exit_map)  # (batch, seq, vocab)
 
     def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
         """Also count where the scored positions (continuation tokens only, never padding) left."""
         if self._exit_map is not None and contlen and inplen:
-            exits = self._exit_map[self._row_of(logits), inplen - contlen: inplen].cpu()
-            stats = self._task_stats(self.ee_scoring)
-            counts = torch.bincount(exits, minlength=len(stats.exit_counts)).tolist()
-            stats.exit_counts = [a + b for a, b in zip(stats.exit_counts, counts, strict=True)]
-            stats.tokens += len(exits)
-            depth = torch.tensor(self.model.config.exit_layers + [self.model.num_layers])[exits]
-            stats.layer_tokens += int(depth.sum())
-            stats.layer_tokens_full += len(exits) * self.model.num_layers
-            macs = torch.tensor(self.model.costs.scoring_macs(), dtype=torch.long)
-            stats.macs += int(macs[exits].sum())
-            stats.macs_full += int(macs[-1]) * len(exits)
+            row = self._row_of(logits)
+            count_exits(self._task_stats(self.ee_scoring), self.model, self._exit_map[row, inplen - contlen: inplen])
+            if self._recording_sweep is not None:
+                self._recording_sweep.record_row(self.model, self.ee_task or "all", row, contlen, inplen,
+                                                 self.softmax_dtype)
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
+
+    def start_scoring_sweep(self, grid: list[float]) -> None:
+        """Record the scoring answers of every ε in `grid` during the next evaluation (run at the current ε): one
+        forward pass per batch serves them all. Later, `replay_scoring(ε)` answers scored requests from the record."""
+        for eps in grid:
+            self._model.thresholds_for(check_eps(eps))  # fails early, naming ε, for an uncalibrated one
+        self.ee_sweep = ScoringSweep(grid=[float(e) for e in grid])
+
+    def replay_scoring(self, eps) -> None:
+        """Move to `eps` (one of the recorded grid) and answer scored requests from the record, exit counts too;
+        generation requests still decode at `eps`."""
+        sweep = self.ee_sweep
+        if sweep is None or check_eps(eps) not in sweep.answers:
+            raise ValueError(f"eps={eps} was not recorded by a one-pass sweep (recorded: "
+                             f"{sorted(sweep.answers) if sweep else 'none'})")
+        self.set_eps(eps)
+        self.ee_sweep, sweep.replaying = sweep, self.ee_eps
+        self.ee_scoring = copy.deepcopy(sweep.scoring.get(self.ee_eps, {}))
+
+    @property
+    def _recording_sweep(self) -> ScoringSweep | None:
+        sweep = getattr(self, "ee_sweep", None)
+        return sweep if sweep is not None and sweep.replaying is None else None
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        sweep = getattr(self, "ee_sweep", None)
+        if sweep is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if sweep.replaying is not None:
+            answers = sweep.replay(self.ee_task or "all", requests)
+            for (strings, _, _), value in zip(requests, answers, strict=True):
+                if strings is not None:
+                    self.cache_hook.add_partial("loglikelihood", strings, value)
+            return answers
+        # which requests each model input serves (HFLM's own input: context + continuation, minus the last token)
+        sweep.conts = {}
+        for _, context, continuation in requests:
+            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+            sweep.conts.setdefault(inp, []).append((tuple(context), tuple(continuation)))
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            sweep.conts, sweep.batch = {}, None
 
     def _row_of(self, logits: torch.Tensor) -> int:
         """The batch row of `_model_call`'s output that `logits` `(seq, vocab)` is: HFLM hands each row on as a view

@@ -1,6 +1,8 @@
 """`hf-earlyexit sweep`: lm-eval tasks across an ε grid, with the paper's three pictures.
 
-One model load; each ε point is evaluated, written to `points/eps_<ε>.json` atomically, and skipped when the sweep
+One model load. Log-likelihood requests of every ε are scored from one forward pass (`--one_pass`, the default: ε
+only decides which positions take a head's distribution, see `scoring.ScoringSweep`); generation requests decode
+at each ε. Each ε point is evaluated, written to `points/eps_<ε>.json` atomically, and skipped when the sweep
 is run again (resumable). At the end: `sweep.csv`, `sweep.json`, `score_vs_eps.png` (paper Fig. 2),
 `speedup_vs_eps.png` (Fig. 3: cost-model speed-up from the multiply-adds saved on scored positions, and measured
 tokens/s of generation tasks relative to ε = 1 when it is in the grid), `exits_vs_eps.png` (Fig. 4).
@@ -38,6 +40,9 @@ class SweepArgs:
     include_path: str | None = field(default=None, metadata={
         "help": "extra task folder (default: ./lm_eval_tasks when it exists)"})
     device: str = field(default="cpu", metadata={"help": "device"})
+    one_pass: bool = field(default=True, metadata={
+        "help": "score log-likelihood requests of every ε from one forward pass (generation still decodes per ε); "
+                "--no_one_pass runs a full evaluation per ε"})
     output_dir: str = field(default="sweep", metadata={"help": "where points, CSV/JSON and plots go"})
 
     def __post_init__(self) -> None:
@@ -69,7 +74,13 @@ def run_sweep(args: SweepArgs) -> dict:
         if lm is None:
             lm = EarlyExitLM(pretrained=args.model, eps=eps, mode=args.mode, dtype=args.dtype,
                              batch_size=args.batch_size, device=args.device)
-        lm.set_eps(eps)
+        if not args.one_pass:
+            lm.set_eps(eps)
+        elif eps == todo[0]:  # this point's evaluation records the scored answers of every point still to do
+            lm.set_eps(eps)
+            lm.start_scoring_sweep(todo)
+        else:
+            lm.replay_scoring(eps)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(args.tasks), limit=args.limit, task_manager=manager)
         metrics = {task: {k: v for k, v in values.items() if "," in k and "stderr" not in k}
                    for task, values in results["results"].items()}
