@@ -9,7 +9,7 @@
 - `_model_generate` (generate_until): our `generate()` in the chosen mode.
 
 Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
-`get_model_info()`.
+`get_model_info()`. `start_scoring_sweep` / `replay_scoring` score a whole ε grid from one pass (`scoring.py`).
 """
 
 from __future__ import annotations
