@@ -199,3 +199,27 @@ def test_tasks_command_writes_the_tasks_and_names_a_bad_folder(tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == ["piqa_local.yaml"]
     assert main(["tasks", "--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")]) == 2
     assert "data_dir=" in capsys.readouterr().err
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the development copies of the benchmarks ({SHARED_DATA}) are "
+                    "not on this machine")
+def test_the_shared_benchmark_copies_become_runnable_builtin_tasks(tmp_path):
+    """Every file of ../shared/data converts, and lm-eval loads each local task with all of its documents."""
+    from lm_eval.tasks import TaskManager
+
+    written = write_local_tasks(TasksArgs(data_dir=str(SHARED_DATA), output_dir=str(tmp_path)))
+    assert {"arc_easy_local", "arc_challenge_local", "hellaswag_local", "winogrande_local", "piqa_local"} <= set(
+        written) and any(name.startswith("mmlu_") for name in written)
+    names = ["arc_easy_local", "arc_challenge_local", "hellaswag_local", "winogrande_local", "piqa_local",
+             next(name for name in sorted(written) if name.startswith("mmlu_"))]
+    tasks = TaskManager(include_path=str(tmp_path)).load(names)["tasks"]
+    for name in names:
+        splits = written[name]["splits"]
+        assert len(tasks[name].eval_docs) == splits.get("test", splits.get("validation")), name
+    harmonica = next(d for d in tasks["hellaswag_local"].eval_docs if d["activity_label"] == "Playing harmonica"
+                     and "in front of a camera. He starts playing a harmonica" in d["ctx"])
+    # the Hub record has ctx_a "... for the camera." and ctx_b "he" (official hellaswag_val.jsonl, ind 149)
+    assert harmonica["query"].endswith("He starts playing a harmonica for the camera. He")
