@@ -399,3 +399,18 @@ def test_replayed_points_run_no_forward_pass_for_scored_requests(folders, monkey
     assert first["config"]["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"] < 1.0
     with pytest.raises(ValueError, match="eps=0.7 was not recorded"):
         lm.replay_scoring(0.7)
+
+
+def test_one_pass_sweep_of_generation_alone_decodes_at_each_eps(folders, tmp_path):
+    """A grid of generation tasks only records no scored answers; every point still decodes at its own ε."""
+    import json
+
+    from hf_earlyexit.commands.cli import main
+
+    _, heads = folders
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", heads, "--tasks", "ee_sequences", "--include_path", str(TASKS_DIR), "--eps",
+                 "0.5", "1", "--limit", "3", "--output_dir", str(out)]) == 0
+    points = {p["eps"]: p["early_exit"]["tasks"]["ee_sequences"]["generation"]
+              for p in json.loads((out / "sweep.json").read_text())}
+    assert points[1.0]["exit_fractions"]["full"] == 1.0 > points[0.5]["exit_fractions"]["full"]

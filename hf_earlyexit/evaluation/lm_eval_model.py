@@ -200,9 +200,9 @@ class EarlyExitLM(HFLM):
         """Move to `eps` (one of the recorded grid) and answer scored requests from the record, exit counts too;
         generation requests still decode at `eps`."""
         sweep = self.ee_sweep
-        if sweep is None or check_eps(eps) not in sweep.answers:
+        if sweep is None or check_eps(eps) not in sweep.grid:
             raise ValueError(f"eps={eps} was not recorded by a one-pass sweep (recorded: "
-                             f"{sorted(sweep.answers) if sweep else 'none'})")
+                             f"{sweep.grid if sweep else 'none'})")
         self.set_eps(eps)
         self.ee_sweep, sweep.replaying = sweep, self.ee_eps
         self.ee_scoring = copy.deepcopy(sweep.scoring.get(self.ee_eps, {}))
