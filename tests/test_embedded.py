@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,7 +135,6 @@ def test_embedded_forced_exit_skips_layers(tokenizer):
 
 def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
     """`--model ee-hf` with ε = 1 gives exactly `--model hf`'s metrics and generations on the embedded model."""
-    from pathlib import Path
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -154,3 +154,21 @@ def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
             return [s["filtered_resps"] for s in results["samples"][task]]
 
         assert answers(ours) == answers(hf)
+
+
+def test_heads_over_a_linked_embedded_cache_still_name_the_base_embedded(tmp_path, monkeypatch):
+    """A cache whose converted folder is a link to a copy elsewhere: heads built on it record `"embedded"` and the
+    version, not the link's target (ship refuses heads whose base is not `"embedded"`)."""
+    from tiny import save_tiny_base
+    from transformers import AutoModelForCausalLM
+
+    from hf_earlyexit.modeling.base_earlyexit import canonical_name
+
+    real = save_tiny_base("llama", tmp_path / "elsewhere" / "gemma-3-270m-dense-9.9.9")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "gemma-3-270m-dense-9.9.9").symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(cache))
+    model = AutoModelForCausalLM.from_pretrained(str(cache / "gemma-3-270m-dense-9.9.9"))
+    assert canonical_name(model) == ("embedded", "9.9.9")
+    assert canonical_name(AutoModelForCausalLM.from_pretrained(real))[0] == str(Path(real).resolve())

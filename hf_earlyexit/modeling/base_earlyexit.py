@@ -134,8 +134,10 @@ def canonical_name(model: PreTrainedModel) -> tuple[str, str | None]:
     """`(name, revision)` to record for a loaded base model: `"embedded"` for the embedded default's cache."""
     path = model.config.name_or_path or model.name_or_path
     cached = cache_root() / "gemma-3-270m-dense-"
-    if path and str(Path(path).resolve()).startswith(str(cached.resolve())):
-        return EMBEDDED, Path(path).name.removeprefix("gemma-3-270m-dense-")
+    # as written and with links resolved, on both sides: a cache folder may be a link to a copy elsewhere
+    prefixes = {str(cached.absolute()), str(cached.resolve())}
+    if path and any(str(p).startswith(tuple(prefixes)) for p in (Path(path).absolute(), Path(path).resolve())):
+        return EMBEDDED, Path(path).absolute().name.removeprefix("gemma-3-270m-dense-")
     return (record_name(path) if path else path), None
 
 
