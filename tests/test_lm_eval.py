@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_decoding import set_median_thresholds
 from tiny import launch_two_cpu_ranks, save_tiny_base, tiny_tokenizer
 
@@ -368,7 +369,8 @@ def test_one_pass_sweep_equals_a_separate_run_at_each_eps(folders, separate_swee
         assert got[eps]["early_exit"] == point["early_exit"], eps
     capitals = {eps: p["early_exit"]["tasks"]["ee_capitals"]["scoring"]["exit_fractions"]["full"]
                 for eps, p in got.items()}
-    assert capitals[0.5] < capitals[0.7] < capitals[1.0] == 1.0  # the points differ: exits depend on ε
+    assert capitals[0.5] <= capitals[0.7] < capitals[1.0] == 1.0  # exits depend on ε
+    assert got[0.5]["early_exit"] != got[0.7]["early_exit"]
 
 
 def test_replayed_points_run_no_forward_pass_for_scored_requests(folders, monkeypatch):
@@ -414,3 +416,68 @@ def test_one_pass_sweep_of_generation_alone_decodes_at_each_eps(folders, tmp_pat
     points = {p["eps"]: p["early_exit"]["tasks"]["ee_sequences"]["generation"]
               for p in json.loads((out / "sweep.json").read_text())}
     assert points[1.0]["exit_fractions"]["full"] == 1.0 > points[0.5]["exit_fractions"]["full"]
+
+
+def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: str, shared_last: bool = False
+                          ) -> float:
+    """The log-likelihood of the last `contlen` tokens of `ids`, written out by hand from the base model and the
+    heads: a position leaves at the first exit whose breaking-ties score (top-1 minus top-2 probability) reaches τ,
+    under `top_token` only where that head's top token is the scored token (never at a last position that other
+    requests score with another token, `shared_last`), and then reads the head's log-probability; else the base
+    model's."""
+    model = lm.model
+    taus = model.thresholds_for(eps)
+    x = torch.tensor([ids[:-1]])
+    with torch.no_grad():
+        full = torch.log_softmax(model.get_base_model()(x).logits[0].float(), dim=-1)
+        heads = [torch.log_softmax(h[0].float(), dim=-1) for h in model(x, output_hidden_states=True).exit_logits]
+    total = 0.0
+    for pos in range(len(ids) - 1 - contlen, len(ids) - 1):
+        token, value = ids[pos + 1], full[pos, ids[pos + 1]]
+        for tau, log_probs in zip(taus, heads, strict=True):
+            top2 = log_probs[pos].exp().topk(2)
+            if tau is not None and float(top2.values[0] - top2.values[1]) >= tau:
+                shared = shared_last and pos == len(ids) - 2
+                if rule == "confidence" or (int(top2.indices[0]) == token and not shared):
+                    value = log_probs[pos, token]
+                break
+        total += float(value)
+    return total
+
+
+@pytest.mark.parametrize("rule", ["top_token", "confidence"])
+def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, rule):
+    """Log-likelihoods at ε = 0.5 equal a hand-written oracle of the rule (base model + heads), on a continuation
+    the first head would write itself (so top-token exits happen) and on one-token continuations of one context
+    (HFLM scores them from one input; its last position differs between them, so under `top_token` it stays with
+    the full model and both choices are scored by the same distribution)."""
+    from lm_eval.api.instance import Instance
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+
+    _, heads = folders
+    lm = EarlyExitLM(pretrained=heads, eps=0.5, scoring_rule=rule, dtype="float32", batch_size=4)
+    context = "the capital of france is"
+    ids = lm.tok_encode(context)
+    letters = set(lm.tok_encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    for _ in range(12):  # continue with the first head's own top tokens (letters only: the text round-trips)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids]), output_hidden_states=True).exit_logits[0][0, -1]
+        top = int(lm.model.exit_heads[0].to_token_ids(logits.argmax()))
+        ids.append(top if top in letters else lm.tok_encode("e")[0])
+    continuation = lm.tokenizer.decode(ids[len(lm.tok_encode(context)):])
+    assert lm.tok_encode(context + continuation) == ids
+    requests = [(context, continuation), (context, "p"), (context, "q")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    for (ctx, cont), (value, _) in zip(requests, got, strict=True):
+        whole = lm.tok_encode(ctx + cont)
+        contlen = len(whole) - len(lm.tok_encode(ctx))
+        expected = _oracle_loglikelihood(lm, whole, contlen, 0.5, rule, shared_last=contlen == 1)
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    scoring = lm.early_exit_report()["tasks"]["all"]["scoring"]
+    assert scoring["exit_fractions"]["full"] < 1  # exits happened on scored positions
+    one_token = [(context, "p"), (context, "q")]
+    if rule == "top_token":  # the shared last position stays with the full model for both choices
+        plain = EarlyExitLM(pretrained=heads, eps=1.0, dtype="float32", batch_size=4)
+        full = plain.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(one_token)])
+        assert [v for v, _ in got[1:]] == [v for v, _ in full]

@@ -185,7 +185,8 @@ def test_ee_hf_at_eps_one_equals_hf_on_every_local_benchmark(models, task_manage
         assert ours["results"][task] == reference["results"][task], task
         assert ([s["filtered_resps"] for s in ours["samples"][task]]
                 == [s["filtered_resps"] for s in reference["samples"][task]]), task
-    exiting = run_local(task_manager, "ee-hf", f"pretrained={heads},eps=0.5")["config"]["early_exit"]["tasks"]
+    exiting = run_local(task_manager, "ee-hf", f"pretrained={heads},eps=0.5,scoring_rule=confidence")[
+        "config"]["early_exit"]["tasks"]
     for task in LOCAL_TASKS:
         assert 0 < exiting[task]["scoring"]["exit_fractions"]["full"] < 1, task
 

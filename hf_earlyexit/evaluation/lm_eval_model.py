@@ -3,9 +3,9 @@
 `EarlyExitLM` subclasses lm-eval's `HFLM` and overrides only what it must:
 
 - loading: the heads folder (or a base model with fresh heads, or `embedded`) through `hf_earlyexit.load`;
-- `_model_call` (loglikelihood, loglikelihood_rolling): one forward of the base model; each position takes its
-  distribution from the first exit whose confidence passes τ_k(ε), else the full model's (the paper's way of
-  measuring MMLU / HellaSwag / Winogrande against ε);
+- `_model_call` + `_select_cont_toks` (loglikelihood, loglikelihood_rolling): one forward of the base model; each
+  scored position takes its distribution from the first exit whose confidence passes τ_k(ε) (with the default
+  `scoring_rule="top_token"`, only where that head's top token is the token scored there), else the full model's;
 - `_model_generate` (generate_until): our `generate()` in the chosen mode.
 
 Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
@@ -32,7 +32,16 @@ from ..modeling.configuration_earlyexit import METRICS
 from ..modeling.exits_earlyexit import ExitRule
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
-from .scoring import ScoringSweep, count_exits, exit_index, head_outputs, mixed_log_probs
+from .scoring import (
+    NO_TOKEN,
+    ScoringSweep,
+    check_scoring_rule,
+    count_exits,
+    exit_index,
+    head_outputs,
+    score_row,
+    scored_tokens,
+)
 
 MODES = ("early_exit", "dssd", "full")
 # what HFLM itself passes on to `_create_model`; any other `--model_args` key is unknown
@@ -47,13 +56,15 @@ class EarlyExitLM(HFLM):
         mode: `early_exit` (default), `dssd` (generation is lossless; scoring still exits), or `full`.
         metric: confidence metric (default and, for calibrated heads, the only one accepted: the metric their
             thresholds were calibrated for).
+        scoring_rule: which confident scored positions leave (`scoring.SCORING_RULES`): `top_token` (default; only
+            where the head's top token is the scored token) or `confidence` (every one, the paper's way).
         kv_fill, max_draft, exit_policy, lookup: decoding options of generation tasks (`DecodingOptions`); one that
             does not apply to the mode is refused.
     """
 
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
-                 lookup: int | None = None, **kwargs) -> None:
+                 lookup: int | None = None, scoring_rule: str = "top_token", **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         if metric is not None and metric not in METRICS:
@@ -65,11 +76,13 @@ class EarlyExitLM(HFLM):
             mode="plain" if mode == "full" else mode, eps=None if mode == "full" else self.ee_eps, kv_fill=kv_fill,
             max_draft=max_draft, exit_policy=exit_policy, lookup=lookup)
         self.ee_metric = metric
+        self.ee_scoring_rule = check_scoring_rule(scoring_rule)
         self.ee_task = None
         self.ee_scoring: dict[str, ExitStats] = {}
         self.ee_generation: dict[str, ExitStats] = {}
         self.ee_seconds: dict[str, float] = {}
-        self._exit_map: torch.Tensor | None = None
+        self._scoring_batch: tuple | None = None  # the current `_model_call`'s inputs, head outputs, exit index
+        self._conts: dict[tuple, list[tuple[tuple, tuple]]] = {}  # model input -> the requests it scores
         self.ee_sweep: ScoringSweep | None = None
         self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
         kwargs.setdefault("backend", "causal")
@@ -138,7 +151,7 @@ class EarlyExitLM(HFLM):
         unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
         if unknown:
             raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
-                            "kv_fill, max_draft, exit_policy, lookup (besides those of --model hf)")
+                            "scoring_rule, kv_fill, max_draft, exit_policy, lookup (besides those of --model hf)")
         model = self._ee_loaded[0]
         self._model = model.to(self._device) if str(self._device) != "cpu" else model
 
@@ -155,6 +168,8 @@ class EarlyExitLM(HFLM):
     # -- scoring ----------------------------------------------------------------------------------------------------
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """The full model's logits, exactly as `--model hf` computes them; the heads' outputs and each position's
+        first confident exit are kept for `_select_cont_toks`, which gives scored positions their distribution."""
         model = self.model
         base = model.get_base_model()
         rule = ExitRule.for_model(model, self.ee_eps)
@@ -164,28 +179,40 @@ class EarlyExitLM(HFLM):
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
         with torch.no_grad():
             if not any(wanted):
-                logits = base(inps).logits  # the unmodified model, exactly as `--model hf` computes it
+                logits = base(inps).logits  # the unmodified model
                 heads = [None] * rule.num_exits
             else:
                 out = base(inps, output_hidden_states=True)
                 logits, heads = out.logits, head_outputs(model, out.hidden_states, inps, wanted)
             if sweep is not None:
-                sweep.record_batch(model, logits, heads, inps)
-            if not any(rule.checked):
-                self._exit_map = torch.full(inps.shape, rule.num_exits, dtype=torch.long, device=inps.device)
-                return logits
-            self._exit_map = exit_index(model, rule, heads, inps.shape, inps.device)  # (batch, seq)
-            return mixed_log_probs(model, logits, heads, self._exit_map)  # (batch, seq, vocab)
+                sweep.record_batch(model, heads, inps)
+            index = exit_index(model, rule, heads, inps.shape, inps.device) if any(rule.checked) else None
+        self._scoring_batch = (inps, heads, index)
+        return logits
 
     def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
-        """Also count where the scored positions (continuation tokens only, never padding) left."""
-        if self._exit_map is not None and contlen and inplen:
-            row = self._row_of(logits)
-            count_exits(self._task_stats(self.ee_scoring), self.model, self._exit_map[row, inplen - contlen: inplen])
-            if self._recording_sweep is not None:
-                self._recording_sweep.record_row(self.model, self.ee_task or "all", row, contlen, inplen,
-                                                 self.softmax_dtype)
-        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+        """The scored positions' log-probabilities: the full model's where a position stays, the head's where it
+        leaves; exits counted on scored positions only (continuation tokens, never padding)."""
+        selected = super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)  # (contlen, vocab), --model hf's
+        if self._scoring_batch is None or not contlen or not inplen:
+            return selected
+        model, (inps, heads, index) = self.model, self._scoring_batch
+        row = self._row_of(logits)
+        positions = slice(inplen - contlen, inplen)
+        requests = self._conts.get(tuple(inps[row, :inplen].tolist()), [])
+        scored = None
+        if self.ee_scoring_rule == "top_token":
+            scored = (scored_tokens([c for _, c in requests], contlen) if requests else
+                      torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
+        if index is None:
+            log_probs, exits = selected, torch.full((contlen,), len(model.exit_heads), dtype=torch.long)
+        else:
+            row_heads = [None if h is None else tuple(t[row, positions] for t in h) for h in heads]
+            log_probs, exits = score_row(model, selected, row_heads, index[row, positions], scored)
+        count_exits(self._task_stats(self.ee_scoring), model, exits)
+        if self._recording_sweep is not None:
+            self._recording_sweep.record_row(model, self.ee_task or "all", row, positions, selected, requests, scored)
+        return log_probs
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
 
@@ -214,28 +241,28 @@ class EarlyExitLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         sweep = getattr(self, "ee_sweep", None)
-        if sweep is None:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        if sweep.replaying is not None:
+        if sweep is not None and sweep.replaying is not None:
             answers = sweep.replay(self.ee_task or "all", requests)
             for (strings, _, _), value in zip(requests, answers, strict=True):
                 if strings is not None:
                     self.cache_hook.add_partial("loglikelihood", strings, value)
             return answers
         # which requests each model input serves (HFLM's own input: context + continuation, minus the last token)
-        sweep.conts = {}
+        self._conts = {}
         for _, context, continuation in requests:
             inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            sweep.conts.setdefault(inp, []).append((tuple(context), tuple(continuation)))
+            self._conts.setdefault(inp, []).append((tuple(context), tuple(continuation)))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            sweep.conts, sweep.batch = {}, None
+            self._conts, self._scoring_batch = {}, None
+            if sweep is not None:
+                sweep.batch = None
 
     def _row_of(self, logits: torch.Tensor) -> int:
         """The batch row of `_model_call`'s output that `logits` `(seq, vocab)` is: HFLM hands each row on as a view
         of the one batch tensor it made from that output, so the view's offset names the row."""
-        rows = self._exit_map.shape[0]
+        rows = self._scoring_batch[0].shape[0]
         row_size = logits.shape[0] * logits.shape[1]
         if logits.untyped_storage().nbytes() != rows * row_size * logits.element_size():
             raise RuntimeError("lm-eval handed on a scored row that is not a view of its batch: exits cannot be "
@@ -335,8 +362,8 @@ class EarlyExitLM(HFLM):
         """Per task: exit counts and fractions on scored positions, layers / multiply-adds saved, generation speed
         and DSSD acceptance."""
         names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
-        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric, "tasks": {},
-                  "ranks": self.world_size}
+        report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric,
+                  "scoring_rule": self.ee_scoring_rule, "tasks": {}, "ranks": self.world_size}
         scoring, generation, seconds = getattr(self, "_ee_global", None) or (
             self.ee_scoring, self.ee_generation, self.ee_seconds)
         for kind, table in (("scoring", scoring), ("generation", generation)):
@@ -401,7 +428,10 @@ def merge_rank_tables(tables: list[tuple[dict, dict, dict]]) -> tuple[dict, dict
 
 def report_table(report: dict) -> str:
     """The exit report as a small Markdown table (printed after lm-eval's own)."""
-    lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']}", "",
+    lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']} "
+             f"scoring_rule={report.get('scoring_rule')}",
+             "(scoring rows: the layers / MACs token-by-token decoding would save on the scored positions; the "
+             "scoring pass itself runs the full model)", "",
              "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",
              "|---|---|---|---|---|---|---|---|"]
     for task, kinds in sorted(report["tasks"].items()):

@@ -2,9 +2,16 @@
 
 One forward of the base model gives the full model's logits and every exit's hidden states; the steps are
 `head_outputs` (the heads' logits) -> `exit_index` (per position, the first exit whose confidence passes τ(ε)) ->
-`mixed_log_probs` (each position's distribution from the exit it left at). Only `exit_index` depends on ε, so
-`ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request, lm-eval's answer
-`(log-likelihood, is_greedy)` at each ε, and later ε points are answered from that record without running the model.
+`score_row` (per scored row: each position's log-probabilities from the exit it left at). Only `exit_index` depends
+on ε, so `ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request, lm-eval's
+answer `(log-likelihood, is_greedy)` at each ε, and later ε points are answered from that record without running
+the model.
+
+Which scored positions may leave (`SCORING_RULES`): a log-likelihood reads the probability of a *given* token,
+which a head estimates well only where it would have produced that token itself. `"top_token"` (the default) lets
+a position leave at its exit only where that head's top token is the token scored there, so every exited position
+is one token-by-token decoding would also have left at (and emitted this token); elsewhere the full model scores
+it. `"confidence"` lets every confident position leave (the paper's way), whatever the scored token is.
 """
 
 from __future__ import annotations
@@ -14,12 +21,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from ..modeling.exits_earlyexit import ExitRule, take_first
 from ..modeling.stats_earlyexit import ExitStats
 
 HeadOutputs = list[tuple[Tensor, Tensor, Tensor] | None]  # per exit: (head logits, hidden, previous hidden) or None
+SCORING_RULES = ("top_token", "confidence")
+NO_TOKEN = -1  # a scored position whose token differs between the requests sharing it
+
+
+def check_scoring_rule(rule: str) -> str:
+    if rule not in SCORING_RULES:
+        raise ValueError(f"scoring_rule={rule!r} is not one of {', '.join(SCORING_RULES)}")
+    return rule
 
 
 def head_outputs(model, hidden_states: Sequence[Tensor], inps: Tensor, wanted: Sequence[bool]) -> HeadOutputs:
@@ -44,24 +58,51 @@ def exit_index(model, rule: ExitRule, heads: HeadOutputs, shape: torch.Size, dev
     return index
 
 
-def mixed_log_probs(model, logits: Tensor, heads: HeadOutputs, index: Tensor) -> Tensor:
-    """`(..., vocab)` log-probabilities: the full model's `logits` where `index` says full, else the head's (a draft
-    head's `OTHER` mass spread over the tokens it cannot name). Every position is computed on its own, so any slice
-    of positions gives the same values as the whole batch."""
-    mixed = F.log_softmax(logits.float(), dim=-1)  # (..., vocab)
+def scored_tokens(continuations: Sequence[Sequence[int]], contlen: int) -> Tensor:
+    """`(contlen,)` long: the token whose log-probability each scored position of one model input gives, from the
+    continuations of the requests sharing that input (HFLM gives one-token continuations of one context a single
+    input; they differ only in the last token). Where they differ: `NO_TOKEN`."""
+    tokens = torch.tensor([list(c[-contlen:]) for c in continuations], dtype=torch.long)  # (requests, contlen)
+    same = (tokens == tokens[:1]).all(dim=0)
+    return torch.where(same, tokens[0], NO_TOKEN)
+
+
+def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """The log-probabilities of one row's scored positions and the exit each really left at.
+
+    Args:
+        full_log_probs: `(contlen, vocab)` the full model's log-probabilities there (as `--model hf` computes them).
+        heads: per exit `(head logits, hidden, previous)` at those positions, or `None` (exit not run).
+        exits: `(contlen,)` the first exit whose confidence passes, per position (`len(exit_heads)`: none).
+        scored: `(contlen,)` the token scored at each position (rule `"top_token"`: a position leaves only where its
+            head's top token is that token), or `None` (rule `"confidence"`).
+
+    Returns:
+        `(log_probs (contlen, vocab), exits (contlen,))`: the full model's rows where the position stays, else the
+        head's (a draft head's `OTHER` mass spread over the tokens it cannot name), in `full_log_probs`' dtype.
+    """
+    full = len(model.exit_heads)
+    if scored is not None:
+        for j, head in enumerate(model.exit_heads):
+            if heads[j] is not None:
+                top = head.to_token_ids(heads[j][0].argmax(dim=-1)).to(scored.device)
+                exits = torch.where((exits == j) & (top != scored), full, exits)
+    if bool((exits == full).all()):
+        return full_log_probs, exits
+    mixed = full_log_probs.clone()
     for j, head in enumerate(model.exit_heads):
-        leave = index == j
-        if heads[j] is not None and bool(leave.any()):
-            mixed[leave] = head.vocab_scores(heads[j][0][leave], mixed.shape[-1], other="spread")
-    return mixed
+        leave = exits == j
+        if bool(leave.any()):
+            mixed[leave] = head.vocab_scores(heads[j][0][leave], mixed.shape[-1], other="spread").to(mixed.dtype)
+    return mixed, exits
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
-    """Add scored positions that left at `exits` `(n,)` (exit index per position) to `stats`."""
+    """Add scored positions that left at `exits` `(n,)` (exit index per position) to `stats`, with the layers and
+    multiply-adds token-by-token decoding would spend on them."""
     exits = exits.cpu()
-    counts = torch.bincount(exits, minlength=len(stats.exit_counts)).tolist()
-    stats.exit_counts = [a + b for a, b in zip(stats.exit_counts, counts, strict=True)]
-    stats.tokens += len(exits)
+    stats.count_exits(exits)
     depth = torch.tensor(model.config.exit_layers + [model.num_layers])[exits]
     stats.layer_tokens += int(depth.sum())
     stats.layer_tokens_full += len(exits) * model.num_layers
@@ -94,39 +135,34 @@ class ScoringSweep:
     answers: dict[float, dict[tuple, tuple[float, bool]]] = field(default_factory=dict)
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
-    # while recording: inputs of the current `_model_call` and their continuations
-    conts: dict[tuple, list[tuple[tuple, tuple]]] = field(default_factory=dict)
-    batch: dict | None = None
+    batch: dict | None = None  # while recording: the current `_model_call`'s head outputs and each ε's exit index
 
     def rules(self, model) -> dict[float, ExitRule]:
         return {eps: ExitRule.for_model(model, eps) for eps in self.grid}
 
-    def record_batch(self, model, logits: Tensor, heads: HeadOutputs, inps: Tensor) -> None:
-        """Keep one `_model_call`'s full logits, head outputs and each ε's exit index until its rows are scored."""
+    def record_batch(self, model, heads: HeadOutputs, inps: Tensor) -> None:
+        """Keep one `_model_call`'s head outputs and each ε's exit index until its rows are scored."""
         index = {eps: exit_index(model, rule, heads, inps.shape, inps.device) if any(rule.checked) else None
                  for eps, rule in self.rules(model).items()}
-        self.batch = {"inps": inps, "logits": logits, "heads": heads, "index": index}
+        self.batch = {"heads": heads, "index": index}
 
-    def record_row(self, model, task: str, row: int, contlen: int, inplen: int, softmax_dtype) -> None:
-        """Score one row of the recorded batch at every ε: answers for every request sharing its input, exit counts
-        on its continuation positions."""
-        batch = self.batch
-        inp = tuple(batch["inps"][row, :inplen].tolist())
-        positions = slice(inplen - contlen, inplen)
-        for eps, index in batch["index"].items():
+    def record_row(self, model, task: str, row: int, positions: slice, full_log_probs: Tensor,
+                   requests: Sequence[tuple[tuple, tuple]], scored: Tensor | None) -> None:
+        """Score one row of the recorded batch at every ε (`score_row`; `positions` of the row, the full model's
+        `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)` `requests`
+        sharing the row, exit counts on its scored positions."""
+        for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
                 exit_layers=list(model.config.exit_layers), num_layers=model.num_layers))
-            if index is None:  # no exit checked at this ε: the unmodified model, as `_model_call` returns it
-                log_probs = F.log_softmax(batch["logits"][row, positions], dim=-1, dtype=softmax_dtype)
-                exits = torch.full((contlen,), len(model.exit_heads), dtype=torch.long)
+            if index is None:  # no exit checked at this ε: the unmodified model
+                log_probs = full_log_probs
+                exits = torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
             else:
-                heads = [None if h is None else tuple(t[row, positions] for t in h) for h in batch["heads"]]
-                exits = index[row, positions]
-                mixed = mixed_log_probs(model, batch["logits"][row, positions], heads, exits)
-                log_probs = F.log_softmax(mixed, dim=-1, dtype=softmax_dtype)
+                heads = [None if h is None else tuple(t[row, positions] for t in h) for h in self.batch["heads"]]
+                log_probs, exits = score_row(model, full_log_probs, heads, index[row, positions], scored)
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
-            for context, continuation in self.conts.get(inp, ()):
+            for context, continuation in requests:
                 table[(task, context, continuation)] = answer(log_probs, list(continuation))
 
     def replay(self, task: str, requests: list) -> list[tuple[float, bool]]:

@@ -34,6 +34,9 @@ class SweepArgs:
     eps: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "ε grid"})
     mode: str = field(default="early_exit", metadata={"help": "early_exit or dssd",
                                                       "choices": ["early_exit", "dssd"]})
+    scoring_rule: str = field(default="top_token", metadata={
+        "help": "which confident scored positions leave: top_token (only where the head's top token is the scored "
+                "token) or confidence (every one, the paper's way)", "choices": ["top_token", "confidence"]})
     dtype: str = field(default="float32", metadata={"help": "base model dtype"})
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
     limit: float | None = field(default=None, metadata={"help": "lm-eval --limit (documents per task)"})
@@ -55,6 +58,14 @@ def _point_path(out: Path, eps: float) -> Path:
     return out / "points" / f"eps_{eps:g}.json"
 
 
+def _finished(out: Path, eps: float, scoring_rule: str) -> bool:
+    """A point an earlier run wrote with the same scoring rule."""
+    path = _point_path(out, eps)
+    if not path.exists():
+        return False
+    return json.loads(path.read_text())["early_exit"].get("scoring_rule", "confidence") == scoring_rule
+
+
 def run_sweep(args: SweepArgs) -> dict:
     # lm-eval (seconds to import) is loaded only when a sweep runs, not with the command line
     import lm_eval
@@ -66,14 +77,14 @@ def run_sweep(args: SweepArgs) -> dict:
     out = Path(args.output_dir)
     include = args.include_path or ("lm_eval_tasks" if Path("lm_eval_tasks").is_dir() else None)
     manager = TaskManager(include_path=include) if include else TaskManager()
-    todo = [e for e in args.eps if not _point_path(out, e).exists()]
+    todo = [e for e in args.eps if not _finished(out, e, args.scoring_rule)]
     lm = None
     for eps in tqdm(args.eps, desc="ε sweep", unit="point"):
         if eps not in todo:
             continue  # finished in an earlier run
         if lm is None:
-            lm = EarlyExitLM(pretrained=args.model, eps=eps, mode=args.mode, dtype=args.dtype,
-                             batch_size=args.batch_size, device=args.device)
+            lm = EarlyExitLM(pretrained=args.model, eps=eps, mode=args.mode, scoring_rule=args.scoring_rule,
+                             dtype=args.dtype, batch_size=args.batch_size, device=args.device)
         if not args.one_pass:
             lm.set_eps(eps)
         elif eps == todo[0]:  # this point's evaluation records the scored answers of every point still to do
