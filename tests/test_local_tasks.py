@@ -224,3 +224,34 @@ def test_the_shared_benchmark_copies_become_runnable_builtin_tasks(tmp_path):
                      and "in front of a camera. He starts playing a harmonica" in d["ctx"])
     # the Hub record has ctx_a "... for the camera." and ctx_b "he" (official hellaswag_val.jsonl, ind 149)
     assert harmonica["query"].endswith("He starts playing a harmonica for the camera. He")
+
+
+def test_reproduce_section_4_runs_the_builtin_tasks_from_a_data_dir(models, tmp_path):
+    """`hf-earlyexit reproduce --data_dir`: section 4 converts the official files and sweeps lm-eval's built-in
+    task on them; its ε = 1 point scores exactly what `--model hf` scores there."""
+    from dataclasses import replace
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hf_earlyexit.reproduce import steps
+    from hf_earlyexit.reproduce.run import QUICK, ReproduceArgs, Run
+
+    base, heads = models
+    data = write_official(tmp_path / "data")
+    sizes = replace(QUICK, sweep_eps=(0.5,))
+    run = Run(args=ReproduceArgs(output_dir=str(tmp_path / "out"), data_dir=str(data)), sizes=sizes,
+              out=tmp_path / "out", heads=heads)
+    result = steps.lm_eval(run, tmp_path / "out" / "lm_eval")
+    assert result["tasks"] == ["arc_easy_local"] and result["real_tasks"]
+    assert result["task_sizes"] == {"arc_easy_local": len(ARC)}
+    assert result["commands"][0].startswith(f"hf-earlyexit tasks --data_dir {data}")
+    points = {p["eps"]: p for p in result["points"]}
+    assert set(points) == {0.5, 1.0}
+    register()
+    manager = TaskManager(include_path=str(tmp_path / "out" / "lm_eval" / "tasks"))
+    reference = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={base},dtype=float32", tasks=["arc_easy_local"], device="cpu",
+        batch_size=8, limit=sizes.real_limit, task_manager=manager)
+    expected = {k: v for k, v in reference["results"]["arc_easy_local"].items() if "," in k and "stderr" not in k}
+    assert points[1.0]["metrics"]["arc_easy_local"] == expected

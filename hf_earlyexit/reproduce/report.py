@@ -29,9 +29,11 @@ SECTIONS = (  # (step, title, what it measures)
      "The held-out half of the calibration text (never used to set thresholds): agreement of the tokens that exit "
      "under the whole rule, and per head, against ε. On the diagonal, calibration delivers what ε promises."),
     ("lm_eval", "Accuracy, speed-up and exits vs ε through lm-eval (paper Figs. 2-4)",
-     "`lm_eval --model ee-hf` on the project's offline tasks at every ε (`hf-earlyexit sweep`): task score, speed-up "
-     "of the cost model (multiply-adds saved on scored positions; measured tokens/s for generation tasks), and where "
-     "tokens leave."),
+     "`lm_eval --model ee-hf` at every ε (`hf-earlyexit sweep`) on lm-eval's built-in benchmark tasks read from local "
+     "files (`--data_dir`), else on the project's offline smoke tasks: task score, speed-up of the cost model "
+     "(multiply-adds saved on scored positions; measured tokens/s for generation tasks), and where tokens leave. For "
+     "scored (log-likelihood) positions the savings are what token-by-token decoding would save there: the scoring "
+     "pass itself runs the full model."),
     ("dssd", "Dynamic self-speculative decoding (DSSD revision)",
      "Wall-clock greedy decoding (EOS off) on varied and repetitive prompts: DSSD at an ε grid against the "
      "LayerSkip-style baseline (every exit × fixed draft lengths; the fastest is the tuned baseline), plain greedy, HF "
@@ -291,7 +293,11 @@ def table_lm_eval(result: dict) -> list[str]:
              num(r["measured_speedup"], ".2f"),
              " ".join(f"{k}:{v:.2f}" for k, v in json.loads(r["exit_fractions"] or "{}").items())]
             for r in result["rows"]]
-    return _table(["ε", "task", "metric", "score", "speed-up (cost)", "speed-up (tok/s)", "exits"], rows)
+    head = []
+    if result.get("scoring_rule"):
+        head = [f"Scoring rule: `{result['scoring_rule']}`; documents per task: "
+                + ", ".join(f"{t} {n}" for t, n in result.get("task_sizes", {}).items()) + ".", ""]
+    return head + _table(["ε", "task", "metric", "score", "speed-up (cost)", "speed-up (tok/s)", "exits"], rows)
 
 
 def table_dssd(result: dict) -> list[str]:

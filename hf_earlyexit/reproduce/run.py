@@ -60,6 +60,9 @@ class ReproduceArgs:
     lam: float = field(default=0.1, metadata={"help": "λ of the heads trained here for sections 2-6"})
     tasks_dir: str | None = field(default=None, metadata={
         "help": "folder of the lm-eval tasks (default: the project's lm_eval_tasks)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "local copies of ARC, HellaSwag, WinoGrande, MMLU, PIQA in their official formats (as in "
+                "`hf-earlyexit tasks`): section 4 runs lm-eval's own tasks on them instead of the offline smoke tasks"})
 
     def __post_init__(self) -> None:
         if self.draft_vocab_size < 0:
@@ -98,6 +101,8 @@ class Sizes:
     sweep_tasks: tuple[str, ...]
     sweep_eps: tuple[float, ...]  # ε = 1 (the full model) is always added
     sweep_limit: int | None  # documents per task
+    real_tasks: tuple[str, ...]  # section 4 with --data_dir: lm-eval's built-in tasks on the local files
+    real_limit: int | None  # documents per real task
     dssd_eps: tuple[float, ...]
     layerskip_drafts: tuple[int, ...]
     dssd_prompts: int  # per prompt set (varied, repetitive)
@@ -112,6 +117,7 @@ QUICK = Sizes(  # under 20 minutes on 2 CPU cores with the embedded model (READM
     sequences=16, new_tokens=48, held_out_fraction=0.25, train_steps=12, batch_size=2, log_every=3,
     calibration_sequences=16, calibration_tokens=48, min_calibration_tokens=200,
     sweep_tasks=("ee_capitals",), sweep_eps=(0.8,), sweep_limit=8,
+    real_tasks=("arc_easy_local",), real_limit=8,
     dssd_eps=(0.8,), layerskip_drafts=(3,), dssd_prompts=2, dssd_tokens=16,
     batch_sizes=(1, 4), batch_eps=(0.9,), batch_prompts=4, batch_tokens=16,
 )
@@ -120,6 +126,8 @@ FULL = Sizes(
     calibration_sequences=128, calibration_tokens=128, min_calibration_tokens=1000,
     sweep_tasks=("ee_capitals", "ee_sequences"), sweep_eps=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99),
     sweep_limit=None,
+    real_tasks=("arc_easy_local", "arc_challenge_local", "hellaswag_local", "winogrande_local", "piqa_local",
+                "mmlu_high_school_microeconomics_local"), real_limit=100,
     dssd_eps=(0.6, 0.7, 0.8, 0.9), layerskip_drafts=(2, 4, 6), dssd_prompts=4, dssd_tokens=64,
     batch_sizes=(1, 4, 8), batch_eps=(0.8, 0.9, 0.95), batch_prompts=8, batch_tokens=64,
 )
@@ -160,7 +168,8 @@ def _steps() -> tuple[Step, ...]:
         Step("heads", s.heads, data + ("heads", "lam", "adapter_rank", *calibration, "min_calibration_tokens")),
         Step("confidence_metrics", s.confidence_metrics, ("heads_identity", "dtype", *calibration)),
         Step("calibration", s.calibration, ("heads_identity",)),
-        Step("lm_eval", s.lm_eval, ("heads_identity", "dtype", "sweep_tasks", "sweep_eps", "sweep_limit")),
+        Step("lm_eval", s.lm_eval, ("heads_identity", "dtype", "sweep_tasks", "sweep_eps", "sweep_limit", "data_dir",
+                                    "real_tasks", "real_limit")),
         Step("dssd", s.dssd, ("heads_identity", "bench_dtype", "dssd_eps", "layerskip_drafts", "dssd_prompts",
                               "dssd_tokens")),
         Step("batching", s.batching, ("heads_identity", "bench_dtype", "batch_sizes", "batch_eps", "batch_prompts",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.bench import BenchArgs, run_bench
+from ..evaluation.local_tasks import TasksArgs, write_local_tasks
 from ..evaluation.sweep import SweepArgs, run_sweep
 from ..files import write_json
 from ..loading import load, resolve
@@ -246,25 +247,45 @@ def _task_size(folder: str, task: str, limit: int | None) -> int | None:
 
 
 def lm_eval(run, folder: Path) -> dict:
-    """`hf-earlyexit sweep` (lm-eval with `--model ee-hf` at every ε, resumable per point) and its three figures."""
+    """`hf-earlyexit sweep` (lm-eval with `--model ee-hf` at every ε, resumable per point) and its three figures: on
+    the offline smoke tasks, or with `--data_dir` on lm-eval's built-in benchmark tasks read from local files."""
 
     sizes = run.sizes
     eps = sorted({*sizes.sweep_eps, 1.0})
-    sweep = SweepArgs(tasks=list(sizes.sweep_tasks), model=run.heads, eps=eps, dtype=run.args.dtype,
-                      limit=sizes.sweep_limit, include_path=tasks_dir(run), output_dir=str(folder / "sweep"))
+    if run.args.data_dir:
+        include = str((folder / "tasks").resolve())
+        written = write_local_tasks(TasksArgs(data_dir=run.args.data_dir, output_dir=include))
+        tasks = [t for t in sizes.real_tasks if t in written]
+        if not tasks:
+            raise ValueError(f"data_dir={run.args.data_dir!r} holds none of the benchmarks of {list(sizes.real_tasks)}")
+        limit = sizes.real_limit
+        sizes_of = {t: min(written[t]["splits"].get(_eval_split(written[t]), 0), limit or 10**9) for t in tasks}
+        setup = [f"hf-earlyexit tasks --data_dir {run.args.data_dir} --output_dir {include}"]
+    else:
+        include, tasks, limit = tasks_dir(run), list(sizes.sweep_tasks), sizes.sweep_limit
+        sizes_of = {task: _task_size(include, task, limit) for task in tasks}
+        setup = []
+    sweep = SweepArgs(tasks=tasks, model=run.heads, eps=eps, dtype=run.args.dtype, limit=limit,
+                      include_path=include, output_dir=str(folder / "sweep"))
     result = run_sweep(sweep)
-    limit = f" --limit {sizes.sweep_limit}" if sizes.sweep_limit else ""
+    limit_words = f" --limit {limit}" if limit else ""
     eps_words = " ".join(f"{e:g}" for e in eps)
     return {
-        "points": result["points"], "rows": result["rows"], "tasks": list(sizes.sweep_tasks), "eps": eps,
-        "task_sizes": {task: _task_size(sweep.include_path, task, sizes.sweep_limit) for task in sizes.sweep_tasks},
+        "points": result["points"], "rows": result["rows"], "tasks": tasks, "eps": eps, "task_sizes": sizes_of,
+        "real_tasks": bool(run.args.data_dir), "scoring_rule": sweep.scoring_rule,
         "figures": {name: str(folder / "sweep" / f"{name}.png") for name in ("score_vs_eps", "speedup_vs_eps",
                                                                              "exits_vs_eps")},
-        "commands": [f"hf-earlyexit sweep --model {run.heads} --tasks {' '.join(sizes.sweep_tasks)} --eps {eps_words} "
-                     f"--dtype {run.args.dtype} --include_path {sweep.include_path}{limit}",
+        "commands": [*setup,
+                     f"hf-earlyexit sweep --model {run.heads} --tasks {' '.join(tasks)} --eps {eps_words} "
+                     f"--dtype {run.args.dtype} --include_path {include}{limit_words}",
                      f"lm_eval --model ee-hf --model_args pretrained={run.heads},eps=<ε>,dtype={run.args.dtype} "
-                     f"--tasks {','.join(sizes.sweep_tasks)} --include_path {sweep.include_path}{limit}"],
+                     f"--tasks {','.join(tasks)} --include_path {include}{limit_words}"],
     }
+
+
+def _eval_split(entry: dict) -> str:
+    """The split lm-eval scores a local task on (its test split when it has one, else validation)."""
+    return "test" if "test" in entry["splits"] else "validation"
 
 
 # -- 5 and 6. timed decoding ---------------------------------------------------------------------------------------
