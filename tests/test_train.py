@@ -354,3 +354,18 @@ def test_cascade_fit_holds_the_whole_rule_at_eps_where_per_head_fits_fall_short(
             assert row["agreement_exited"] >= eps - 1e-9
     with pytest.raises(ValueError, match="fit='greedy'"):
         fit_thresholds([score1], [agree1], eps, "greedy")
+
+
+def test_generated_data_cache_is_keyed_by_the_weights_not_only_the_name(tmp_path, monkeypatch):
+    """Two bases under one name (other weights) never share cached generations; the same base reuses its own."""
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    spec = GenerationSpec(num_sequences=2, max_new_tokens=6)
+    models = [EarlyExitForCausalLM.from_base(save_tiny_base("llama", tmp_path / f"b{seed}", seed=seed),
+                                             exit_layers=[1]) for seed in (0, 1)]
+    first = generate_corpus(models[0].backbone, models[0].tokenizer, spec, "same-name")
+    other = generate_corpus(models[1].backbone, models[1].tokenizer, spec, "same-name")
+    assert len(list((tmp_path / "cache" / "data").glob("generated-*.safetensors"))) == 2
+    assert not torch.equal(first.input_ids, other.input_ids)
+    again = generate_corpus(models[0].backbone, models[0].tokenizer, spec, "same-name")
+    assert torch.equal(again.input_ids, first.input_ids)
+    assert len(list((tmp_path / "cache" / "data").glob("generated-*.safetensors"))) == 2

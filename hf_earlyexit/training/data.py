@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling.base_earlyexit import cache_root
+from ..modeling.base_earlyexit import cache_root, weight_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,13 @@ def generate_corpus(
 
     Args:
         model: the base causal LM.
-        model_id: names the model in the cache key (with its weight fingerprint for safety).
+        model_id: names the model in the cache key, with its weight fingerprint and dtype (other weights under the
+            same name, or another dtype, sample other text: never served from the cache).
     """
     if not spec.prompts:
         raise ValueError("no prompts given; expected at least one seed prompt")
-    path = _cache_path("generated", {"model": model_id, **asdict(spec)})
+    path = _cache_path("generated", {"model": model_id, "fingerprint": weight_fingerprint(model),
+                                     "dtype": str(model.dtype), **asdict(spec)})
     if cache and path.exists():
         logger.info("Reusing generated data from %s", path)
         return _load(path)
