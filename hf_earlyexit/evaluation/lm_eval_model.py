@@ -47,13 +47,13 @@ class EarlyExitLM(HFLM):
         mode: `early_exit` (default), `dssd` (generation is lossless; scoring still exits), or `full`.
         metric: confidence metric (default and, for calibrated heads, the only one accepted: the metric their
             thresholds were calibrated for).
-        kv_fill, max_draft, exit_policy, lookup: decoding options of generation tasks (`DecodingOptions`); one that
-            does not apply to the mode is refused.
+        kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
+            (`DecodingOptions`); one that does not apply to the mode is refused.
     """
 
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
-                 lookup: int | None = None, **kwargs) -> None:
+                 lookup: int | None = None, batch_exit: str | None = None, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         if metric is not None and metric not in METRICS:
@@ -63,7 +63,7 @@ class EarlyExitLM(HFLM):
         # generation's decoding options, validated before the model loads (an option for another mode is refused)
         self.ee_options = DecodingOptions.build(
             mode="plain" if mode == "full" else mode, eps=None if mode == "full" else self.ee_eps, kv_fill=kv_fill,
-            max_draft=max_draft, exit_policy=exit_policy, lookup=lookup)
+            max_draft=max_draft, exit_policy=exit_policy, lookup=lookup, batch_exit=batch_exit)
         self.ee_metric = metric
         self.ee_task = None
         self.ee_scoring: dict[str, ExitStats] = {}
@@ -136,7 +136,7 @@ class EarlyExitLM(HFLM):
         unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
         if unknown:
             raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
-                            "kv_fill, max_draft, exit_policy, lookup (besides those of --model hf)")
+                            "kv_fill, batch_exit, max_draft, exit_policy, lookup (besides those of --model hf)")
         model = self._ee_loaded[0]
         self._model = model.to(self._device) if str(self._device) != "cpu" else model
 

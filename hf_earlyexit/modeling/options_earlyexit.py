@@ -42,7 +42,7 @@ class DecodingOptions:
             token) or `"propagate"` (key/value projections of the exit hidden state).
         batch_exit: early exit with a batch: `"row"` (each row runs only the layers up to its own exit; the others
             go on without it) or `"step"` (the iteration-level rule: rows that exited ride along until every row
-            has, so the deepest row sets the step's depth).
+            has, so the deepest row sets the step's depth). A single row decodes the same under both.
         max_draft: DSSD: most tokens drafted per round.
         lookup: DSSD: also draft by prompt lookup of n-grams up to this size (0: off).
         adaptive_draft: DSSD: cap each row's drafts by what its recent rounds kept (`False`: always `max_draft`).

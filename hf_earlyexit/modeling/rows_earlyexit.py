@@ -173,7 +173,8 @@ class RowSparse:
             raise RuntimeError(f"layer {j}: rows have more than {q} pending slots")
         own = slots[None, :] >= first[:, None]  # (m, q)
         layer_cache = state.cache.layers[j]
-        kwargs = {engine._cache_kwarg: _RowsCache(state.cache, j, rows, own, slots, kv_only)}
+        everyone = m == state.batch_size  # rows are ascending: then they are every row, in order
+        kwargs = {engine._cache_kwarg: _RowsCache(state.cache, j, None if everyone else rows, own, slots, kv_only)}
         position_ids = state.position_ids[rows, n - q:]  # (m, q)
         if engine.parts.rotary is not None:
             layer_type = engine._layer_type(j)
@@ -215,9 +216,11 @@ class _RowsCache:
     """Stands in for the engine's cache while a layer runs on some rows: `update` writes the new keys and values at
     those rows' own slots only, and returns those rows' whole cache (every slot, as the mask expects)."""
 
-    def __init__(self, cache, j: int, rows: Tensor, own: Tensor, slots: Tensor, kv_only: bool) -> None:
+    def __init__(self, cache, j: int, rows: Tensor | None, own: Tensor, slots: Tensor, kv_only: bool) -> None:
+        """`rows`: `(m,)` batch rows, or `None` for every row."""
         self._cache, self._layer, self._rows, self._own, self._kv_only = cache, cache.layers[j], rows, own, kv_only
         m, q = own.shape
+        rows = torch.arange(m, device=own.device) if rows is None else rows
         self._at_rows = rows[:, None].expand(m, q)[own]  # (k,)
         self._at_slots = slots[None, :].expand(m, q)[own]  # (k,)
 
@@ -227,6 +230,8 @@ class _RowsCache:
             stored.transpose(1, 2)[self._at_rows, self._at_slots] = new.transpose(1, 2)[self._own].to(stored.dtype)
         if self._kv_only:
             raise KVWritten
+        if self._rows is None:
+            return layer.keys, layer.values
         return layer.keys[self._rows], layer.values[self._rows]
 
     def __getattr__(self, name: str):
