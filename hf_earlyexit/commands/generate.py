@@ -28,8 +28,8 @@ class GenerateArgs(ModelArgs):
     kv_fill: str | None = field(default=None, metadata={
         "help": "early_exit: KV cache of skipped layers (default: recompute)", "choices": list(KV_FILLS)})
     batch_exit: str | None = field(default=None, metadata={
-        "help": "early_exit with several prompts: row (each row runs only the layers up to its own exit; default) "
-                "or step (every row rides along to the step's deepest exit)", "choices": list(BATCH_EXITS)})
+        "help": "early_exit with several prompts: step (every row rides along to the step's deepest exit; "
+                "default) or row (each row runs only the layers up to its own exit)", "choices": list(BATCH_EXITS)})
     exit_policy: str | None = field(default=None, metadata={
         "help": "auto: only exits that pay at this ε (default); all: every exit", "choices": list(EXIT_POLICIES)})
     max_draft: int | None = field(default=None, metadata={

@@ -82,7 +82,7 @@ class BenchArgs(ModelArgs):
         "help": "prompt sets (varied, repetitive); default: varied for early_exit, both for dssd/all"})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers",
                                                         "choices": list(KV_FILLS)})
-    batch_exit: list[str] = field(default_factory=lambda: ["row"], metadata={
+    batch_exit: list[str] = field(default_factory=lambda: ["step"], metadata={
         "help": "early exit with a batch: row (each row runs only the layers up to its own exit), step (every row "
                 "rides along to the step's deepest exit); give both to time both"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",

@@ -4,10 +4,10 @@ Each new token runs the decoder layers up to the first exit, that head is read, 
 rule (its confidence passes the calibrated threshold τ_k(ε)) the token is emitted from the head and no deeper layer is
 computed for it; otherwise the next exit is tried, and finally the full model. With a batch (`batch_exit`):
 
-- `"row"` (default): each row runs only the layers up to its own exit; the layers above run for the rows still
-  going (gathered, run, scattered back: `rows_earlyexit.py`), so a row's work does not depend on the other rows'.
-- `"step"`: the iteration-level rule; a step ends when every row has exited (rows that exited early ride along to
-  the deepest exit any row needs).
+- `"step"` (default): the iteration-level rule; a step ends when every row has exited (rows that exited early ride
+  along to the deepest exit any row needs).
+- `"row"`: each row runs only the layers up to its own exit; the layers above run for the rows still going
+  (gathered, run, scattered back: `rows_earlyexit.py`), so a row's work does not depend on the other rows'.
 
 Rows that finish leave the batch.
 
