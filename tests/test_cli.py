@@ -80,12 +80,15 @@ def test_bench_writes_json_and_plot(calibrated_folder, tmp_path, capsys):
 
     out_dir = tmp_path / "bench"
     assert main(["bench", "--model", calibrated_folder, "--dtype", "float32", "--eps_grid", "0.5", "1.0",
-                 "--num_prompts", "2", "--batch_size", "2", "--max_new_tokens", "6", "--output_dir", str(out_dir)]) == 0
+                 "--num_prompts", "2", "--batch_size", "2", "--max_new_tokens", "6", "--batch_exit", "row", "step",
+                 "--output_dir", str(out_dir)]) == 0
     report = json.loads((out_dir / "bench.json").read_text())
     assert (out_dir / "bench.png").stat().st_size > 0
     rows = {r["label"]: r for r in report["sets"]["varied"]["rows"]}
-    assert rows["early exit ε=1"]["agreement"] == 1.0  # ε = 1 is plain decoding
-    assert rows["early exit ε=1"]["identical_sequences"] == 2
+    for rule in ("row", "step"):
+        assert rows[f"early exit ε=1 ({rule} rule)"]["agreement"] == 1.0  # ε = 1 is plain decoding
+        assert rows[f"early exit ε=1 ({rule} rule)"]["identical_sequences"] == 2
+        assert rows[f"early exit ε=0.5 ({rule} rule)"]["batch_exit"] == rule
     forced = rows["all at exit@1"]
     assert forced["exit_fractions"][0] > 0.5 and forced["layers_fraction"] < 1.0
     assert "| plain |" in capsys.readouterr().out

@@ -116,9 +116,10 @@ def test_dssd_with_context_heads_is_plain_greedy(arch, lengths, rank):
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, eps=1.0, **GREEDY), plain)
 
 
+@pytest.mark.parametrize("batch_exit", ["step", "row"])
 @pytest.mark.parametrize("kv_fill", ["recompute", "propagate"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_neox"])
-def test_early_exit_tokens_are_what_the_context_head_says_on_a_full_pass(arch, kv_fill):
+def test_early_exit_tokens_are_what_the_context_head_says_on_a_full_pass(arch, kv_fill, batch_exit):
     """Each token that left at exit j is the argmax of that context head run over the whole sequence so far: the
     head saw every earlier position, including those that left earlier (exact with `recompute`; with `propagate`
     the skipped layers' states are copies, so only the first exit's context is exact)."""
@@ -126,7 +127,7 @@ def test_early_exit_tokens_are_what_the_context_head_says_on_a_full_pass(arch, k
     set_median_thresholds(model)
     ids, mask = batch([8, 6])
     out = model.generate(ids, attention_mask=mask, max_new_tokens=10, eps=0.5, kv_fill=kv_fill,
-                         return_dict_in_generate=True, **GREEDY)
+                         batch_exit=batch_exit, return_dict_in_generate=True, **GREEDY)
     width = ids.shape[1]
     full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, width:])], 1)
     with torch.no_grad():

@@ -174,14 +174,15 @@ def oracle_cache(model: EarlyExitForCausalLM, sequences: torch.Tensor, mask: tor
     return cache
 
 
+@pytest.mark.parametrize("batch_exit", ["row", "step"])
 @pytest.mark.parametrize("lengths", BATCHES.values(), ids=BATCHES.keys())
 @pytest.mark.parametrize("arch", ARCHS)
-def test_recompute_cache_equals_full_forward(arch, lengths):
+def test_recompute_cache_equals_full_forward(arch, lengths, batch_exit):
     model = ee_model(arch)
     set_median_thresholds(model)
     ids, mask = batch(lengths)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eps=0.5, kv_fill="recompute",
-                         return_dict_in_generate=True, **GREEDY)
+                         batch_exit=batch_exit, return_dict_in_generate=True, **GREEDY)
     assert (out.exit_index < len(EXITS)).any()
     fed = out.sequences[:, :-1]  # the last token is never fed back
     fed_mask = torch.cat([mask, torch.ones(len(lengths), NEW - 1, dtype=mask.dtype)], dim=1)
@@ -233,16 +234,17 @@ def test_propagate_fills_skipped_layers_with_projections_of_the_exit_state(arch)
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_batched_early_exit_equals_rows_alone(arch):
-    """With exact caches (recompute), a row's tokens do not depend on the batch it runs in."""
+    """With exact caches (recompute), a row's tokens do not depend on the batch it runs in, even under the step rule
+    (row-sparse depth: test_batch_exit.py)."""
     model = ee_model(arch)
     set_median_thresholds(model)
     lengths = [9, 5, 7, 3]
     ids, mask = batch(lengths)
-    together = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eps=0.5, return_dict_in_generate=True,
-                              **GREEDY)
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eps=0.5, batch_exit="step",
+                              return_dict_in_generate=True, **GREEDY)
     for row, n in enumerate(lengths):
-        alone = model.generate(ids[row:row + 1, -n:], max_new_tokens=NEW, eps=0.5, return_dict_in_generate=True,
-                               **GREEDY)
+        alone = model.generate(ids[row:row + 1, -n:], max_new_tokens=NEW, eps=0.5, batch_exit="step",
+                               return_dict_in_generate=True, **GREEDY)
         assert torch.equal(together.sequences[row, -NEW:], alone.sequences[0, -NEW:]), row
         assert torch.equal(together.exit_index[row], alone.exit_index[0]), row
     # rows that left early rode along until every row had exited: that work is counted as waste

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..loading import ModelArgs
-from ..modeling.options_earlyexit import DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS, MODES, DecodingOptions
+from ..modeling.options_earlyexit import BATCH_EXITS, DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS, MODES, DecodingOptions
 
 # one colour per exit (shallow to deep), the full model uncoloured
 EXIT_COLOURS = ("\033[92m", "\033[96m", "\033[93m", "\033[95m", "\033[94m", "\033[91m")
@@ -27,6 +27,9 @@ class GenerateArgs(ModelArgs):
     # decoding options left unset take DecodingOptions' defaults; one set for another mode is refused by name
     kv_fill: str | None = field(default=None, metadata={
         "help": "early_exit: KV cache of skipped layers (default: recompute)", "choices": list(KV_FILLS)})
+    batch_exit: str | None = field(default=None, metadata={
+        "help": "early_exit with several prompts: step (every row rides along to the step's deepest exit; "
+                "default) or row (each row runs only the layers up to its own exit)", "choices": list(BATCH_EXITS)})
     exit_policy: str | None = field(default=None, metadata={
         "help": "auto: only exits that pay at this ε (default); all: every exit", "choices": list(EXIT_POLICIES)})
     max_draft: int | None = field(default=None, metadata={
@@ -37,7 +40,8 @@ class GenerateArgs(ModelArgs):
     def options(self) -> DecodingOptions:
         """The decoding options these arguments ask for (validated: a bad or misplaced option is named)."""
         return DecodingOptions.build(mode=self.mode, eps=None if self.mode == "plain" else self.eps,
-                                     kv_fill=self.kv_fill, exit_policy=self.exit_policy, max_draft=self.max_draft,
+                                     kv_fill=self.kv_fill, batch_exit=self.batch_exit, exit_policy=self.exit_policy,
+                                     max_draft=self.max_draft,
                                      lookup=self.lookup)
 
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})

@@ -21,7 +21,7 @@ from ..modeling.drafters_earlyexit import Proposal
 from ..modeling.exits_earlyexit import ExitRule
 from ..modeling.loop_earlyexit import DecodeRun, climb
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
-from ..modeling.options_earlyexit import DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS
+from ..modeling.options_earlyexit import BATCH_EXITS, DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS
 from ..training.data import GenerationSpec, draft_vocabulary, generate_corpus
 
 # prompts of the bench: none of the training or calibration seeds, a mix of prose, code and facts
@@ -82,6 +82,9 @@ class BenchArgs(ModelArgs):
         "help": "prompt sets (varied, repetitive); default: varied for early_exit, both for dssd/all"})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers",
                                                         "choices": list(KV_FILLS)})
+    batch_exit: list[str] = field(default_factory=lambda: ["step"], metadata={
+        "help": "early exit with a batch: row (each row runs only the layers up to its own exit), step (every row "
+                "rides along to the step's deepest exit); give both to time both"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": list(EXIT_POLICIES)})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
@@ -242,9 +245,12 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
     exits = model.config.exit_layers
     configs = [_Config("plain", "plain", {}, plain)]
     if args.mode in ("early_exit", "all"):
-        for eps in args.eps_grid:
-            configs.append(_Config("early_exit", f"early exit ε={eps:g}", {"eps": eps},
-                                   ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy)))
+        for rule in args.batch_exit:
+            named = f" ({rule} rule)" if len(args.batch_exit) > 1 else ""
+            for eps in args.eps_grid:
+                configs.append(_Config("early_exit", f"early exit ε={eps:g}{named}", {"eps": eps, "batch_exit": rule},
+                                       ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy,
+                                            batch_exit=rule)))
         if args.per_exit:
             for j, layer in enumerate(exits):
                 # propagate: a token that cannot leave (its head's top class is "other") does not drag the
@@ -346,13 +352,16 @@ def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, group
                 row["drafted_by"], row["accepted_by"] = total.drafted_by, total.accepted_by
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
-    same_loop = next((r["tokens_per_s"] for r in rows if r["family"] == "early_exit" and r["eps"] == 1.0), None)
+    # our loop without exits, under the same batch rule where it was timed
+    same_loop = {r.get("batch_exit"): r["tokens_per_s"] for r in rows[::-1]
+                 if r["family"] == "early_exit" and r["eps"] == 1.0}
     # the ceilings: DSSD with an oracle drafter, early exit forced to one exit (same work, the head's tokens)
     ceilings = {"dssd": max((r["tokens_per_s"] for r in rows if r["family"] == "oracle_dssd"), default=None),
                 "early_exit": max((r["tokens_per_s"] for r in rows if r["family"] == "forced"), default=None)}
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_speed
-        row["speedup_vs_eps1"] = row["tokens_per_s"] / same_loop if same_loop else None
+        loop = same_loop.get(row.get("batch_exit"), next(iter(same_loop.values()), None))
+        row["speedup_vs_eps1"] = row["tokens_per_s"] / loop if loop else None
         kind = "dssd" if row["family"].startswith("dssd") or row["family"] == "layerskip" else row["family"]
         ceiling = ceilings.get(kind)
         row["vs_ceiling"] = row["tokens_per_s"] / ceiling if ceiling else None
@@ -365,6 +374,9 @@ def run_bench(args: BenchArgs) -> dict:
         if not 0.0 <= eps <= 1.0:
             raise ValueError(f"eps={eps!r} must lie in [0, 1]")
     sets = args.prompt_sets or (["varied"] if args.mode == "early_exit" else ["varied", "repetitive"])
+    for rule in args.batch_exit:
+        if rule not in BATCH_EXITS:
+            raise ValueError(f"batch_exit={rule!r} is not one of {', '.join(BATCH_EXITS)}")
     for name in sets:
         if name not in PROMPT_SETS:
             raise ValueError(f"prompt set {name!r} is not one of {', '.join(PROMPT_SETS)}")

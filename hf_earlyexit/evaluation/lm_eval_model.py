@@ -58,13 +58,14 @@ class EarlyExitLM(HFLM):
             thresholds were calibrated for).
         scoring_rule: which confident scored positions leave (`scoring.SCORING_RULES`): `top_token` (default; only
             where the head's top token is the scored token) or `confidence` (every one, the paper's way).
-        kv_fill, max_draft, exit_policy, lookup: decoding options of generation tasks (`DecodingOptions`); one that
-            does not apply to the mode is refused.
+        kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
+            (`DecodingOptions`); one that does not apply to the mode is refused.
     """
 
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
-                 lookup: int | None = None, scoring_rule: str = "top_token", **kwargs) -> None:
+                 lookup: int | None = None, batch_exit: str | None = None, scoring_rule: str = "top_token",
+                 **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         if metric is not None and metric not in METRICS:
@@ -74,7 +75,7 @@ class EarlyExitLM(HFLM):
         # generation's decoding options, validated before the model loads (an option for another mode is refused)
         self.ee_options = DecodingOptions.build(
             mode="plain" if mode == "full" else mode, eps=None if mode == "full" else self.ee_eps, kv_fill=kv_fill,
-            max_draft=max_draft, exit_policy=exit_policy, lookup=lookup)
+            max_draft=max_draft, exit_policy=exit_policy, lookup=lookup, batch_exit=batch_exit)
         self.ee_metric = metric
         self.ee_scoring_rule = check_scoring_rule(scoring_rule)
         self.ee_task = None
@@ -151,7 +152,8 @@ class EarlyExitLM(HFLM):
         unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
         if unknown:
             raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
-                            "scoring_rule, kv_fill, max_draft, exit_policy, lookup (besides those of --model hf)")
+                            "scoring_rule, kv_fill, batch_exit, max_draft, exit_policy, lookup (besides those of "
+                            "--model hf)")
         model = self._ee_loaded[0]
         self._model = model.to(self._device) if str(self._device) != "cpu" else model
 

@@ -2,21 +2,28 @@
 
 Each new token runs the decoder layers up to the first exit, that head is read, and if the exit fires under the exit
 rule (its confidence passes the calibrated threshold τ_k(ε)) the token is emitted from the head and no deeper layer is
-computed for it; otherwise the next exit is tried, and finally the full model. With a batch, a step ends when every
-row has exited (rows that exited early ride along to the deepest exit any row needs: the iteration-level rule); rows
-that finish leave the batch.
+computed for it; otherwise the next exit is tried, and finally the full model. With a batch (`batch_exit`):
+
+- `"step"` (default): the iteration-level rule; a step ends when every row has exited (rows that exited early ride
+  along to the deepest exit any row needs).
+- `"row"`: each row runs only the layers up to its own exit; the layers above run for the rows still going
+  (gathered, run, scattered back: `rows_earlyexit.py`), so a row's work does not depend on the other rows'.
+
+Rows that finish leave the batch.
 
     step = choose tokens -> emit -> drop finished rows -> climb the exits (-> full model) -> fill skipped KV
 
 The KV cache of the layers a token skipped is kept usable in one of two ways (`kv_fill`):
 
 - `"recompute"` (EE-LLM): the skipped layers of an exited token are computed later, together with the next token
-  that reaches them, so every cache entry is exactly what the full model stores. It costs the skipped layers'
+  that reaches them (with `batch_exit="row"`: the next token *of that row*; each row keeps its own lag), so every
+  cache entry is exactly what the full model stores. It costs the skipped layers'
   work after all (batched with the next deep token, so it reads the weights once) and saves only when later tokens
   also exit; it is exact.
 - `"propagate"` (CALM): the exit hidden state is copied up, and each skipped layer computes only its key/value
   projections from it (input norm + q/k/v projections, no attention, no MLP): a fraction of a layer's cost, but the
-  deeper layers then attend to approximate keys and values.
+  deeper layers then attend to approximate keys and values. With `batch_exit="row"` the copy starts at the row's own
+  exit; with `"step"` at the step's depth (rows that rode along computed the layers below it in full).
 
 Decoding runs inside HF `generate()` (as its `custom_generate` loop), so generation configs, logits processors
 (temperature, top-k/p, repetition penalty), stopping criteria, stop strings, EOS, streamers and
@@ -26,6 +33,7 @@ Decoding runs inside HF `generate()` (as its `custom_generate` loop), so generat
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +41,7 @@ from torch import Tensor
 
 from .loop_earlyexit import DecodeRun, check_search, climb, pick, run_decoding_loop
 from .options_earlyexit import DecodingOptions
+from .rows_earlyexit import RowSparse
 from .stats_earlyexit import EarlyExitGenerateOutput
 
 
@@ -92,6 +101,55 @@ def _step(run: DecodeRun, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]
     return result.exit_index, logits
 
 
+def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]:
+    """`_step` with row-sparse depth: each row climbs the exits only until its own exit fires; the layers above it
+    run for the rows still going.
+
+    Returns:
+        `(exit_index (n,), logits (n, vocab) float32)` of the new position.
+    """
+    model, rule, tally = run.ee_model, run.rule, run.tally
+    engine = model.engine
+    n, device = tokens.shape[0], tokens.device
+    sparse.append(tokens)
+    run.stats.steps += 1
+    index = torch.full((n,), rule.num_exits, dtype=torch.long, device=device)
+    logits = torch.empty(n, engine.config.vocab_size, dtype=torch.float32, device=device)
+    previous = model.get_input_embeddings()(tokens) if rule.needs_hidden else None  # (n, hidden)
+    active = torch.arange(n, device=device)  # rows no exit has taken yet
+    for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
+        if j > rule.last or not len(active):
+            break
+        if not rule.checked[j] and not rule.needs_hidden:
+            continue
+        hidden = sparse.climb(active, layer)  # (m, hidden): the newest token of each active row after `layer`
+        if rule.checked[j]:
+            started = time.perf_counter()
+            read = sparse.context_out[head.context_slot][active] if head.has_context else hidden
+            head_logits = head.logits_from(read)  # (m, head_vocab)
+            tally.head_tokens[j] += len(active)
+            tally.head_calls[j] += 1
+            fire = rule.fires(j, head, head_logits, hidden, previous[active] if previous is not None else None)
+            tally.head_seconds += time.perf_counter() - started
+            left = active[fire]
+            if len(left):
+                index[left] = j
+                logits[left] = head.vocab_scores(head_logits[fire], engine.config.vocab_size, other="drop")
+                if kv_fill == "propagate":
+                    sparse.fill_kv(left, layer)
+            active, hidden = active[~fire], hidden[~fire]
+        if previous is not None:
+            previous[active] = hidden
+    if len(active):  # rows no exit took: the full model
+        hidden = sparse.climb(active, engine.num_layers)  # (m, hidden)
+        logits[active] = engine.final_logits(hidden).float()
+        tally.final_tokens += len(active)
+        tally.final_calls += 1
+    run.stats.wasted_layer_tokens += sparse.padding  # padding slots of rows that lag less than others
+    sparse.padding = 0
+    return index, logits
+
+
 @torch.no_grad()
 def early_exit_decode(
     model, input_ids: Tensor, logits_processor, stopping_criteria, generation_config, synced_gpus: bool = False,
@@ -103,7 +161,11 @@ def early_exit_decode(
     """
     check_search(generation_config, "early-exit generation")
     engine = ee_model.engine
-    run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options)
+    # one row decodes the same under both rules: the engine's own lag is then that row's
+    row_sparse = ee_options.batch_exit == "row" and input_ids.shape[0] > 1
+    # row-sparse lag reaches back past a sliding window: those cache layers keep their past
+    run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=row_sparse)
+    sparse = RowSparse(engine, run.state) if row_sparse else None
     pad_token = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
     kept = _Outputs(return_dict and generation_config.output_scores, return_dict and generation_config.output_logits)
@@ -128,19 +190,31 @@ def early_exit_decode(
             break
         keep = unfinished[rows].bool()  # drop finished rows: their tokens cost nothing more
         if not bool(keep.all()):
-            run.state = engine.select_rows(run.state, keep.nonzero().squeeze(1))
+            if sparse is not None:
+                sparse.select(keep.nonzero().squeeze(1))
+                run.state = sparse.state
+            else:
+                run.state = engine.select_rows(run.state, keep.nonzero().squeeze(1))
             rows, dropped = rows[keep], True
-        exit_index, logits = _step(run, next_tokens[rows], ee_options.kv_fill)
+        if sparse is not None:
+            exit_index, logits = _row_step(run, sparse, next_tokens[rows], ee_options.kv_fill)
+        else:
+            exit_index, logits = _step(run, next_tokens[rows], ee_options.kv_fill)
 
     stats = run.finish(streamer, run.stats.tokens - batch_size, run.stats.steps)
     if not return_dict:
         return input_ids
     cache = None
     if not dropped:
-        if ee_options.kv_fill == "recompute":
+        if ee_options.kv_fill == "recompute" and sparse is not None:
+            sparse.flush()
+        elif ee_options.kv_fill == "recompute":
             engine.flush(run.state)
         cache = copy.copy(run.state.cache)  # the model's layers only: context heads' slots are ours
-        cache.layers = cache.layers[: engine.num_layers]
+        cache.layers = [copy.copy(layer) for layer in cache.layers[: engine.num_layers]]
+        for layer in cache.layers:
+            if sparse is not None and getattr(layer, "is_sliding", False):
+                layer.crop(0)  # it recorded its past: keep what a sliding-window layer keeps
     return EarlyExitGenerateOutput(
         sequences=input_ids, scores=kept.scores if kept.keep_scores else None,
         logits=kept.logits if kept.keep_logits else None, cache=cache, exit_stats=stats,

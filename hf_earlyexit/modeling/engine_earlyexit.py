@@ -379,7 +379,7 @@ class LayerEngine:
             out = self._layer(i)(
                 hidden, attention_mask=masks[sliding, start], position_ids=position_ids, use_cache=True, **kwargs
             )
-        except _KVWritten:
+        except KVWritten:
             state.done[i] = end
             return None
         if kv_only:
@@ -427,7 +427,7 @@ def _slice_layer(layer, stored: int, index: Tensor) -> None:
         layer.cumulative_length = index.shape[-1]
 
 
-class _KVWritten(Exception):
+class KVWritten(Exception):
     """Raised by `_KVOnlyCache` right after a layer stored its keys and values."""
 
 
@@ -440,7 +440,7 @@ class _KVOnlyCache:
 
     def update(self, *args, **kwargs):
         self._cache.update(*args, **kwargs)
-        raise _KVWritten
+        raise KVWritten
 
     def __getattr__(self, name: str):
         return getattr(self._cache, name)
