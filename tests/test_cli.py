@@ -47,17 +47,9 @@ def test_bad_choice_is_refused(capsys):
 @pytest.fixture(scope="module")
 def calibrated_folder(tmp_path_factory):
     """A tiny heads folder with thresholds for ε=0.5 (at each head's median confidence) and its tokenizer."""
-    from test_decoding import set_median_thresholds
-    from tiny import tiny_tokenizer
+    from test_decoding import save_median_heads
 
-    from hf_earlyexit import EarlyExitForCausalLM
-
-    root = tmp_path_factory.mktemp("cli")
-    base = save_tiny_base("llama", root / "base")
-    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
-    set_median_thresholds(model, key="0.5")
-    model.save_pretrained(root / "heads")
-    return str(root / "heads")
+    return save_median_heads(tmp_path_factory.mktemp("cli"))[1]
 
 
 def test_generate_prints_text_colours_and_exit_summary(calibrated_folder, capsys):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from tiny import ARCHS, VOCAB, batch, tiny_model, tiny_tokenizer
+from tiny import ARCHS, VOCAB, batch, save_tiny_base, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
@@ -42,6 +43,19 @@ def set_median_thresholds(model: EarlyExitForCausalLM, key: str = "0.5", quantil
         previous = hidden
     model.config.thresholds = {key: taus}
     return taus
+
+
+def save_median_heads(root: Path, strict_key: str | None = None) -> tuple[str, str]:
+    """A tiny Llama base and a heads folder (exits after layers 1-3, the tiny tokenizer) whose thresholds for ε = 0.5
+    sit at each head's median confidence (and, with `strict_key`, at the 0.8 quantile for that ε): `(base, heads)`."""
+    base = save_tiny_base("llama", root / "base")
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
+    strict = set_median_thresholds(model, key=strict_key, quantile=0.8) if strict_key else None
+    set_median_thresholds(model, key="0.5")
+    if strict_key:
+        model.config.thresholds[strict_key] = strict
+    model.save_pretrained(root / "heads")
+    return base, str(root / "heads")
 
 
 class LayerCounter:

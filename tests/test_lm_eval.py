@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_decoding import set_median_thresholds
-from tiny import launch_two_cpu_ranks, save_tiny_base, tiny_tokenizer
+from test_decoding import save_median_heads
+from tiny import launch_two_cpu_ranks
 
-from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.evaluation.lm_eval_plugin import register
 from hf_earlyexit.modeling.options_earlyexit import check_eps
 
@@ -24,14 +23,7 @@ LIMIT = 6
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval")
-    base = save_tiny_base("llama", root / "base")
-    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
-    strict = set_median_thresholds(model, key="0.7", quantile=0.8)
-    set_median_thresholds(model, key="0.5")
-    model.config.thresholds["0.7"] = strict
-    model.save_pretrained(root / "heads")
-    return base, str(root / "heads")
+    return save_median_heads(tmp_path_factory.mktemp("lm_eval"), strict_key="0.7")
 
 
 def evaluate(model: str, model_args: str, **kw) -> dict:

@@ -10,10 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_decoding import set_median_thresholds
-from tiny import save_tiny_base, tiny_tokenizer
+from test_decoding import save_median_heads
 
-from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.evaluation.lm_eval_plugin import register
 from hf_earlyexit.evaluation.local_tasks import TasksArgs, split_hellaswag_ctx, write_local_tasks
 
@@ -158,12 +156,7 @@ def test_a_folder_without_benchmarks_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("local_models")
-    base = save_tiny_base("llama", root / "base")
-    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2, 3], tokenizer=tiny_tokenizer())
-    set_median_thresholds(model, key="0.5")
-    model.save_pretrained(root / "heads")
-    return base, str(root / "heads")
+    return save_median_heads(tmp_path_factory.mktemp("local_models"))
 
 
 def run_local(task_manager, model: str, model_args: str) -> dict:
