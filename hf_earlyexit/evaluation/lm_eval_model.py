@@ -39,7 +39,7 @@ from .scoring import (
     count_exits,
     exit_index,
     head_outputs,
-    score_row,
+    score_positions,
     scored_tokens,
 )
 
@@ -206,11 +206,7 @@ class EarlyExitLM(HFLM):
         if self.ee_scoring_rule == "top_token":
             scored = (scored_tokens([c for _, c in requests], contlen) if requests else
                       torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
-        if index is None:
-            log_probs, exits = selected, torch.full((contlen,), len(model.exit_heads), dtype=torch.long)
-        else:
-            row_heads = [None if h is None else tuple(t[row, positions] for t in h) for h in heads]
-            log_probs, exits = score_row(model, selected, row_heads, index[row, positions], scored)
+        log_probs, exits = score_positions(model, selected, heads, index, row, positions, scored)
         count_exits(self._task_stats(self.ee_scoring), model, exits)
         if self._recording_sweep is not None:
             self._recording_sweep.record_row(model, self.ee_task or "all", row, positions, selected, requests, scored)

@@ -98,6 +98,16 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
     return mixed, exits
 
 
+def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, row: int,
+                    positions: slice, scored: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`score_row` for `positions` of batch row `row`, from a whole batch's head outputs and exit index (`index`
+    `None`: no exit checked at this ε, the unmodified model)."""
+    if index is None:
+        return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
+    row_heads = [None if h is None else tuple(t[row, positions] for t in h) for h in heads]
+    return score_row(model, full_log_probs, row_heads, index[row, positions], scored)
+
+
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
     """Add scored positions that left at `exits` `(n,)` (exit index per position) to `stats`, with the layers and
     multiply-adds token-by-token decoding would spend on them."""
@@ -154,12 +164,8 @@ class ScoringSweep:
         for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
                 exit_layers=list(model.config.exit_layers), num_layers=model.num_layers))
-            if index is None:  # no exit checked at this ε: the unmodified model
-                log_probs = full_log_probs
-                exits = torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-            else:
-                heads = [None if h is None else tuple(t[row, positions] for t in h) for h in self.batch["heads"]]
-                log_probs, exits = score_row(model, full_log_probs, heads, index[row, positions], scored)
+            log_probs, exits = score_positions(model, full_log_probs, self.batch["heads"], index, row, positions,
+                                               scored)
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
             for context, continuation in requests:

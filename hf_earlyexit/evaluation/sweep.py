@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..files import write_json
 from ..modeling.options_earlyexit import check_eps
 from .lm_eval_plugin import register
+from .scoring import SCORING_RULES
 
 DEFAULT_GRID = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0]
 
@@ -36,7 +37,7 @@ class SweepArgs:
                                                       "choices": ["early_exit", "dssd"]})
     scoring_rule: str = field(default="top_token", metadata={
         "help": "which confident scored positions leave: top_token (only where the head's top token is the scored "
-                "token) or confidence (every one, the paper's way)", "choices": ["top_token", "confidence"]})
+                "token) or confidence (every one, the paper's way)", "choices": list(SCORING_RULES)})
     dtype: str = field(default="float32", metadata={"help": "base model dtype"})
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
     limit: float | None = field(default=None, metadata={"help": "lm-eval --limit (documents per task)"})
