@@ -123,7 +123,7 @@ def test_recompute_computes_every_slot_once_per_layer(arch):
     "kwargs, message",
     [
         ({"eps": 0.5, "batch_exit": "column"}, "batch_exit='column' is not one of row, step"),
-        ({"mode": "dssd", "eps": 0.5, "batch_exit": "row"}, "batch_exit='row' does not apply to mode='dssd'"),
+        ({"mode": "plain", "batch_exit": "row"}, "batch_exit='row' does not apply to mode='plain'"),
     ],
 )
 def test_bad_batch_exit_is_named(kwargs, message):
@@ -131,3 +131,63 @@ def test_bad_batch_exit_is_named(kwargs, message):
     ids, mask = batch([5])
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, **{**GREEDY, **kwargs})
+
+
+# -- self-speculative decoding with row-sparse depth -------------------------------------------------------------------
+
+
+def _layer_row_positions(model: EarlyExitForCausalLM, **kw) -> tuple[torch.Tensor, int]:
+    """Sequences and the decoder-layer row-positions the call ran (prompt pass included), counted by hooks on the
+    base model's own layers."""
+    counter = LayerCounter(model)
+    try:
+        out = model.generate(**kw, return_dict_in_generate=True)
+    finally:
+        counter.remove()
+    return out.sequences, sum(counter.positions)
+
+
+@pytest.mark.parametrize("arch, attn", ATTNS)
+def test_row_sparse_dssd_is_plain_greedy(arch, attn):
+    """Batch 4, left padding, rows finishing at different steps (EOS), heads that draft often and are often wrong:
+    DSSD with row-sparse depth returns exactly the base model's greedy output (fp32), for several draft caps."""
+    model = model_for(arch, attn)
+    ids, mask = batch(LENGTHS)
+    eos = early_eos(model, ids, mask, mode="plain")
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, "eos_token_id": eos}
+    expected = model.get_base_model().generate(input_ids=ids, attention_mask=mask, **kw)
+    finished = [eos in row for row in expected[:, ids.shape[1]:].tolist()]
+    assert any(finished) and not all(finished), "rows should finish at different steps"
+    for cap in (1, 3, 16):
+        model.reset_exit_stats()
+        got = model.generate(ids, attention_mask=mask, mode="dssd", eps=0.5, max_draft=cap, batch_exit="row", **kw)
+        assert torch.equal(got, expected), cap
+        assert model.exit_stats.drafted > 0 and model.exit_stats.accepted < model.exit_stats.drafted
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_row_sparse_dssd_runs_no_fillers(arch):
+    """The same call under both batch rules: identical output, and the row rule runs fewer decoder-layer
+    row-positions (no fillers for rows that stopped drafting, no verification beyond a row's own drafts)."""
+    model = model_for(arch)
+    ids, mask = batch(LENGTHS)
+    kw = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": NEW, "mode": "dssd", "eps": 0.5,
+          "max_draft": 8, **GREEDY}
+    step_out, step_work = _layer_row_positions(model, batch_exit="step", **kw)
+    row_out, row_work = _layer_row_positions(model, batch_exit="row", **kw)
+    assert torch.equal(row_out, step_out)
+    assert torch.equal(row_out, model.get_base_model().generate(input_ids=ids, attention_mask=mask,
+                                                                max_new_tokens=NEW, **GREEDY))
+    assert row_work < step_work
+
+
+def test_row_sparse_dssd_with_perfect_heads_accepts_everything():
+    """Heads that predict exactly what the full model does: every draft is kept, under the row rule too."""
+    from test_speculative import perfect_heads, plain
+
+    model = perfect_heads("llama")
+    ids, mask = batch(LENGTHS)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, mode="dssd", eps=0.5, max_draft=6,
+                         batch_exit="row", return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain(model, ids, mask))
+    assert out.exit_stats.drafted > 0 and out.exit_stats.accepted == out.exit_stats.drafted

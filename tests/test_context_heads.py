@@ -146,6 +146,35 @@ def test_early_exit_tokens_are_what_the_context_head_says_on_a_full_pass(arch, k
     assert checked > 0
 
 
+@pytest.mark.parametrize("batch_exit", ["step", "row"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_neox"])
+def test_dssd_drafts_are_what_the_context_head_says_on_a_full_pass(arch, batch_exit):
+    """Batched DSSD with context heads under both batch rules: the output is plain greedy, and every accepted draft
+    that came from exit j is the argmax of that context head run over the whole sequence so far, so the head's own
+    cache stayed right through rejected drafts cut from it, rows re-aligned each round and finished rows leaving."""
+    model = context_model(arch)
+    set_median_thresholds(model)
+    ids, mask = batch([8, 6, 9, 4])
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, mode="plain", **GREEDY)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, mode="dssd", eps=0.5, max_draft=4,
+                         batch_exit=batch_exit, return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain)
+    assert out.exit_stats.accepted < out.exit_stats.drafted  # some drafts were cut
+    width = ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, width:])], 1)
+    with torch.no_grad():
+        full = model(out.sequences, attention_mask=full_mask)
+    checked = 0
+    for r in range(out.exit_index.shape[0]):
+        for t in range(1, out.exit_index.shape[1]):
+            j = int(out.exit_index[r, t])
+            if 0 <= j < len(EXITS):
+                predicted = model.exit_heads[j].to_token_ids(full.exit_logits[j][r, width + t - 1].argmax())
+                assert int(out.sequences[r, width + t]) == int(predicted), (r, t, j)
+                checked += 1
+    assert checked > 0
+
+
 def test_context_heads_train_and_are_charged_for_their_block(tmp_path):
     model = context_model("llama")
     ids = torch.randint(1, 90, (24, 16), generator=torch.Generator().manual_seed(4))

@@ -33,13 +33,12 @@ Decoding runs inside HF `generate()` (as its `custom_generate` loop), so generat
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .loop_earlyexit import DecodeRun, check_search, climb, pick, run_decoding_loop
+from .loop_earlyexit import DecodeRun, check_search, climb, pick, row_climb, run_decoding_loop
 from .options_earlyexit import DecodingOptions
 from .rows_earlyexit import RowSparse
 from .stats_earlyexit import EarlyExitGenerateOutput
@@ -108,38 +107,12 @@ def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str) -
     Returns:
         `(exit_index (n,), logits (n, vocab) float32)` of the new position.
     """
-    model, rule, tally = run.ee_model, run.rule, run.tally
-    engine = model.engine
-    n, device = tokens.shape[0], tokens.device
+    engine, tally = run.ee_model.engine, run.tally
     sparse.append(tokens)
     run.stats.steps += 1
-    index = torch.full((n,), rule.num_exits, dtype=torch.long, device=device)
-    logits = torch.empty(n, engine.config.vocab_size, dtype=torch.float32, device=device)
-    previous = model.get_input_embeddings()(tokens) if rule.needs_hidden else None  # (n, hidden)
-    active = torch.arange(n, device=device)  # rows no exit has taken yet
-    for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
-        if j > rule.last or not len(active):
-            break
-        if not rule.checked[j] and not rule.needs_hidden:
-            continue
-        hidden = sparse.climb(active, layer)  # (m, hidden): the newest token of each active row after `layer`
-        if rule.checked[j]:
-            started = time.perf_counter()
-            read = sparse.context_out[head.context_slot][active] if head.has_context else hidden
-            head_logits = head.logits_from(read)  # (m, head_vocab)
-            tally.head_tokens[j] += len(active)
-            tally.head_calls[j] += 1
-            fire = rule.fires(j, head, head_logits, hidden, previous[active] if previous is not None else None)
-            tally.head_seconds += time.perf_counter() - started
-            left = active[fire]
-            if len(left):
-                index[left] = j
-                logits[left] = head.vocab_scores(head_logits[fire], engine.config.vocab_size, other="drop")
-                if kv_fill == "propagate":
-                    sparse.fill_kv(left, layer)
-            active, hidden = active[~fire], hidden[~fire]
-        if previous is not None:
-            previous[active] = hidden
+    result = row_climb(run, sparse, torch.ones_like(tokens, dtype=torch.bool), tokens, kv_fill == "propagate")
+    index, logits = result.exit_index, result.logits
+    active = (~result.fired).nonzero().squeeze(1)
     if len(active):  # rows no exit took: the full model
         hidden = sparse.climb(active, engine.num_layers)  # (m, hidden)
         logits[active] = engine.final_logits(hidden).float()
@@ -166,6 +139,7 @@ def early_exit_decode(
     # row-sparse lag reaches back past a sliding window: those cache layers keep their past
     run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=row_sparse)
     sparse = RowSparse(engine, run.state) if row_sparse else None
+    run.sparse = sparse
     pad_token = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
     kept = _Outputs(return_dict and generation_config.output_scores, return_dict and generation_config.output_logits)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .loop_earlyexit import DecodeRun, climb
+from .loop_earlyexit import DecodeRun, climb, row_climb
 
 FIRST_CAP = 4  # adaptive drafting: the cap of a row's first round
 
@@ -79,7 +79,10 @@ class HeadDrafter:
     def propose(self, wanted: Tensor, newest: Tensor, history: list[list[int]]) -> Proposal:
         if not bool(wanted.any()):
             return Proposal(ok=wanted, exits=torch.full_like(newest, self.run.rule.num_exits))
-        result = climb(self.run, wanted, newest)
+        if self.run.sparse is not None:  # row-sparse: only the rows still drafting run layers
+            result = row_climb(self.run, self.run.sparse, wanted, newest)
+        else:
+            result = climb(self.run, wanted, newest)
         return Proposal(ok=wanted & result.fired, exits=result.exit_index, scores=result.logits)
 
 

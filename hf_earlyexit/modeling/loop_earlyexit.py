@@ -80,6 +80,7 @@ class DecodeRun:
         rule: the exit rule at this call's ε.
         stats: this call's statistics.
         tally: head and final-head work.
+        sparse: the `RowSparse` lag of a row-sparse loop (`batch_exit="row"`), else `None`.
     """
 
     ee_model: object
@@ -89,6 +90,7 @@ class DecodeRun:
     stats: ExitStats
     tally: Tally
     prefill: dict[str, list[int]]
+    sparse: object | None = None  # the `RowSparse` of a row-sparse loop (`batch_exit="row"`), else `None`
 
     @classmethod
     def start(cls, ee_model, input_ids: Tensor, model_kwargs: dict, options: DecodingOptions,
@@ -134,6 +136,43 @@ class Climb:
     def fired(self) -> Tensor:
         """`(n,)` bool: the row left at some exit."""
         return self.exit_index < self.num_exits
+
+
+def row_climb(run: DecodeRun, sparse, todo: Tensor, tokens: Tensor, propagate: bool = False) -> Climb:
+    """`climb` with row-sparse depth (`sparse`: the run's `RowSparse`): each row in `todo` `(n,)` bool climbs the
+    checked exits only until its own exit fires; rows not in `todo` run nothing. `propagate`: a row that leaves
+    fills its skipped layers' keys and values at once (`kv_fill="propagate"`). `depth` is always `None`."""
+    model, rule, tally = run.ee_model, run.rule, run.tally
+    n, num_exits, device = todo.shape[0], rule.num_exits, todo.device
+    vocab_size = model.engine.config.vocab_size
+    index = torch.full((n,), num_exits, dtype=torch.long, device=device)
+    logits = torch.empty(n, vocab_size, dtype=torch.float32, device=device)
+    previous = model.get_input_embeddings()(tokens) if rule.needs_hidden else None  # (n, hidden)
+    active = todo.nonzero().squeeze(1)  # rows no exit has taken yet
+    for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
+        if j > rule.last or not len(active):
+            break
+        if not rule.checked[j] and not rule.needs_hidden:
+            continue
+        hidden = sparse.climb(active, layer)  # (m, hidden): the newest slot of each active row after `layer`
+        if rule.checked[j]:
+            started = time.perf_counter()
+            read = sparse.context_out[head.context_slot][active] if head.has_context else hidden
+            head_logits = head.logits_from(read)  # (m, head_vocab)
+            tally.head_tokens[j] += len(active)
+            tally.head_calls[j] += 1
+            fire = rule.fires(j, head, head_logits, hidden, previous[active] if previous is not None else None)
+            tally.head_seconds += time.perf_counter() - started
+            left = active[fire]
+            if len(left):
+                index[left] = j
+                logits[left] = head.vocab_scores(head_logits[fire], vocab_size, other="drop")
+                if propagate:
+                    sparse.fill_kv(left, layer)
+            active, hidden = active[~fire], hidden[~fire]
+        if previous is not None:
+            previous[active] = hidden
+    return Climb(index, logits, None, num_exits)
 
 
 def climb(run: DecodeRun, todo: Tensor, tokens: Tensor, rule: ExitRule | None = None) -> Climb:

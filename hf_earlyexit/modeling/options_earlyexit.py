@@ -21,7 +21,7 @@ APPLIES_TO = {
     "eps": ("early_exit", "dssd"),
     "exit_policy": ("early_exit", "dssd"),
     "kv_fill": ("early_exit",),
-    "batch_exit": ("early_exit",),
+    "batch_exit": ("early_exit", "dssd"),
     "max_draft": ("dssd",),
     "lookup": ("dssd",),
     "adaptive_draft": ("dssd",),
@@ -42,8 +42,10 @@ class DecodingOptions:
             token) or `"propagate"` (key/value projections of the exit hidden state).
         batch_exit: early exit with a batch: `"step"` (the iteration-level rule: rows that exited ride along until
             every row has, so the deepest row sets the step's depth) or `"row"` (each row runs only the layers up to
-            its own exit; the others go on without it). A single row decodes the same under both. Default `"step"`:
-            measured faster with `kv_fill="recompute"` on a CPU at batch 8 (README).
+            its own exit; the others go on without it). DSSD with a batch: `"step"` (rows that stopped drafting
+            carry fillers, every row verifies the longest draft's positions) or `"row"` (a row drafts and verifies
+            only its own positions). A single row decodes the same under both. Default `"step"`: measured faster
+            with `kv_fill="recompute"` on a CPU at batch 8 (README).
         max_draft: DSSD: most tokens drafted per round.
         lookup: DSSD: also draft by prompt lookup of n-grams up to this size (0: off).
         adaptive_draft: DSSD: cap each row's drafts by what its recent rounds kept (`False`: always `max_draft`).

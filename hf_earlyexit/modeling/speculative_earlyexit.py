@@ -14,7 +14,15 @@ Greedy output equals plain greedy decoding; with sampling, drafts are accepted w
 rejection resamples from the residual max(0, p − q), so tokens follow the base model's distribution exactly.
 
 Rows of a batch accept different numbers of tokens: after each round every row keeps its own accepted prefix and
-shorter rows are shifted right behind left padding, so each row stays one contiguous sequence.
+shorter rows are shifted right behind left padding, so each row stays one contiguous sequence. With a batch
+(`batch_exit`):
+
+- `"step"` (default): every draft position is a batch step; rows that stopped drafting carry a filler through the
+  layers the others run, and every row verifies as many positions as the longest draft.
+- `"row"` (row-sparse, `rows_earlyexit.py`): a row runs layers only for its own positions: it climbs the exits only
+  until its own head fires, a row that stopped drafting appends nothing (its slot stays a masked hole), and the
+  verify pass runs each row's own drafts (right-aligned; shorter rows pad only up to the longest row *in that
+  layer call*).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import Tensor
 from .drafters_earlyexit import Drafter, DraftLength, HeadDrafter, LookupDrafter
 from .loop_earlyexit import DecodeRun, check_search, pick, run_decoding_loop
 from .options_earlyexit import DecodingOptions
+from .rows_earlyexit import RowSparse
 from .stats_earlyexit import EarlyExitGenerateOutput, ExitStats
 
 
@@ -153,7 +162,10 @@ def _draft(ctx: _Round, history: list[list[int]], last: Tensor, room: Tensor) ->
         drafts.made += ok.long()
         drafting = ok & (room > len(drafts.tokens))
         newest = token
-        engine.append(ctx.run.state, token[:, None])
+        if ctx.run.sparse is not None:
+            ctx.run.sparse.append(token, take=ok)  # rows without a draft leave a hole, never computed
+        else:
+            engine.append(ctx.run.state, token[:, None])
         for i in ok.nonzero().squeeze(1).tolist():
             history[i].append(int(token[i]))
     return drafts
@@ -200,19 +212,27 @@ class _Verdict:
 def _verify(ctx: _Round, made: list[int], drafted: int) -> _Verdict:
     """One pass of the remaining layers over every position of the round, read at the positions each row needs (its
     drafts and the one after them)."""
-    engine = ctx.run.ee_model.engine
-    hidden = engine.run_to(ctx.run.state, engine.num_layers)  # (n, m + 1, hidden)
-    n = hidden.shape[0]
-    needed = torch.arange(drafted + 1, device=hidden.device)[None, :] <= torch.tensor(made, device=hidden.device)[
+    engine, sparse = ctx.run.ee_model.engine, ctx.run.sparse
+    if sparse is not None:  # each row's own positions only: its newest token and its drafts
+        outputs = sparse.climb(torch.arange(len(made), device=ctx.run.state.attention_mask.device),
+                               engine.num_layers, every=True)
+        ctx.run.stats.wasted_layer_tokens += sparse.padding
+        sparse.padding = 0
+        hidden = torch.cat(outputs)  # (sum of made + 1, hidden)
+        device, n = hidden.device, len(made)
+    else:
+        hidden = engine.run_to(ctx.run.state, engine.num_layers)  # (n, m + 1, hidden)
+        device, n = hidden.device, hidden.shape[0]
+    needed = torch.arange(drafted + 1, device=device)[None, :] <= torch.tensor(made, device=device)[
         :, None]  # (n, m + 1)
-    final = engine.final_logits(hidden[needed])  # (needed, vocab), the model's dtype
+    final = engine.final_logits(hidden if sparse is not None else hidden[needed])  # (needed, vocab)
     ctx.run.tally.final_tokens += int(needed.sum())
     ctx.run.tally.final_calls += 1
     if not ctx.do_sample and ctx.processors is None:
-        picks = torch.full((n, drafted + 1), -1, dtype=torch.long, device=hidden.device)
+        picks = torch.full((n, drafted + 1), -1, dtype=torch.long, device=device)
         picks[needed] = final.argmax(dim=-1)  # the argmax of the float32 logits too: widening keeps the order
         return _Verdict(picks=picks)
-    logits = torch.zeros(n, drafted + 1, final.shape[-1], dtype=torch.float32, device=hidden.device)
+    logits = torch.zeros(n, drafted + 1, final.shape[-1], dtype=torch.float32, device=device)
     logits[needed] = final.float()
     return _Verdict(logits=logits)
 
@@ -287,6 +307,8 @@ def dssd_decode(
     batch_size, device = input_ids.shape[0], input_ids.device
     run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=True)
     engine, stats = ee_model.engine, run.stats
+    if ee_options.batch_exit == "row" and batch_size > 1:
+        run.sparse = RowSparse(engine, run.state)
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else 0
     drafters = [make(run) for make in ee_drafters]
@@ -313,7 +335,7 @@ def dssd_decode(
     length = DraftLength(batch_size, ee_options.max_draft, ee_options.adaptive_draft)
     rows = [r for r in range(batch_size) if generating(r)]
     if len(rows) < batch_size and rows:
-        run.state = engine.select_rows(run.state, torch.tensor(rows, device=device))
+        _select(run, torch.tensor(rows, device=device))
     clock = {"draft": 0.0, "verify": 0.0, "bookkeeping": 0.0}
     while rows:
         started = time.perf_counter()
@@ -323,7 +345,10 @@ def dssd_decode(
         prefixes = [list(h) for h in history] if ctx.processors is not None else None
         last = torch.tensor([h[-1] for h in history], device=device)
         base = run.state.length
-        engine.append(run.state, last[:, None])
+        if run.sparse is not None:
+            run.sparse.append(last)
+        else:
+            engine.append(run.state, last[:, None])
         room = torch.tensor([min(length.room(r), max_length - out.length(r) - 1) for r in rows], device=device)
         drafts = _draft(ctx, history, last, room)
         drafted_at = time.perf_counter()
@@ -342,13 +367,16 @@ def dssd_decode(
             out.push(row, new)
             ends.append(base + len(accepted_from) + 1)
         stats.steps += 1
-        engine.compact(run.state, torch.tensor(ends, device=device))  # update the cache: keep accepted positions
+        if run.sparse is not None:  # update the cache: keep accepted positions
+            run.sparse.compact(torch.tensor(ends, device=device))
+        else:
+            engine.compact(run.state, torch.tensor(ends, device=device))
         out.flush()
         keep = [i for i, row in enumerate(rows) if generating(row)]
         if len(keep) < len(rows):
             rows = [rows[i] for i in keep]
             if rows:
-                run.state = engine.select_rows(run.state, torch.tensor(keep, device=device))
+                _select(run, torch.tensor(keep, device=device))
         clock["bookkeeping"] += time.perf_counter() - verified_at
     out.flush()
 
@@ -359,6 +387,15 @@ def dssd_decode(
         return out.input_ids
     exits = torch.stack(out.trace, dim=1) if out.trace else None
     return EarlyExitGenerateOutput(sequences=out.input_ids, exit_stats=stats, exit_index=exits)
+
+
+def _select(run: DecodeRun, keep: Tensor) -> None:
+    """Keep only rows `keep` of the run's state (finished rows leave the batch)."""
+    if run.sparse is not None:
+        run.sparse.select(keep)
+        run.state = run.sparse.state
+    else:
+        run.state = run.ee_model.engine.select_rows(run.state, keep)
 
 
 def dssd_generate(ee_model, inputs: Tensor | None, options: DecodingOptions, drafters: tuple = (), **kwargs):
