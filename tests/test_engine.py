@@ -177,3 +177,33 @@ def test_truncate_drops_pending_positions_too():
         out = engine.final_logits(engine.run_to(state, engine.num_layers))[:, -1]
         want = model(input_ids=torch.cat([ids, torch.tensor([[5]])], dim=1)).logits[:, -1]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
+    """The fast LM-head argmax picks exactly the token of the exact logits' argmax, also where two logits tie
+    exactly (two equal LM-head rows: the lower id wins, as in `argmax`) and where they are a rounding apart."""
+    model = tiny_model(arch)
+    engine = LayerEngine(model)
+    torch.manual_seed(3)
+    hidden = torch.randn(8, model.config.hidden_size) * 4
+    with torch.no_grad():
+        for rows in (2, 5, 8):
+            expected = engine.final_logits(hidden[:rows]).argmax(dim=-1)
+            assert torch.equal(engine.final_argmax(hidden[:rows]), expected)
+        # make two tokens tie at the top for row 0: id 7 becomes a copy of the winner, id 3 too
+        head = engine.parts.lm_head
+        winner = int(engine.final_logits(hidden[:1]).argmax())
+        for twin in (3, 7):
+            head.weight[twin] = head.weight[winner]
+            if head.bias is not None:
+                head.bias[twin] = head.bias[winner]
+        # and a near-tie for row 1: its runner-up raised to a hair under its winner
+        logits = engine.final_logits(hidden[1:2])[0]
+        first, second = logits.topk(2).indices.tolist()
+        direction = engine.parts.norm(hidden[1:2])[0]
+        gap = float(logits[first] - logits[second])
+        head.weight[second] += (gap - 1e-6) / float(direction.norm()) ** 2 * direction
+        expected = engine.final_logits(hidden).argmax(dim=-1)
+        assert int(expected[0]) == min(3, winner)
+        assert torch.equal(engine.final_argmax(hidden), expected)

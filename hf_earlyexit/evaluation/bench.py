@@ -83,8 +83,8 @@ class BenchArgs(ModelArgs):
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers",
                                                         "choices": list(KV_FILLS)})
     batch_exit: list[str] = field(default_factory=lambda: ["step"], metadata={
-        "help": "early exit with a batch: row (each row runs only the layers up to its own exit), step (every row "
-                "rides along to the step's deepest exit); give both to time both"})
+        "help": "early exit and DSSD with a batch: row (each row runs only the layers of its own positions), step "
+                "(every row rides along to the step's deepest exit; DSSD rows carry fillers); give both to time both"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": list(EXIT_POLICIES)})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
@@ -259,9 +259,12 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
                                        ours("early_exit", 0.0, _forced(model, j), kv_fill="propagate",
                                             exit_policy="all")))
     if args.mode in ("dssd", "all"):
-        for eps in args.dssd_eps_grid:
-            configs.append(_Config("dssd", f"DSSD ε={eps:g}", {"eps": eps},
-                                   ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy)))
+        for rule in args.batch_exit:
+            named = f" ({rule} rule)" if len(args.batch_exit) > 1 else ""
+            for eps in args.dssd_eps_grid:
+                configs.append(_Config("dssd", f"DSSD ε={eps:g}{named}", {"eps": eps, "batch_exit": rule},
+                                       ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy,
+                                            batch_exit=rule)))
         for n in (n for n in args.dssd_lookup if n > 0):
             for eps in args.dssd_eps_grid:
                 configs.append(_Config("dssd_lookup", f"DSSD ε={eps:g} + lookup n={n}", {"eps": eps, "lookup": n},

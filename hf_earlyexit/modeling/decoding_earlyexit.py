@@ -76,7 +76,19 @@ def _emit(run: DecodeRun, rows: Tensor, exit_index: Tensor, batch_size: int, kep
     run.stats.count_exits(exit_index)
 
 
-def _step(run: DecodeRun, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]:
+def _full_scores(engine, hidden: Tensor, argmax_only: bool) -> Tensor:
+    """`(m, vocab)` float32 scores of the full model at `hidden` `(m, hidden)`: its logits, or, where only their
+    argmax is read (greedy, no logits processors, no scores returned), 0 at the model's own token and -inf
+    elsewhere (`LayerEngine.final_argmax`: the same token, faster for several rows on a CPU)."""
+    if not argmax_only:
+        return engine.final_logits(hidden).float()
+    picks = engine.final_argmax(hidden)
+    scores = torch.full((len(picks), engine.config.vocab_size), float("-inf"), device=hidden.device)
+    scores[torch.arange(len(picks), device=hidden.device), picks] = 0.0
+    return scores
+
+
+def _step(run: DecodeRun, tokens: Tensor, kv_fill: str, argmax_only: bool = False) -> tuple[Tensor, Tensor]:
     """Append `tokens` `(n,)` and run them up the exits; rows no exit took go through the full model.
 
     Returns:
@@ -90,7 +102,7 @@ def _step(run: DecodeRun, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]
     if result.depth is None:  # some row goes to the full model
         rest = (~result.fired).nonzero().squeeze(1)
         hidden = engine.run_to(run.state, engine.num_layers)[:, -1]
-        logits[rest] = engine.final_logits(hidden[rest]).float()
+        logits[rest] = _full_scores(engine, hidden[rest], argmax_only)
         run.tally.final_tokens += len(rest)
         run.tally.final_calls += 1
     elif kv_fill == "propagate":
@@ -100,7 +112,8 @@ def _step(run: DecodeRun, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]
     return result.exit_index, logits
 
 
-def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str) -> tuple[Tensor, Tensor]:
+def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str, argmax_only: bool = False
+              ) -> tuple[Tensor, Tensor]:
     """`_step` with row-sparse depth: each row climbs the exits only until its own exit fires; the layers above it
     run for the rows still going.
 
@@ -115,7 +128,7 @@ def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str) -
     active = (~result.fired).nonzero().squeeze(1)
     if len(active):  # rows no exit took: the full model
         hidden = sparse.climb(active, engine.num_layers)  # (m, hidden)
-        logits[active] = engine.final_logits(hidden).float()
+        logits[active] = _full_scores(engine, hidden, argmax_only)
         tally.final_tokens += len(active)
         tally.final_calls += 1
     run.stats.wasted_layer_tokens += sparse.padding  # padding slots of rows that lag less than others
@@ -145,6 +158,8 @@ def early_exit_decode(
     kept = _Outputs(return_dict and generation_config.output_scores, return_dict and generation_config.output_logits)
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     batch_size, device = input_ids.shape[0], input_ids.device
+    # greedy, nothing reads the full model's scores but their argmax
+    argmax_only = not (generation_config.do_sample or len(logits_processor) or kept.keep_scores or kept.keep_logits)
 
     rows = torch.arange(batch_size, device=device)  # engine rows -> batch rows
     unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
@@ -171,9 +186,9 @@ def early_exit_decode(
                 run.state = engine.select_rows(run.state, keep.nonzero().squeeze(1))
             rows, dropped = rows[keep], True
         if sparse is not None:
-            exit_index, logits = _row_step(run, sparse, next_tokens[rows], ee_options.kv_fill)
+            exit_index, logits = _row_step(run, sparse, next_tokens[rows], ee_options.kv_fill, argmax_only)
         else:
-            exit_index, logits = _step(run, next_tokens[rows], ee_options.kv_fill)
+            exit_index, logits = _step(run, next_tokens[rows], ee_options.kv_fill, argmax_only)
 
     stats = run.finish(streamer, run.stats.tokens - batch_size, run.stats.steps)
     if not return_dict:

@@ -400,6 +400,52 @@ class LayerEngine:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def final_argmax(self, hidden: Tensor) -> Tensor:
+        """`(n, hidden)` -> `(n,)` the argmax of `final_logits(hidden)`, token for token, computed faster where it
+        can be proved equal.
+
+        On a CPU, `F.linear(x, W)` over a few rows of a large LM head (x @ Wᵀ) runs far below the speed of the same
+        product as `W @ xᵀ` (measured on a 2-core AVX2 machine, 262,144 x 640 fp32: 245 vs 67 ms for 4 rows, 288 vs
+        115 ms for 8; equal for 1 row). The two round differently, so the fast product is used only to *choose*:
+        both lie within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
+        size), so where the fast top-1 leads its runner-up by more than `4B` the exact argmax is the same token;
+        the other rows (near-ties) are recomputed the exact way. Rows < 2, other dtypes or devices, soft-capped
+        logits: the exact way.
+        """
+        head = self.parts.lm_head
+        weight = getattr(head, "weight", None)
+        capped = getattr(self.config, "final_logit_softcapping", None)
+        if (hidden.dim() != 2 or hidden.shape[0] < 2 or capped or not isinstance(head, torch.nn.Linear)
+                or weight.dtype != torch.float32 or weight.device.type != "cpu"):
+            return self.final_logits(hidden).argmax(dim=-1)
+        x = self.parts.norm(hidden)
+        if x.dtype != torch.float32:
+            return self.final_logits(hidden).argmax(dim=-1)
+        logits = torch.matmul(weight, x.T).T  # (n, vocab)
+        if head.bias is not None:
+            logits = logits + head.bias
+        top = logits.topk(2, dim=-1)
+        unit = 2.0**-24  # fp32 unit roundoff
+        k = x.shape[-1]
+        gamma = k * unit / (1 - k * unit)
+        largest_row, largest_bias = self._head_norms(head)
+        bound = (gamma + unit) * largest_row * x.norm(dim=-1) + unit * largest_bias  # (n,)
+        picks = top.indices[:, 0].clone()
+        unsure = ((top.values[:, 0] - top.values[:, 1]) <= 4 * bound).nonzero().squeeze(1)
+        if len(unsure):
+            picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
+        return picks
+
+    def _head_norms(self, head: torch.nn.Linear) -> tuple[float, float]:
+        """The largest row 2-norm of the LM head's weight and the largest |bias|, kept until the weights change."""
+        key = (head.weight.data_ptr(), head.weight._version,
+               None if head.bias is None else (head.bias.data_ptr(), head.bias._version))
+        if getattr(self, "_norms_key", None) != key:
+            largest_bias = 0.0 if head.bias is None else float(head.bias.abs().max())
+            self._norms = (float(head.weight.norm(dim=-1).max()), largest_bias)
+            self._norms_key = key
+        return self._norms
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)

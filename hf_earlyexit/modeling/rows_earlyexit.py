@@ -93,12 +93,12 @@ class RowSparse:
         """Keep slots `[0, ends[r])` of each row `r` `(batch,)` (self-speculative decoding: the accepted prefix) and
         drop the rest (rejected drafts and holes); rows are re-aligned behind left padding (`LayerEngine.compact`).
         Needs every own slot computed by every layer."""
-        if self.frontier or bool((self.done < self.end[:, None]).any()):
+        if self.frontier or bool((self.done[:, self.layers] < self.end[:, None]).any()):
             raise RuntimeError("compact needs every slot of every row computed by every layer")
         if bool((ends > self.end).any()):
             raise RuntimeError("compact keeps a row's own slots only")
         self.engine.compact(self.state, ends)
-        self.done.fill_(self.state.length)
+        self.done[:, self.layers] = self.state.length
         self.end.fill_(self.state.length)
         self.context_out.clear()
 

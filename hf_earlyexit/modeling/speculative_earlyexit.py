@@ -225,13 +225,14 @@ def _verify(ctx: _Round, made: list[int], drafted: int) -> _Verdict:
         device, n = hidden.device, hidden.shape[0]
     needed = torch.arange(drafted + 1, device=device)[None, :] <= torch.tensor(made, device=device)[
         :, None]  # (n, m + 1)
-    final = engine.final_logits(hidden if sparse is not None else hidden[needed])  # (needed, vocab)
+    hidden = hidden if sparse is not None else hidden[needed]  # (needed, hidden)
     ctx.run.tally.final_tokens += int(needed.sum())
     ctx.run.tally.final_calls += 1
     if not ctx.do_sample and ctx.processors is None:
         picks = torch.full((n, drafted + 1), -1, dtype=torch.long, device=device)
-        picks[needed] = final.argmax(dim=-1)  # the argmax of the float32 logits too: widening keeps the order
+        picks[needed] = engine.final_argmax(hidden)  # the argmax of the float32 logits too: widening keeps the order
         return _Verdict(picks=picks)
+    final = engine.final_logits(hidden)  # (needed, vocab), the model's dtype
     logits = torch.zeros(n, drafted + 1, final.shape[-1], dtype=torch.float32, device=device)
     logits[needed] = final.float()
     return _Verdict(logits=logits)
