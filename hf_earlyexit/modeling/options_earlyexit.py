@@ -44,8 +44,8 @@ class DecodingOptions:
             every row has, so the deepest row sets the step's depth) or `"row"` (each row runs only the layers up to
             its own exit; the others go on without it). DSSD with a batch: `"step"` (rows that stopped drafting
             carry fillers, every row verifies the longest draft's positions) or `"row"` (a row drafts and verifies
-            only its own positions). A single row decodes the same under both. Default `"step"`: measured faster
-            with `kv_fill="recompute"` on a CPU at batch 8 (README).
+            only its own positions). A single row decodes the same under both. Default `"step"`: on a 2-core
+            CPU at batch 8 neither rule is clearly faster (README, Limitations).
         max_draft: DSSD: most tokens drafted per round.
         lookup: DSSD: also draft by prompt lookup of n-grams up to this size (0: off).
         adaptive_draft: DSSD: cap each row's drafts by what its recent rounds kept (`False`: always `max_draft`).
