@@ -158,14 +158,14 @@ def test_row_sparse_dssd_is_plain_greedy(arch, attn):
     expected = model.get_base_model().generate(input_ids=ids, attention_mask=mask, **kw)
     finished = [eos in row for row in expected[:, ids.shape[1]:].tolist()]
     assert any(finished) and not all(finished), "rows should finish at different steps"
-    for cap in (1, 3, 16):
+    for cap in (1, 16):
         model.reset_exit_stats()
         got = model.generate(ids, attention_mask=mask, mode="dssd", eps=0.5, max_draft=cap, batch_exit="row", **kw)
         assert torch.equal(got, expected), cap
         assert model.exit_stats.drafted > 0 and model.exit_stats.accepted < model.exit_stats.drafted
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_row_sparse_dssd_runs_no_fillers(arch):
     """The same call under both batch rules: identical output, and the row rule runs fewer decoder-layer
     row-positions (no fillers for rows that stopped drafting, no verification beyond a row's own drafts)."""
