@@ -204,11 +204,12 @@ def test_greedy_dssd_with_prompt_lookup_equals_plain_greedy(arch, rows):
         ids[r, : 2 * r] = 0
         ids[r, -1] = 5 + r
     expected = plain(model, ids, mask)
-    for lookup, cap in [(1, 4), (3, 16)]:
+    # batch rules: a row drafts by lookup without running layers, so several of its slots wait at layer 0 ("row")
+    for lookup, cap, rule in [(1, 4, "row"), (3, 16, "row"), (1, 4, "step")]:
         model.reset_exit_stats()
         got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, mode="dssd", eps=0.5, max_draft=cap,
-                             lookup=lookup, **GREEDY)
-        assert torch.equal(got, expected), (lookup, cap)
+                             lookup=lookup, batch_exit=rule, **GREEDY)
+        assert torch.equal(got, expected), (lookup, cap, rule)
         stats = model.exit_stats
         looked, kept = stats.drafted_by.get("lookup", 0), stats.accepted_by.get("lookup", 0)
         assert kept <= looked <= stats.drafted

@@ -148,7 +148,7 @@ def early_exit_decode(
     check_search(generation_config, "early-exit generation")
     engine = ee_model.engine
     # one row decodes the same under both rules: the engine's own lag is then that row's
-    row_sparse = ee_options.batch_exit == "row" and input_ids.shape[0] > 1
+    row_sparse = ee_options.rows_sparse("early_exit") and input_ids.shape[0] > 1
     # row-sparse lag reaches back past a sliding window: those cache layers keep their past
     run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=row_sparse)
     sparse = RowSparse(engine, run.state) if row_sparse else None

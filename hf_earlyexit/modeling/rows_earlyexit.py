@@ -76,8 +76,8 @@ class RowSparse:
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = n
             state.done[j] = n
-        for r in take.nonzero().squeeze(1).tolist():
-            self.frontier[0, r] = embeds[r]
+        for r in take.nonzero().squeeze(1).tolist():  # behind the row's slots still waiting there (lookup drafts)
+            self.frontier[0, r] = _cat(self.frontier.get((0, r)), embeds[r])
         self.end[take] = n
 
     def select(self, keep: Tensor) -> None:

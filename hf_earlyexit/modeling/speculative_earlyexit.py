@@ -17,12 +17,12 @@ Rows of a batch accept different numbers of tokens: after each round every row k
 shorter rows are shifted right behind left padding, so each row stays one contiguous sequence. With a batch
 (`batch_exit`):
 
-- `"step"` (default): every draft position is a batch step; rows that stopped drafting carry a filler through the
+- `"step"`: every draft position is a batch step; rows that stopped drafting carry a filler through the
   layers the others run, and every row verifies as many positions as the longest draft.
-- `"row"` (row-sparse, `rows_earlyexit.py`): a row runs layers only for its own positions: it climbs the exits only
-  until its own head fires, a row that stopped drafting appends nothing (its slot stays a masked hole), and the
-  verify pass runs each row's own drafts (right-aligned; shorter rows pad only up to the longest row *in that
-  layer call*).
+- `"row"` (default; row-sparse, `rows_earlyexit.py`): a row runs layers only for its own positions: it climbs the
+  exits only until its own head fires, a row that stopped drafting appends nothing (its slot stays a masked hole),
+  and the verify pass runs each row's own drafts (right-aligned; shorter rows pad only up to the longest row *in
+  that layer call*).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def dssd_decode(
     batch_size, device = input_ids.shape[0], input_ids.device
     run = DecodeRun.start(ee_model, input_ids, model_kwargs, ee_options, rollback=True)
     engine, stats = ee_model.engine, run.stats
-    if ee_options.batch_exit == "row" and batch_size > 1:
+    if ee_options.rows_sparse("dssd") and batch_size > 1:
         run.sparse = RowSparse(engine, run.state)
     pad = generation_config._pad_token_tensor
     pad = int(pad) if pad is not None else 0
