@@ -31,13 +31,26 @@ DEMO_PROMPTS = (
 )
 
 
+def preferred_dtype() -> str:
+    """bfloat16 where this CPU computes it natively (torch's oneDNN check: AVX-512 bf16 / AMX), else float32: on a
+    CPU without it bf16 matrix products are emulated and slower than fp32 (README), and the exact-argmax fast path of
+    verification is fp32 only."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bfloat16" if native else "float32"
+
+
 @dataclass
 class DemoArgs(ModelArgs):
     """Demo: the embedded model with its shipped heads, plain vs early exit vs DSSD, side by side."""
 
     model: str = field(default=SHIPPED, metadata={
         "help": "calibrated heads (folder or Hub repo); default: the embedded Gemma 3 270M with its shipped heads"})
-    dtype: str = field(default="bfloat16", metadata={"help": "base model dtype", "choices": list(DTYPES)})
+    dtype: str = field(default_factory=preferred_dtype, metadata={
+        "help": "base model dtype; default: bfloat16 where the CPU computes it natively, else float32",
+        "choices": list(DTYPES)})
     prompt: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS), metadata={"help": "prompts to continue"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens to generate per prompt"})
     eps: float = field(default=0.9, metadata={"help": "early exit: accuracy target ε"})
