@@ -82,9 +82,10 @@ class BenchArgs(ModelArgs):
         "help": "prompt sets (varied, repetitive); default: varied for early_exit, both for dssd/all"})
     kv_fill: str = field(default="recompute", metadata={"help": "KV cache of skipped layers",
                                                         "choices": list(KV_FILLS)})
-    batch_exit: list[str] = field(default_factory=lambda: ["step"], metadata={
+    batch_exit: list[str] = field(default_factory=list, metadata={
         "help": "early exit and DSSD with a batch: row (each row runs only the layers of its own positions), step "
-                "(every row rides along to the step's deepest exit; DSSD rows carry fillers); give both to time both"})
+                "(every row rides along to the step's deepest exit; DSSD rows carry fillers); give both to time both "
+                "(default: each mode's own default, step for early exit, row for DSSD)"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": list(EXIT_POLICIES)})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
@@ -243,10 +244,11 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
         return run
 
     exits = model.config.exit_layers
+    # each batch rule to time, and the label suffix that tells them apart when there are several
+    rules = [(rule, f" ({rule} rule)" if len(args.batch_exit) > 1 else "") for rule in args.batch_exit] or [(None, "")]
     configs = [_Config("plain", "plain", {}, plain)]
     if args.mode in ("early_exit", "all"):
-        for rule in args.batch_exit:
-            named = f" ({rule} rule)" if len(args.batch_exit) > 1 else ""
+        for rule, named in rules:
             for eps in args.eps_grid:
                 configs.append(_Config("early_exit", f"early exit ε={eps:g}{named}", {"eps": eps, "batch_exit": rule},
                                        ours("early_exit", eps, kv_fill=args.kv_fill, exit_policy=args.exit_policy,
@@ -259,8 +261,7 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
                                        ours("early_exit", 0.0, _forced(model, j), kv_fill="propagate",
                                             exit_policy="all")))
     if args.mode in ("dssd", "all"):
-        for rule in args.batch_exit:
-            named = f" ({rule} rule)" if len(args.batch_exit) > 1 else ""
+        for rule, named in rules:
             for eps in args.dssd_eps_grid:
                 configs.append(_Config("dssd", f"DSSD ε={eps:g}{named}", {"eps": eps, "batch_exit": rule},
                                        ours("dssd", eps, max_draft=args.max_draft, exit_policy=args.exit_policy,

@@ -112,18 +112,17 @@ def _step(run: DecodeRun, tokens: Tensor, kv_fill: str, argmax_only: bool = Fals
     return result.exit_index, logits
 
 
-def _row_step(run: DecodeRun, sparse: RowSparse, tokens: Tensor, kv_fill: str, argmax_only: bool = False
-              ) -> tuple[Tensor, Tensor]:
-    """`_step` with row-sparse depth: each row climbs the exits only until its own exit fires; the layers above it
-    run for the rows still going.
+def _row_step(run: DecodeRun, tokens: Tensor, kv_fill: str, argmax_only: bool = False) -> tuple[Tensor, Tensor]:
+    """`_step` with row-sparse depth (on `run.sparse`): each row climbs the exits only until its own exit fires; the
+    layers above it run for the rows still going.
 
     Returns:
         `(exit_index (n,), logits (n, vocab) float32)` of the new position.
     """
-    engine, tally = run.ee_model.engine, run.tally
+    engine, tally, sparse = run.ee_model.engine, run.tally, run.sparse
     sparse.append(tokens)
     run.stats.steps += 1
-    result = row_climb(run, sparse, torch.ones_like(tokens, dtype=torch.bool), tokens, kv_fill == "propagate")
+    result = row_climb(run, torch.ones_like(tokens, dtype=torch.bool), tokens, kv_fill == "propagate")
     index, logits = result.exit_index, result.logits
     active = (~result.fired).nonzero().squeeze(1)
     if len(active):  # rows no exit took: the full model
@@ -186,7 +185,7 @@ def early_exit_decode(
                 run.state = engine.select_rows(run.state, keep.nonzero().squeeze(1))
             rows, dropped = rows[keep], True
         if sparse is not None:
-            exit_index, logits = _row_step(run, sparse, next_tokens[rows], ee_options.kv_fill, argmax_only)
+            exit_index, logits = _row_step(run, next_tokens[rows], ee_options.kv_fill, argmax_only)
         else:
             exit_index, logits = _step(run, next_tokens[rows], ee_options.kv_fill, argmax_only)
 

@@ -80,7 +80,7 @@ class HeadDrafter:
         if not bool(wanted.any()):
             return Proposal(ok=wanted, exits=torch.full_like(newest, self.run.rule.num_exits))
         if self.run.sparse is not None:  # row-sparse: only the rows still drafting run layers
-            result = row_climb(self.run, self.run.sparse, wanted, newest)
+            result = row_climb(self.run, wanted, newest)
         else:
             result = climb(self.run, wanted, newest)
         return Proposal(ok=wanted & result.fired, exits=result.exit_index, scores=result.logits)

@@ -138,11 +138,29 @@ class Climb:
         return self.exit_index < self.num_exits
 
 
-def row_climb(run: DecodeRun, sparse, todo: Tensor, tokens: Tensor, propagate: bool = False) -> Climb:
-    """`climb` with row-sparse depth (`sparse`: the run's `RowSparse`): each row in `todo` `(n,)` bool climbs the
-    checked exits only until its own exit fires; rows not in `todo` run nothing. `propagate`: a row that leaves
-    fills its skipped layers' keys and values at once (`kv_fill="propagate"`). `depth` is always `None`."""
-    model, rule, tally = run.ee_model, run.rule, run.tally
+def _ask_head(run: DecodeRun, rule: ExitRule, j: int, head, read: Tensor, hidden: Tensor,
+              previous: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exit `j`'s head on the rows it is asked for: `read` `(m, hidden)` what the head reads (its context block's
+    output for a context head), `hidden` / `previous` the rows' states for the rule's metric. Counts the head's work.
+
+    Returns:
+        `(head_logits (m, head_vocab), fire (m,) bool)`.
+    """
+    tally = run.tally
+    started = time.perf_counter()
+    head_logits = head.logits_from(read)
+    tally.head_tokens[j] += len(read)
+    tally.head_calls[j] += 1
+    fire = rule.fires(j, head, head_logits, hidden, previous)
+    tally.head_seconds += time.perf_counter() - started
+    return head_logits, fire
+
+
+def row_climb(run: DecodeRun, todo: Tensor, tokens: Tensor, propagate: bool = False) -> Climb:
+    """`climb` with row-sparse depth (on `run.sparse`): each row in `todo` `(n,)` bool climbs the checked exits only
+    until its own exit fires; rows not in `todo` run nothing. `propagate`: a row that leaves fills its skipped
+    layers' keys and values at once (`kv_fill="propagate"`). `depth` is always `None`."""
+    model, rule, sparse = run.ee_model, run.rule, run.sparse
     n, num_exits, device = todo.shape[0], rule.num_exits, todo.device
     vocab_size = model.engine.config.vocab_size
     index = torch.full((n,), num_exits, dtype=torch.long, device=device)
@@ -156,13 +174,9 @@ def row_climb(run: DecodeRun, sparse, todo: Tensor, tokens: Tensor, propagate: b
             continue
         hidden = sparse.climb(active, layer)  # (m, hidden): the newest slot of each active row after `layer`
         if rule.checked[j]:
-            started = time.perf_counter()
             read = sparse.context_out[head.context_slot][active] if head.has_context else hidden
-            head_logits = head.logits_from(read)  # (m, head_vocab)
-            tally.head_tokens[j] += len(active)
-            tally.head_calls[j] += 1
-            fire = rule.fires(j, head, head_logits, hidden, previous[active] if previous is not None else None)
-            tally.head_seconds += time.perf_counter() - started
+            head_logits, fire = _ask_head(run, rule, j, head, read, hidden,
+                                          previous[active] if previous is not None else None)
             left = active[fire]
             if len(left):
                 index[left] = j
@@ -183,7 +197,7 @@ def climb(run: DecodeRun, todo: Tensor, tokens: Tensor, rule: ExitRule | None = 
         tokens: `(n,)` the newest tokens (the first exit's hidden-state similarity compares with their embedding).
         rule: another rule than the call's (a drafter of its own, e.g. the bench's oracle).
     """
-    model, tally = run.ee_model, run.tally
+    model = run.ee_model
     rule = rule or run.rule
     engine = model.engine
     n, num_exits = todo.shape[0], rule.num_exits
@@ -200,14 +214,10 @@ def climb(run: DecodeRun, todo: Tensor, tokens: Tensor, rule: ExitRule | None = 
         hidden = engine.run_to(run.state, layer)[:, -1]  # (n, hidden): the newest token after `layer` layers
         if rule.checked[j]:
             rows = (index == num_exits).nonzero().squeeze(1)
-            started = time.perf_counter()
             # a context head reads its block's output, which has seen every earlier position (its own cache)
             read = run.state.context_out[head.context_slot][:, -1] if head.has_context else hidden
-            head_logits = head.logits_from(read[rows])  # (m, head_vocab)
-            tally.head_tokens[j] += len(rows)
-            tally.head_calls[j] += 1
-            fire = rule.fires(j, head, head_logits, hidden[rows], previous[rows] if previous is not None else None)
-            tally.head_seconds += time.perf_counter() - started
+            head_logits, fire = _ask_head(run, rule, j, head, read[rows], hidden[rows],
+                                          previous[rows] if previous is not None else None)
             index[rows] = take_first(index[rows], j, fire, num_exits)
             left = rows[fire]
             if len(left):

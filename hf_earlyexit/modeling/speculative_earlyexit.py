@@ -136,7 +136,6 @@ class _Drafts:
 def _draft(ctx: _Round, history: list[list[int]], last: Tensor, room: Tensor) -> _Drafts:
     """Draft: at each position the rows still drafting ask the drafters in order and take the first proposal; a
     row's draft ends at its first position with none, or when its room is used up."""
-    engine = ctx.run.ee_model.engine
     drafts = _Drafts(made=torch.zeros_like(last))
     drafting = room > 0
     newest = last
@@ -162,10 +161,7 @@ def _draft(ctx: _Round, history: list[list[int]], last: Tensor, room: Tensor) ->
         drafts.made += ok.long()
         drafting = ok & (room > len(drafts.tokens))
         newest = token
-        if ctx.run.sparse is not None:
-            ctx.run.sparse.append(token, take=ok)  # rows without a draft leave a hole, never computed
-        else:
-            engine.append(ctx.run.state, token[:, None])
+        _append(ctx.run, token, ok)  # row-sparse: rows without a draft leave a hole, never computed
         for i in ok.nonzero().squeeze(1).tolist():
             history[i].append(int(token[i]))
     return drafts
@@ -346,10 +342,7 @@ def dssd_decode(
         prefixes = [list(h) for h in history] if ctx.processors is not None else None
         last = torch.tensor([h[-1] for h in history], device=device)
         base = run.state.length
-        if run.sparse is not None:
-            run.sparse.append(last)
-        else:
-            engine.append(run.state, last[:, None])
+        _append(run, last)
         room = torch.tensor([min(length.room(r), max_length - out.length(r) - 1) for r in rows], device=device)
         drafts = _draft(ctx, history, last, room)
         drafted_at = time.perf_counter()
@@ -388,6 +381,16 @@ def dssd_decode(
         return out.input_ids
     exits = torch.stack(out.trace, dim=1) if out.trace else None
     return EarlyExitGenerateOutput(sequences=out.input_ids, exit_stats=stats, exit_index=exits)
+
+
+def _append(run: DecodeRun, tokens: Tensor, take: Tensor | None = None) -> None:
+    """Append `tokens` `(n,)` to the run's rows; under the row rule only the rows in `take` `(n,)` bool (default:
+    all) take theirs, the others leave a masked hole. Under the step rule every row appends (a filler where it
+    drafts nothing)."""
+    if run.sparse is not None:
+        run.sparse.append(tokens, take)
+    else:
+        run.ee_model.engine.append(run.state, tokens[:, None])
 
 
 def _select(run: DecodeRun, keep: Tensor) -> None:
