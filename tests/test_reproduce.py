@@ -69,6 +69,16 @@ def test_quick_reproduction_writes_six_sections_and_resumes(tmp_path, monkeypatc
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     assert (docs / "RESULTS.md").read_text().count("## ") == text.count("## ")
 
+    # --steps: only the named steps run; a step left out keeps its place in the report as not measured
+    for step in ("dssd", "batching"):
+        (out / step / "result.json").unlink()
+    assert main([*argv, "--steps", "batching"]) == 0
+    assert "steps run: batching" in capsys.readouterr().out
+    assert not (out / "dssd" / "result.json").exists()
+    assert "Not measured yet" in (docs / "RESULTS.md").read_text().split("## 5.")[1].split("## 6.")[0]
+    with pytest.raises(ValueError, match=r"steps=\['bench'\] are not steps of reproduce"):
+        ReproduceArgs(steps=["bench"])
+
 
 def _run(tmp_path: Path, **kw) -> Run:
     return Run(args=ReproduceArgs(output_dir=str(tmp_path), **kw), sizes=QUICK, out=tmp_path)

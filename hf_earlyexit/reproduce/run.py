@@ -63,10 +63,17 @@ class ReproduceArgs:
     data_dir: str | None = field(default=None, metadata={
         "help": "local copies of ARC, HellaSwag, WinoGrande, MMLU, PIQA in their official formats (as in "
                 "`hf-earlyexit tasks`): section 4 runs lm-eval's own tasks on them instead of the offline smoke tasks"})
+    steps: list[str] | None = field(default=None, metadata={
+        "help": "run only these steps (the heads step always; the others keep the results of earlier runs or show "
+                "as not measured), e.g. to re-run the timed steps on a quiet machine (default: every step)"})
 
     def __post_init__(self) -> None:
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must be >= 0 (0: full vocabulary)")
+        names = [step.name for step in _steps()]
+        unknown = [name for name in self.steps or [] if name not in names]
+        if unknown:
+            raise ValueError(f"steps={unknown} are not steps of reproduce; expected some of {names}")
 
     def command(self) -> str:
         """The `hf-earlyexit reproduce` command line that gives these arguments."""
@@ -231,6 +238,10 @@ def run_reproduce(args: ReproduceArgs) -> dict:
             skipped.append(step.name)
             logger.info("%s: done in an earlier run, skipped", step.name)
             result = json.loads((folder / RESULT).read_text())
+        elif args.steps is not None and step.name not in args.steps and step.name != "heads":
+            skipped.append(step.name)
+            logger.info("%s: not in --steps, left as it is", step.name)
+            continue
         else:
             result = run_step(step, run)
             ran.append(step.name)
