@@ -377,8 +377,7 @@ def test_replayed_points_run_no_forward_pass_for_scored_requests(folders, monkey
     manager = TaskManager(include_path=str(TASKS_DIR))
     lm = EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", batch_size=4)
     calls = []
-    base = lm.model.get_base_model()
-    handle = base.register_forward_hook(lambda *_: calls.append(1))
+    handle = lm.model.engine.parts.layers[0].register_forward_hook(lambda *_: calls.append(1))
     try:
         lm.start_scoring_sweep([0.5, 1.0])
         first = lm_eval.simple_evaluate(model=lm, tasks=["ee_capitals"], limit=LIMIT, task_manager=manager)
@@ -473,3 +472,32 @@ def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, r
         plain = EarlyExitLM(pretrained=heads, eps=1.0, dtype="float32", batch_size=4)
         full = plain.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(one_token)])
         assert [v for v, _ in got[1:]] == [v for v, _ in full]
+
+
+def test_scoring_reads_the_lm_head_only_at_scored_positions(folders):
+    """The LM head sees exactly the scored positions (continuations for `loglikelihood`, every token for
+    `loglikelihood_rolling`), and the answers are the full model's log-probabilities taken from a plain forward
+    pass over each request alone (the oracle), requests of different lengths sharing right-padded batches."""
+    from lm_eval.api.instance import Instance
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+
+    _, heads = folders
+    lm = EarlyExitLM(pretrained=heads, eps=1.0, dtype="float32", batch_size=2)
+    base = lm.model.get_base_model()
+    rows = []
+    hook = base.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    pairs = [("the capital of france is", " paris"), ("one two three", " four five six seven"), ("a", " b c d")]
+    text = "monday tuesday wednesday thursday"
+    try:
+        got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+        rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    finally:
+        hook.remove()
+    encoded = [lm._encode_pair(*p) for p in pairs] + [([lm.prefix_token_id], lm.tok_encode(text))]
+    assert sum(r.numel() for r in rows) == sum(len(cont) for _, cont in encoded)  # scored positions, nothing more
+    for (context, cont), value in zip(encoded, [v for v, _ in got] + rolling, strict=True):
+        ids = torch.tensor([context + cont[:-1]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(base(ids).logits[0, -len(cont):], dim=-1)
+        assert value == pytest.approx(float(log_probs[torch.arange(len(cont)), cont].sum()), rel=1e-6, abs=1e-5)

@@ -3,8 +3,9 @@
 `EarlyExitLM` subclasses lm-eval's `HFLM` and overrides only what it must:
 
 - loading: the heads folder (or a base model with fresh heads, or `embedded`) through `hf_earlyexit.load`;
-- `_model_call` + `_select_cont_toks` (loglikelihood, loglikelihood_rolling): one forward of the base model; each
-  scored position takes its distribution from the first exit whose confidence passes τ_k(ε) (with the default
+- `_loglikelihood_tokens` (loglikelihood, loglikelihood_rolling): HFLM's steps, with one pass of the base model's
+  layers per batch and the LM head, exit heads and confidence metrics only at scored positions; each scored position
+  takes its distribution from the first exit whose confidence passes τ_k(ε) (with the default
   `scoring_rule="top_token"`, only where that head's top token is the token scored there), else the full model's;
 - `_model_generate` (generate_until): our `generate()` in the chosen mode.
 
@@ -18,12 +19,16 @@ import atexit
 import contextlib
 import copy
 import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+from lm_eval.models.utils_hf import pad_and_concat
+from tqdm.auto import tqdm
 
 from ..formatting import num
 from ..loading import load
@@ -35,17 +40,32 @@ from ..modeling.stats_earlyexit import ExitStats
 from .scoring import (
     NO_TOKEN,
     ScoringSweep,
+    answer,
     check_scoring_rule,
     count_exits,
     exit_index,
-    head_outputs,
+    forward_scored,
     score_positions,
+    scored_positions,
     scored_tokens,
 )
+
+logger = logging.getLogger(__name__)
 
 MODES = ("early_exit", "dssd", "full")
 # what HFLM itself passes on to `_create_model`; any other `--model_args` key is unknown
 _HFLM_MODEL_ARGS = frozenset(inspect.signature(HFLM._create_model).parameters) - {"self", "kwargs"}
+
+
+def _longest_first(request) -> tuple:
+    """HFLM's request order: longest context + continuation first (batches padded to their first member)."""
+    tokens = request[1] + request[2]
+    return -len(tokens), tuple(tokens)
+
+
+def _one_token_group(request) -> list[int]:
+    """HFLM's groups of requests sharing one model input (one-token continuations of one context)."""
+    return request[-2] + request[-1][:-1]
 
 
 class EarlyExitLM(HFLM):
@@ -82,7 +102,6 @@ class EarlyExitLM(HFLM):
         self.ee_scoring: dict[str, ExitStats] = {}
         self.ee_generation: dict[str, ExitStats] = {}
         self.ee_seconds: dict[str, float] = {}
-        self._scoring_batch: tuple | None = None  # the current `_model_call`'s inputs, head outputs, exit index
         self._conts: dict[tuple, list[tuple[tuple, tuple]]] = {}  # model input -> the requests it scores
         self.ee_sweep: ScoringSweep | None = None
         self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
@@ -170,47 +189,94 @@ class EarlyExitLM(HFLM):
     # -- scoring ----------------------------------------------------------------------------------------------------
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        """The full model's logits, exactly as `--model hf` computes them; the heads' outputs and each position's
-        first confident exit are kept for `_select_cont_toks`, which gives scored positions their distribution."""
+        """The base model's logits (HFLM's batch-size detection calls this; scoring runs `_score_chunk`)."""
+        with torch.no_grad():
+            return self.model.get_base_model()(inps).logits
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """HFLM's loglikelihood steps (its order, batches, one-token-continuation groups, truncation, cache and
+        answers), with the model's heads evaluated only at the positions each request scores (`forward_scored`)."""
+        sweep = self.ee_sweep
+        if sweep is not None and sweep.replaying is not None:
+            answers = sweep.replay(self.ee_task or "all", requests)
+            for (strings, _, _), value in zip(requests, answers, strict=True):
+                if strings is not None:
+                    self.cache_hook.add_partial("loglikelihood", strings, value)
+            return answers
+        # which requests each model input serves (HFLM's own input: context + continuation, minus the last token)
+        self._conts = {}
+        for _, context, continuation in requests:
+            if len(context) + len(continuation) > self.max_length + 1:
+                logger.warning("context (%d) + continuation (%d) tokens exceed the model's %d: truncated from the "
+                               "left", len(context), len(continuation), self.max_length)
+            self._conts.setdefault(self._input_of(context, continuation), []).append(
+                (tuple(context), tuple(continuation)))
+        re_ord = Collator(requests, sort_fn=_longest_first, group_by="contexts" if self.logits_cache else None,
+                          group_fn=_one_token_group)
+        batch_size = self.batch_size if self.batch_size != "auto" else override_bs or 0
+        batch_fn = self._batch_scheduler if self.batch_size == "auto" and len(re_ord) and not override_bs else None
+        if batch_fn is not None:
+            self.batch_sizes = {}  # detect afresh for these requests (as HFLM does)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+        results = []
+        try:
+            for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+                for (strings, context, continuation), log_probs in zip(chunk, self._score_chunk(chunk), strict=True):
+                    for request, cont_toks, logits in re_ord.get_cache(req_str=strings, cxt_toks=context,
+                                                                       cont_toks=continuation,
+                                                                       logits=log_probs.unsqueeze(0)):
+                        value = answer(logits[0], list(cont_toks))
+                        results.append(value)
+                        if request is not None:  # loglikelihood_rolling's windows carry no strings
+                            self.cache_hook.add_partial("loglikelihood", request, value)
+                        bar.update(1)
+        finally:
+            bar.close()
+            self._conts = {}
+            if sweep is not None:
+                sweep.batch = None
+        return re_ord.get_original(results)
+
+    def _input_of(self, context, continuation) -> tuple[int, ...]:
+        """HFLM's model input for a request: context + continuation, cut to the window from the left, minus the last
+        token."""
+        return tuple((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
+
+    def _score_chunk(self, chunk) -> list[torch.Tensor]:
+        """One batch of requests: per request, the `(contlen, vocab)` log-probabilities of its scored positions, the
+        full model's where a position stays and its exit head's where it leaves; exits counted there."""
         model = self.model
-        base = model.get_base_model()
+        inputs = [self._input_of(context, continuation) for _, context, continuation in chunk]
+        contlens = [len(continuation) for _, _, continuation in chunk]
+        if min(map(len, inputs)) == 0 or max(contlens) > self.max_length or min(contlens) == 0:
+            raise ValueError(f"a loglikelihood request with continuation lengths {contlens} and input lengths "
+                             f"{[len(i) for i in inputs]}: expected non-empty ones within {self.max_length} tokens")
+        inps = pad_and_concat(max(map(len, inputs)), [torch.tensor(i, dtype=torch.long, device=self.device)
+                                                      for i in inputs], padding_side="right")
+        at, spans = scored_positions([len(i) for i in inputs], contlens)
         rule = ExitRule.for_model(model, self.ee_eps)
         sweep = self._recording_sweep
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
         with torch.no_grad():
-            if not any(wanted):
-                logits = base(inps).logits  # the unmodified model
-                heads = [None] * rule.num_exits
-            else:
-                out = base(inps, output_hidden_states=True)
-                logits, heads = out.logits, head_outputs(model, out.hidden_states, inps, wanted)
+            full, heads = forward_scored(model, inps, at, wanted, self.softmax_dtype)
             if sweep is not None:
-                sweep.record_batch(model, heads, inps)
-            index = exit_index(model, rule, heads, inps.shape, inps.device) if any(rule.checked) else None
-        self._scoring_batch = (inps, heads, index)
-        return logits
-
-    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
-        """The scored positions' log-probabilities: the full model's where a position stays, the head's where it
-        leaves; exits counted on scored positions only (continuation tokens, never padding)."""
-        selected = super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)  # (contlen, vocab), --model hf's
-        if self._scoring_batch is None or not contlen or not inplen:
-            return selected
-        model, (inps, heads, index) = self.model, self._scoring_batch
-        row = self._row_of(logits)
-        positions = slice(inplen - contlen, inplen)
-        requests = self._conts.get(tuple(inps[row, :inplen].tolist()), [])
-        scored = None
-        if self.ee_scoring_rule == "top_token":
-            scored = (scored_tokens([c for _, c in requests], contlen) if requests else
-                      torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
-        log_probs, exits = score_positions(model, selected, heads, index, row, positions, scored)
-        count_exits(self._task_stats(self.ee_scoring), model, exits)
-        if self._recording_sweep is not None:
-            self._recording_sweep.record_row(model, self.ee_task or "all", row, positions, selected, requests, scored)
-        return log_probs
+                sweep.record_batch(model, heads, full.shape[0], inps.device)
+            index = exit_index(model, rule, heads, (full.shape[0],), inps.device) if any(rule.checked) else None
+        out = []
+        for inp, span, contlen in zip(inputs, spans, contlens, strict=True):
+            requests = self._conts.get(inp, [])
+            scored = None
+            if self.ee_scoring_rule == "top_token":
+                scored = (scored_tokens([c for _, c in requests], contlen) if requests else
+                          torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
+            log_probs, exits = score_positions(model, full[span], heads, index, span, scored)
+            count_exits(self._task_stats(self.ee_scoring), model, exits)
+            if sweep is not None:
+                sweep.record_row(model, self.ee_task or "all", span, full[span], requests, scored)
+            out.append(log_probs)
+        return out
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
 
@@ -236,36 +302,6 @@ class EarlyExitLM(HFLM):
     def _recording_sweep(self) -> ScoringSweep | None:
         sweep = getattr(self, "ee_sweep", None)
         return sweep if sweep is not None and sweep.replaying is None else None
-
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        sweep = getattr(self, "ee_sweep", None)
-        if sweep is not None and sweep.replaying is not None:
-            answers = sweep.replay(self.ee_task or "all", requests)
-            for (strings, _, _), value in zip(requests, answers, strict=True):
-                if strings is not None:
-                    self.cache_hook.add_partial("loglikelihood", strings, value)
-            return answers
-        # which requests each model input serves (HFLM's own input: context + continuation, minus the last token)
-        self._conts = {}
-        for _, context, continuation in requests:
-            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            self._conts.setdefault(inp, []).append((tuple(context), tuple(continuation)))
-        try:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        finally:
-            self._conts, self._scoring_batch = {}, None
-            if sweep is not None:
-                sweep.batch = None
-
-    def _row_of(self, logits: torch.Tensor) -> int:
-        """The batch row of `_model_call`'s output that `logits` `(seq, vocab)` is: HFLM hands each row on as a view
-        of the one batch tensor it made from that output, so the view's offset names the row."""
-        rows = self._scoring_batch[0].shape[0]
-        row_size = logits.shape[0] * logits.shape[1]
-        if logits.untyped_storage().nbytes() != rows * row_size * logits.element_size():
-            raise RuntimeError("lm-eval handed on a scored row that is not a view of its batch: exits cannot be "
-                               "matched to rows (this lm-eval version scores differently)")
-        return logits.storage_offset() // row_size
 
     def _task_stats(self, table: dict[str, ExitStats]) -> ExitStats:
         key = self.ee_task or "all"

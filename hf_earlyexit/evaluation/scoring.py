@@ -1,6 +1,9 @@
 """Early exit on scored positions (lm-eval's loglikelihood requests), as small steps shared by one ε and a sweep.
 
-One forward of the base model gives the full model's logits and every exit's hidden states; the steps are
+The harness reads a log-probability only at the positions it scores (a request's continuation tokens), so
+`forward_scored` runs the base model's layers over the whole padded batch once and evaluates the 262k-token LM head,
+the exit heads and the confidence metrics only at those positions (`scored_positions`: flattened, row after row),
+in the model's dtype: no `batch x length x vocab` tensor is ever made. The steps on those flat positions are
 `head_outputs` (the heads' logits) -> `exit_index` (per position, the first exit whose confidence passes τ(ε)) ->
 `score_row` (per scored row: each position's log-probabilities from the exit it left at). Only `exit_index` depends
 on ε, so `ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request, lm-eval's
@@ -20,12 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..modeling.exits_earlyexit import ExitRule, take_first
 from ..modeling.stats_earlyexit import ExitStats
 
 HeadOutputs = list[tuple[Tensor, Tensor, Tensor] | None]  # per exit: (head logits, hidden, previous hidden) or None
+Positions = tuple[Tensor, Tensor]  # (rows, columns) of the scored positions of a padded batch, flattened
 SCORING_RULES = ("top_token", "confidence")
 NO_TOKEN = -1  # a scored position whose token differs between the requests sharing it
 
@@ -36,20 +41,60 @@ def check_scoring_rule(rule: str) -> str:
     return rule
 
 
-def head_outputs(model, hidden_states: Sequence[Tensor], inps: Tensor, wanted: Sequence[bool]) -> HeadOutputs:
-    """Per exit `j` with `wanted[j]`: its head's logits `(batch, seq, head_vocab)`, its hidden states and the previous
-    exit's `(batch, seq, hidden)` (the embeddings before the first exit); `None` for the others."""
-    previous = model.get_input_embeddings()(inps)  # (batch, seq, hidden)
+def scored_positions(inplens: Sequence[int], contlens: Sequence[int]) -> tuple[Positions, list[slice]]:
+    """The scored positions of a right-padded batch, flattened row after row: row `r`'s input is `inplens[r]` tokens
+    and its last `contlens[r]` positions are scored. Returns `((rows, columns), spans)`; `spans[r]` is row `r`'s
+    slice of the flat positions."""
+    rows, columns, spans, start = [], [], [], 0
+    for row, (inplen, contlen) in enumerate(zip(inplens, contlens, strict=True)):
+        rows += [row] * contlen
+        columns += range(inplen - contlen, inplen)
+        spans.append(slice(start, start + contlen))
+        start += contlen
+    return (torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)), spans
+
+
+def forward_scored(model, inps: Tensor, at: Positions, wanted: Sequence[bool], softmax_dtype=None
+                   ) -> tuple[Tensor, HeadOutputs]:
+    """One pass of the base model's layers over the padded batch `inps` `(batch, seq)`; the final norm's output, the
+    LM head (+ the model's logit soft-capping), its log-softmax and the `wanted` exit heads only at positions `at`.
+
+    Returns `(log_probs (n, vocab), heads)`: the full model's log-probabilities at the `n` positions as `--model hf`
+    computes them (logits in the model's dtype, softmax in `softmax_dtype`), and `head_outputs` there.
+    """
+    engine = model.engine
+    backbone = getattr(model.get_base_model(), engine.parts.spec.backbone)
+    out = backbone(inps, output_hidden_states=any(wanted))
+    at = tuple(t.to(inps.device) for t in at)
+    logits = engine.lm_logits(out.last_hidden_state[at])  # the backbone's last hidden state is after its final norm
+    log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+    heads = head_outputs(model, out.hidden_states, inps, wanted, at) if any(wanted) else [None] * len(wanted)
+    return log_probs, heads
+
+
+def head_outputs(model, hidden_states: Sequence[Tensor], inps: Tensor, wanted: Sequence[bool],
+                 at: Positions | None = None) -> HeadOutputs:
+    """Per exit `j` with `wanted[j]`: its head's logits, its hidden states and the previous exit's (the embeddings
+    before the first exit), at positions `at` `(n, ...)` or everywhere `(batch, seq, ...)`; `None` for the others.
+    A context head's block runs over the whole sequences; its norm and projections only at `at`."""
+    def take(t: Tensor) -> Tensor:
+        return t if at is None else t[at]
+
+    previous = model.get_input_embeddings()(take(inps))
     outputs: HeadOutputs = []
     for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
         hidden = hidden_states[layer]  # raw output of decoder layer `layer - 1`
-        outputs.append((head(hidden), hidden, previous) if wanted[j] else None)
-        previous = hidden
+        if wanted[j]:
+            outputs.append((head.logits_from(take(head.features(hidden))), take(hidden), previous))
+        else:
+            outputs.append(None)
+        previous = take(hidden)
     return outputs
 
 
 def exit_index(model, rule: ExitRule, heads: HeadOutputs, shape: torch.Size, device) -> Tensor:
-    """`(batch, seq)` long: the first exit of `rule` that fires at each position (`rule.num_exits`: the full model)."""
+    """`shape` long (the heads' positions): the first exit of `rule` that fires at each position (`rule.num_exits`:
+    the full model)."""
     index = torch.full(shape, rule.num_exits, dtype=torch.long, device=device)
     for j, head in enumerate(model.exit_heads):
         if rule.checked[j]:
@@ -98,14 +143,14 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
     return mixed, exits
 
 
-def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, row: int,
-                    positions: slice, scored: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`score_row` for `positions` of batch row `row`, from a whole batch's head outputs and exit index (`index`
-    `None`: no exit checked at this ε, the unmodified model)."""
+def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, span: slice,
+                    scored: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`score_row` for one row's `span` of a batch's flat scored positions, from the whole batch's head outputs and
+    exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
     if index is None:
         return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-    row_heads = [None if h is None else tuple(t[row, positions] for t in h) for h in heads]
-    return score_row(model, full_log_probs, row_heads, index[row, positions], scored)
+    row_heads = [None if h is None else tuple(t[span] for t in h) for h in heads]
+    return score_row(model, full_log_probs, row_heads, index[span], scored)
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
@@ -145,27 +190,27 @@ class ScoringSweep:
     answers: dict[float, dict[tuple, tuple[float, bool]]] = field(default_factory=dict)
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
-    batch: dict | None = None  # while recording: the current `_model_call`'s head outputs and each ε's exit index
+    batch: dict | None = None  # while recording: the current batch's head outputs and each ε's exit index
 
     def rules(self, model) -> dict[float, ExitRule]:
         return {eps: ExitRule.for_model(model, eps) for eps in self.grid}
 
-    def record_batch(self, model, heads: HeadOutputs, inps: Tensor) -> None:
-        """Keep one `_model_call`'s head outputs and each ε's exit index until its rows are scored."""
-        index = {eps: exit_index(model, rule, heads, inps.shape, inps.device) if any(rule.checked) else None
+    def record_batch(self, model, heads: HeadOutputs, positions: int, device) -> None:
+        """Keep one batch's head outputs at its `positions` scored positions and each ε's exit index there until
+        its rows are scored."""
+        index = {eps: exit_index(model, rule, heads, (positions,), device) if any(rule.checked) else None
                  for eps, rule in self.rules(model).items()}
         self.batch = {"heads": heads, "index": index}
 
-    def record_row(self, model, task: str, row: int, positions: slice, full_log_probs: Tensor,
+    def record_row(self, model, task: str, span: slice, full_log_probs: Tensor,
                    requests: Sequence[tuple[tuple, tuple]], scored: Tensor | None) -> None:
-        """Score one row of the recorded batch at every ε (`score_row`; `positions` of the row, the full model's
-        `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)` `requests`
-        sharing the row, exit counts on its scored positions."""
+        """Score one row of the recorded batch at every ε (`score_row`; the row's `span` of the flat positions, the
+        full model's `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)`
+        `requests` sharing the row, exit counts on its scored positions."""
         for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
                 exit_layers=list(model.config.exit_layers), num_layers=model.num_layers))
-            log_probs, exits = score_positions(model, full_log_probs, self.batch["heads"], index, row, positions,
-                                               scored)
+            log_probs, exits = score_positions(model, full_log_probs, self.batch["heads"], index, span, scored)
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
             for context, continuation in requests:

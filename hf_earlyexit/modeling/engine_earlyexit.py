@@ -394,7 +394,12 @@ class LayerEngine:
 
     def final_logits(self, hidden: Tensor) -> Tensor:
         """The model's own final norm + LM head (+ logit soft-capping), `(..., hidden)` -> `(..., vocab)`."""
-        logits = self.parts.lm_head(self.parts.norm(hidden))
+        return self.lm_logits(self.parts.norm(hidden))
+
+    def lm_logits(self, normed: Tensor) -> Tensor:
+        """The model's own LM head (+ logit soft-capping) on the final norm's output, `(..., hidden)` ->
+        `(..., vocab)`."""
+        logits = self.parts.lm_head(normed)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -108,7 +108,12 @@ class ExitHead(nn.Module):
         """`(..., hidden)` raw decoder-layer output -> `(..., head_vocab)` logits (`+ 1` for `OTHER` with a draft
         vocabulary). A context head needs whole sequences `(batch, seq, hidden)` (left padding marked by
         `attention_mask`)."""
-        return self.logits_from(hidden)
+        return self.logits_from(self.features(hidden, attention_mask))
+
+    def features(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """What `logits_from` reads at each position: the hidden states themselves (a context head: its block's
+        output over whole sequences), so logits can be taken at chosen positions only."""
+        return hidden
 
     def context_cost(self) -> Cost:
         """Per-token cost of the head's context block (none: the head reads one position)."""
@@ -236,12 +241,12 @@ class ContextHead(SharedHead):
         """The engine's context layer that runs this head's block."""
         return self._slot
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def features(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if self._engine is None:
             raise RuntimeError("a context head runs its block through the model's engine; build it with the model")
         if hidden.dim() != 3:
             raise ValueError(f"a context head reads whole sequences (batch, seq, hidden); got {tuple(hidden.shape)}")
-        return self.logits_from(self._engine.run_context(self._slot, hidden, attention_mask))  # (batch, seq, vocab)
+        return self._engine.run_context(self._slot, hidden, attention_mask)  # (batch, seq, hidden)
 
     def context_cost(self) -> Cost:
         return block_cost(self.block)
