@@ -134,7 +134,8 @@ def test_embedded_forced_exit_skips_layers(tokenizer):
 
 
 def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
-    """`--model ee-hf` with ε = 1 gives exactly `--model hf`'s metrics and generations on the embedded model."""
+    """`--model ee-hf` with ε = 1 gives exactly `--model hf`'s metrics, greedy flags and generations on the embedded
+    model, and its log-likelihoods to float rounding (the LM head runs on the scored rows only)."""
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -151,9 +152,13 @@ def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
     for task in common["tasks"]:
         assert ours["results"][task] == hf["results"][task]
         def answers(results, task=task):
-            return [s["filtered_resps"] for s in results["samples"][task]]
+            return [r for s in results["samples"][task] for r in s["filtered_resps"]]
 
-        assert answers(ours) == answers(hf)
+        for got, expected in zip(answers(ours), answers(hf), strict=True):
+            if isinstance(expected, (list, tuple)):  # (log-likelihood, is_greedy)
+                assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6, abs=1e-5)
+            else:
+                assert got == expected
 
 
 def test_heads_over_a_linked_embedded_cache_still_name_the_base_embedded(tmp_path, monkeypatch):
