@@ -135,7 +135,8 @@ def test_embedded_forced_exit_skips_layers(tokenizer):
 
 def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
     """`--model ee-hf` with ε = 1 gives exactly `--model hf`'s metrics, greedy flags and generations on the embedded
-    model, and its log-likelihoods to float rounding (the LM head runs on the scored rows only)."""
+    model, and its log-likelihoods to float rounding (the LM head runs on the scored rows only, a shared context
+    once)."""
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -156,7 +157,9 @@ def test_embedded_ee_hf_at_eps_one_matches_lm_eval_hf():
 
         for got, expected in zip(answers(ours), answers(hf), strict=True):
             if isinstance(expected, (list, tuple)):  # (log-likelihood, is_greedy)
-                assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6, abs=1e-5)
+                # float rounding: `--model hf` itself moves a position's log-probability by up to ~1e-4 between
+                # batch compositions on this model (one row alone vs in a batch of 16)
+                assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-3)
             else:
                 assert got == expected
 

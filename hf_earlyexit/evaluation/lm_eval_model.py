@@ -22,7 +22,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -46,7 +46,6 @@ from .scoring import (
     exit_index,
     forward_scored,
     score_positions,
-    scored_positions,
     scored_tokens,
 )
 
@@ -57,10 +56,20 @@ MODES = ("early_exit", "dssd", "full")
 _HFLM_MODEL_ARGS = frozenset(inspect.signature(HFLM._create_model).parameters) - {"self", "kwargs"}
 
 
-def _longest_first(request) -> tuple:
-    """HFLM's request order: longest context + continuation first (batches padded to their first member)."""
-    tokens = request[1] + request[2]
-    return -len(tokens), tuple(tokens)
+def _longest_first_by_context(requests) -> Callable[[tuple], tuple]:
+    """HFLM's request order (longest context + continuation first: batches padded to their first member, the
+    largest batch first), with the requests of one context kept together (a document's choices share one batch, so
+    `backbone_states` runs their context once): contexts by their longest request, then longest first."""
+    longest: dict[tuple[int, ...], int] = {}
+    for _, context, continuation in requests:
+        key = tuple(context)
+        longest[key] = max(longest.get(key, 0), len(context) + len(continuation))
+
+    def order(request) -> tuple:
+        context, continuation = tuple(request[1]), tuple(request[2])
+        return -longest[context], context, -len(continuation), continuation
+
+    return order
 
 
 def _one_token_group(request) -> list[int]:
@@ -211,8 +220,8 @@ class EarlyExitLM(HFLM):
                                "left", len(context), len(continuation), self.max_length)
             self._conts.setdefault(self._input_of(context, continuation), []).append(
                 (tuple(context), tuple(continuation)))
-        re_ord = Collator(requests, sort_fn=_longest_first, group_by="contexts" if self.logits_cache else None,
-                          group_fn=_one_token_group)
+        re_ord = Collator(requests, sort_fn=_longest_first_by_context(requests),
+                          group_by="contexts" if self.logits_cache else None, group_fn=_one_token_group)
         batch_size = self.batch_size if self.batch_size != "auto" else override_bs or 0
         batch_fn = self._batch_scheduler if self.batch_size == "auto" and len(re_ord) and not override_bs else None
         if batch_fn is not None:
@@ -253,14 +262,14 @@ class EarlyExitLM(HFLM):
                              f"{[len(i) for i in inputs]}: expected non-empty ones within {self.max_length} tokens")
         inps = pad_and_concat(max(map(len, inputs)), [torch.tensor(i, dtype=torch.long, device=self.device)
                                                       for i in inputs], padding_side="right")
-        at, spans = scored_positions([len(i) for i in inputs], contlens)
         rule = ExitRule.for_model(model, self.ee_eps)
         sweep = self._recording_sweep
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
         with torch.no_grad():
-            full, heads = forward_scored(model, inps, at, wanted, self.softmax_dtype)
+            full, heads, spans = forward_scored(model, inps, [len(i) for i in inputs], contlens, wanted,
+                                                self.softmax_dtype)
             if sweep is not None:
                 sweep.record_batch(model, heads, full.shape[0], inps.device)
             index = exit_index(model, rule, heads, (full.shape[0],), inps.device) if any(rule.checked) else None

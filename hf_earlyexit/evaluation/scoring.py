@@ -1,9 +1,10 @@
 """Early exit on scored positions (lm-eval's loglikelihood requests), as small steps shared by one ε and a sweep.
 
 The harness reads a log-probability only at the positions it scores (a request's continuation tokens), so
-`forward_scored` runs the base model's layers over the whole padded batch once and evaluates the 262k-token LM head,
-the exit heads and the confidence metrics only at those positions (`scored_positions`: flattened, row after row),
-in the model's dtype: no `batch x length x vocab` tensor is ever made. The steps on those flat positions are
+`forward_scored` runs the base model's layers over the padded batch once (a context shared by several requests, such
+as a document's choices, once for all of them: `backbone_states`) and evaluates the 262k-token LM head, the exit
+heads and the confidence metrics only at those positions (`scored_positions`: flattened, row after row), in the
+model's dtype: no `batch x length x vocab` tensor is ever made. The steps on those flat positions are
 `head_outputs` (the heads' logits) -> `exit_index` (per position, the first exit whose confidence passes τ(ε)) ->
 `score_row` (per scored row: each position's log-probabilities from the exit it left at). Only `exit_index` depends
 on ε, so `ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request, lm-eval's
@@ -19,6 +20,7 @@ it. `"confidence"` lets every confident position leave (the paper's way), whatev
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,25 +56,99 @@ def scored_positions(inplens: Sequence[int], contlens: Sequence[int]) -> tuple[P
     return (torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)), spans
 
 
-def forward_scored(model, inps: Tensor, at: Positions, wanted: Sequence[bool], softmax_dtype=None
-                   ) -> tuple[Tensor, HeadOutputs]:
-    """One pass of the base model's layers over the padded batch `inps` `(batch, seq)`; the final norm's output, the
-    LM head (+ the model's logit soft-capping), its log-softmax and the `wanted` exit heads only at positions `at`.
+def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int], wanted: Sequence[bool],
+                   softmax_dtype=None) -> tuple[Tensor, HeadOutputs, list[slice]]:
+    """The base model's layers over the right-padded batch `inps` `(batch, seq)` (row `r`: `lengths[r]` tokens, its
+    last `contlens[r]` positions scored; `backbone_states`); the final norm's output, the LM head (+ the model's logit
+    soft-capping), its log-softmax and the `wanted` exit heads only at the scored positions.
 
-    Returns `(log_probs (n, vocab), heads)`: the full model's log-probabilities at the `n` positions as `--model hf`
-    computes them (logits in the model's dtype, softmax in `softmax_dtype`), and `head_outputs` there.
+    Returns `(log_probs (n, vocab), heads, spans)`: the full model's log-probabilities at the `n` scored positions
+    (flattened row after row; `spans[r]` is row `r`'s slice) as `--model hf` computes them (logits in the model's
+    dtype, softmax in `softmax_dtype`), and `head_outputs` there.
     """
-    engine = model.engine
-    backbone = getattr(model.get_base_model(), engine.parts.spec.backbone)
-    out = backbone(inps, output_hidden_states=any(wanted))
+    at, spans = scored_positions(lengths, contlens)
     at = tuple(t.to(inps.device) for t in at)
-    logits = engine.lm_logits(out.last_hidden_state[at])  # the backbone's last hidden state is after its final norm
+    last, hidden_states = backbone_states(model, inps, lengths, contlens, any(wanted))
+    logits = model.engine.lm_logits(last[at])  # the backbone's last hidden state is after its final norm
     log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
-    heads = head_outputs(model, out.hidden_states, inps, wanted, at) if any(wanted) else [None] * len(wanted)
-    return log_probs, heads
+    heads = head_outputs(model, hidden_states, inps, wanted, at) if any(wanted) else [None] * len(wanted)
+    return log_probs, heads, spans
 
 
-def head_outputs(model, hidden_states: Sequence[Tensor], inps: Tensor, wanted: Sequence[bool],
+def backbone_states(model, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int], hidden: bool
+                    ) -> tuple[Tensor, dict[int, Tensor]]:
+    """The backbone's last hidden state `(batch, seq, d)` for the right-padded batch `inps` and, with `hidden`, the
+    raw hidden states at the exit layers (`{layer: (batch, seq, d)}`), as one pass over the batch gives them.
+
+    Rows that start with the same tokens up to their first scored position (a multiple-choice document's choices
+    after one context) share them: where that saves at least `1 - SHARED_PREFIX_GAIN` of the positions, each
+    distinct prefix runs once (left-padded, its KV cache kept) and every row's remaining tokens run on a copy of its
+    prefix's cache. The result is laid out as the one-pass result, equal to float rounding.
+    """
+    backbone = getattr(model.get_base_model(), model.engine.parts.spec.backbone)
+    shared = _shared_prefix_states(model, backbone, inps, lengths, contlens, hidden)
+    if shared is not None:
+        return shared
+    out = backbone(inps, output_hidden_states=hidden)
+    return out.last_hidden_state, ({layer: out.hidden_states[layer] for layer in model.config.exit_layers}
+                                   if hidden else {})
+
+
+SHARED_PREFIX_GAIN = 0.8  # run shared prefixes apart only where that leaves at most this share of the positions
+
+
+def _shared_prefix_states(model, backbone, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int],
+                          hidden: bool) -> tuple[Tensor, dict[int, Tensor]] | None:
+    """`backbone_states` with shared prefixes run once, or `None` where that would not save enough. Sliding-window
+    layers stay exact: left padding keeps every row's real tokens contiguous in the cache (tested across windows)."""
+    rows, width = inps.shape
+    prefix = [n - c + 1 for n, c in zip(lengths, contlens, strict=True)]  # up to and including the first scored one
+    suffix = [n - p for n, p in zip(lengths, prefix, strict=True)]
+    groups: dict[tuple[int, ...], int] = {}
+    group_of = [groups.setdefault(tuple(inps[r, :p].tolist()), len(groups)) for r, p in enumerate(prefix)]
+    prefix_width, suffix_width = max(prefix), max(suffix)
+    if len(groups) * prefix_width + rows * suffix_width > SHARED_PREFIX_GAIN * rows * width:
+        return None
+    device = inps.device
+    first_row = {g: r for r, g in reversed(list(enumerate(group_of)))}
+    starts = inps.new_zeros((len(groups), prefix_width))
+    starts_mask = torch.zeros_like(starts)
+    for g, r in first_row.items():  # left-padded: every prefix ends where the rows' own tokens go on
+        starts[g, prefix_width - prefix[r]:] = inps[r, :prefix[r]]
+        starts_mask[g, prefix_width - prefix[r]:] = 1
+    # transformers renamed `past_key_values` to `cache` (5.2x): pass and read whichever this backbone uses
+    cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    out = backbone(starts, attention_mask=starts_mask, position_ids=(starts_mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=True, output_hidden_states=hidden)
+    layers = list(model.config.exit_layers) if hidden else []
+    first = [out.last_hidden_state] + [out.hidden_states[layer] for layer in layers]
+    index = torch.tensor(group_of, dtype=torch.long, device=device)
+    if suffix_width:
+        tails = inps.new_zeros((rows, suffix_width))
+        tails_mask = torch.zeros_like(tails)
+        for r in range(rows):
+            tails[r, :suffix[r]] = inps[r, prefix[r]:lengths[r]]
+            tails_mask[r, :suffix[r]] = 1
+        cache = getattr(out, cache_name)
+        cache.batch_select_indices(index)
+        positions = torch.tensor(prefix, device=device).unsqueeze(1) + torch.arange(suffix_width, device=device)
+        rest = backbone(tails, attention_mask=torch.cat([starts_mask[index], tails_mask], dim=1),
+                        position_ids=positions, use_cache=True, output_hidden_states=hidden, **{cache_name: cache})
+        second = [rest.last_hidden_state] + [rest.hidden_states[layer] for layer in layers]
+    else:
+        second = [None] * len(first)
+    laid_out = []
+    for a, b in zip(first, second, strict=True):
+        states = a.new_zeros((rows, width, a.shape[-1]))
+        for r in range(rows):
+            states[r, :prefix[r]] = a[group_of[r], prefix_width - prefix[r]:]
+            if suffix[r]:
+                states[r, prefix[r]:lengths[r]] = b[r, :suffix[r]]
+        laid_out.append(states)
+    return laid_out[0], dict(zip(layers, laid_out[1:], strict=True))
+
+
+def head_outputs(model, hidden_states: Sequence[Tensor] | dict[int, Tensor], inps: Tensor, wanted: Sequence[bool],
                  at: Positions | None = None) -> HeadOutputs:
     """Per exit `j` with `wanted[j]`: its head's logits, its hidden states and the previous exit's (the embeddings
     before the first exit), at positions `at` `(n, ...)` or everywhere `(batch, seq, ...)`; `None` for the others.
