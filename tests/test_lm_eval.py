@@ -459,7 +459,13 @@ def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, r
     continuation = lm.tokenizer.decode(ids[len(lm.tok_encode(context)):])
     assert lm.tok_encode(context + continuation) == ids
     requests = [(context, continuation), (context, "p"), (context, "q")]
-    got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    rows = []
+    lm_head = lm.model.get_base_model().get_output_embeddings()
+    hook = lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    finally:
+        hook.remove()
     for (ctx, cont), (value, _) in zip(requests, got, strict=True):
         whole = lm.tok_encode(ctx + cont)
         contlen = len(whole) - len(lm.tok_encode(ctx))
@@ -467,6 +473,8 @@ def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, r
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
     scoring = lm.early_exit_report()["tasks"]["all"]["scoring"]
     assert scoring["exit_fractions"]["full"] < 1  # exits happened on scored positions
+    # the LM head ran at the scored positions that stayed, and nowhere else
+    assert sum(rows) == round(scoring["exit_fractions"]["full"] * scoring["tokens"])
     one_token = [(context, "p"), (context, "q")]
     if rule == "top_token":  # the shared last position stays with the full model for both choices
         plain = EarlyExitLM(pretrained=heads, eps=1.0, dtype="float32", batch_size=4)

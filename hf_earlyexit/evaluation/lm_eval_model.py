@@ -44,6 +44,7 @@ from .scoring import (
     check_scoring_rule,
     count_exits,
     exit_index,
+    exits_taken,
     forward_scored,
     score_positions,
     scored_tokens,
@@ -267,20 +268,35 @@ class EarlyExitLM(HFLM):
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
+        scored_rows = [None] * len(inputs)  # per row, the token scored at each position (rule "top_token")
+        if self.ee_scoring_rule == "top_token":
+            for r, (inp, contlen) in enumerate(zip(inputs, contlens, strict=True)):
+                requests = self._conts.get(inp, [])
+                scored_rows[r] = (scored_tokens([c for _, c in requests], contlen) if requests else
+                                  torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
+        index = None
+
+        def stays(heads):  # this ε's exits, decided before the LM head: it runs only where a position stays
+            nonlocal index
+            if not any(rule.checked):
+                return None
+            index = exit_index(model, rule, heads, (sum(contlens),), inps.device)
+            if sweep is not None:  # every ε of the grid reads the full model at every position
+                return None
+            scored = None if scored_rows[0] is None else torch.cat(scored_rows)
+            index = exits_taken(model, heads, index, scored)  # final: the rows below need no scored tokens
+            return index == rule.num_exits
+
         with torch.no_grad():
             full, heads, spans = forward_scored(model, inps, [len(i) for i in inputs], contlens, wanted,
-                                                self.softmax_dtype)
+                                                self.softmax_dtype, stays)
             if sweep is not None:
                 sweep.record_batch(model, heads, full.shape[0], inps.device)
-            index = exit_index(model, rule, heads, (full.shape[0],), inps.device) if any(rule.checked) else None
         out = []
-        for inp, span, contlen in zip(inputs, spans, contlens, strict=True):
+        for inp, span, scored in zip(inputs, spans, scored_rows, strict=True):
             requests = self._conts.get(inp, [])
-            scored = None
-            if self.ee_scoring_rule == "top_token":
-                scored = (scored_tokens([c for _, c in requests], contlen) if requests else
-                          torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
-            log_probs, exits = score_positions(model, full[span], heads, index, span, scored)
+            log_probs, exits = score_positions(model, full[span], heads, index, span,
+                                               scored if sweep is not None else None)
             count_exits(self._task_stats(self.ee_scoring), model, exits)
             if sweep is not None:
                 sweep.record_row(model, self.ee_task or "all", span, full[span], requests, scored)

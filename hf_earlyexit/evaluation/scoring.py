@@ -21,7 +21,7 @@ it. `"confidence"` lets every confident position leave (the paper's way), whatev
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,10 +57,14 @@ def scored_positions(inplens: Sequence[int], contlens: Sequence[int]) -> tuple[P
 
 
 def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int], wanted: Sequence[bool],
-                   softmax_dtype=None) -> tuple[Tensor, HeadOutputs, list[slice]]:
+                   softmax_dtype=None, stays: Callable[[HeadOutputs], Tensor | None] | None = None
+                   ) -> tuple[Tensor, HeadOutputs, list[slice]]:
     """The base model's layers over the right-padded batch `inps` `(batch, seq)` (row `r`: `lengths[r]` tokens, its
     last `contlens[r]` positions scored; `backbone_states`); the final norm's output, the LM head (+ the model's logit
     soft-capping), its log-softmax and the `wanted` exit heads only at the scored positions.
+
+    `stays`, given the head outputs, names the positions that need the full model `(n,)` bool (`None`: all): the LM
+    head runs only there (positions that leave at an exit take their exit head's distribution), other rows are 0.
 
     Returns `(log_probs (n, vocab), heads, spans)`: the full model's log-probabilities at the `n` scored positions
     (flattened row after row; `spans[r]` is row `r`'s slice) as `--model hf` computes them (logits in the model's
@@ -69,9 +73,14 @@ def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequen
     at, spans = scored_positions(lengths, contlens)
     at = tuple(t.to(inps.device) for t in at)
     last, hidden_states = backbone_states(model, inps, lengths, contlens, any(wanted))
-    logits = model.engine.lm_logits(last[at])  # the backbone's last hidden state is after its final norm
-    log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+    normed = last[at]  # the backbone's last hidden state is after its final norm
     heads = head_outputs(model, hidden_states, inps, wanted, at) if any(wanted) else [None] * len(wanted)
+    needed = stays(heads) if stays is not None else None
+    if needed is None or bool(needed.all()):
+        return F.log_softmax(model.engine.lm_logits(normed), dim=-1, dtype=softmax_dtype), heads, spans
+    part = F.log_softmax(model.engine.lm_logits(normed[needed]), dim=-1, dtype=softmax_dtype)
+    log_probs = part.new_zeros((normed.shape[0], part.shape[-1]))
+    log_probs[needed] = part
     return log_probs, heads, spans
 
 
@@ -188,6 +197,20 @@ def scored_tokens(continuations: Sequence[Sequence[int]], contlen: int) -> Tenso
     return torch.where(same, tokens[0], NO_TOKEN)
 
 
+def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None) -> Tensor:
+    """The exit each position really leaves at (`len(exit_heads)`: none) from the first confident exit `exits`:
+    under rule `"top_token"` (`scored` given: the token scored at each position) only where that head's top token is
+    the scored token."""
+    if scored is None:
+        return exits
+    full = len(model.exit_heads)
+    for j, head in enumerate(model.exit_heads):
+        if heads[j] is not None:
+            top = head.to_token_ids(heads[j][0].argmax(dim=-1)).to(scored.device)
+            exits = torch.where((exits == j) & (top != scored), full, exits)
+    return exits
+
+
 def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
     """The log-probabilities of one row's scored positions and the exit each really left at.
@@ -204,11 +227,7 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
         head's (a draft head's `OTHER` mass spread over the tokens it cannot name), in `full_log_probs`' dtype.
     """
     full = len(model.exit_heads)
-    if scored is not None:
-        for j, head in enumerate(model.exit_heads):
-            if heads[j] is not None:
-                top = head.to_token_ids(heads[j][0].argmax(dim=-1)).to(scored.device)
-                exits = torch.where((exits == j) & (top != scored), full, exits)
+    exits = exits_taken(model, heads, exits, scored)
     if bool((exits == full).all()):
         return full_log_probs, exits
     mixed = full_log_probs.clone()
