@@ -490,7 +490,7 @@ def report_table(report: dict) -> str:
     lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']} "
              f"scoring_rule={report.get('scoring_rule')}",
              "(scoring rows: the layers / MACs token-by-token decoding would save on the scored positions; the "
-             "scoring pass itself runs the full model)", "",
+             "scoring pass itself runs every layer, and the LM head where a position stays)", "",
              "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",
              "|---|---|---|---|---|---|---|---|"]
     for task, kinds in sorted(report["tasks"].items()):
