@@ -197,17 +197,23 @@ def scored_tokens(continuations: Sequence[Sequence[int]], contlen: int) -> Tenso
     return torch.where(same, tokens[0], NO_TOKEN)
 
 
-def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None) -> Tensor:
+def head_tops(model, heads: HeadOutputs) -> list[Tensor | None]:
+    """Per exit, its head's top token (a token id of the full vocabulary) at each position, or `None` (not run)."""
+    return [None if h is None else head.to_token_ids(h[0].argmax(dim=-1))
+            for head, h in zip(model.exit_heads, heads, strict=True)]
+
+
+def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None,
+                tops: list[Tensor | None] | None = None) -> Tensor:
     """The exit each position really leaves at (`len(exit_heads)`: none) from the first confident exit `exits`:
-    under rule `"top_token"` (`scored` given: the token scored at each position) only where that head's top token is
-    the scored token."""
+    under rule `"top_token"` (`scored` given: the token scored at each position) only where that head's top token
+    (`tops`, else `head_tops`) is the scored token."""
     if scored is None:
         return exits
     full = len(model.exit_heads)
-    for j, head in enumerate(model.exit_heads):
-        if heads[j] is not None:
-            top = head.to_token_ids(heads[j][0].argmax(dim=-1)).to(scored.device)
-            exits = torch.where((exits == j) & (top != scored), full, exits)
+    for j, top in enumerate(head_tops(model, heads) if tops is None else tops):
+        if top is not None:
+            exits = torch.where((exits == j) & (top.to(scored.device) != scored), full, exits)
     return exits
 
 
@@ -261,12 +267,12 @@ def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
     stats.macs_full += int(macs[-1]) * len(exits)
 
 
-def answer(log_probs: Tensor, cont_toks: list[int]) -> tuple[float, bool]:
+def answer(log_probs: Tensor, cont_toks: list[int], greedy: Tensor | None = None) -> tuple[float, bool]:
     """lm-eval's answer for one continuation from the `(contlen, vocab)` log-probabilities of its scored positions:
     `(sum of the continuation's log-probabilities, every token greedy)`, in HFLM's own steps (its one-token-
     continuation groups share the longest member's positions)."""
     logits = log_probs.unsqueeze(0)  # (1, contlen, vocab)
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1) if greedy is None else greedy.unsqueeze(0)  # `greedy`: the argmax, if known
     cont = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)  # (1, n)
     max_equal = (greedy[:, -cont.shape[1]:] == cont).all()
     picked = torch.gather(logits, 2, cont.unsqueeze(-1)).squeeze(-1)  # (1, n)
@@ -302,14 +308,28 @@ class ScoringSweep:
         """Score one row of the recorded batch at every ε (`score_row`; the row's `span` of the flat positions, the
         full model's `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)`
         `requests` sharing the row, exit counts on its scored positions."""
+        heads = [None if h is None else tuple(t[span] for t in h) for h in self.batch["heads"]]
+        full = len(model.exit_heads)
+        tops = head_tops(model, heads)  # once per row, not per ε
+        full_greedy = full_log_probs.argmax(dim=-1)
+        answered: dict[bytes, list[tuple[float, bool]]] = {}  # ε points whose exits agree here share the answers
         for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
                 exit_layers=list(model.config.exit_layers), num_layers=model.num_layers))
-            log_probs, exits = score_positions(model, full_log_probs, self.batch["heads"], index, span, scored)
+            exits = (torch.full((full_log_probs.shape[0],), full, dtype=torch.long, device=full_log_probs.device)
+                     if index is None else exits_taken(model, heads, index[span], scored, tops))
+            key = exits.cpu().numpy().tobytes()
+            if key not in answered:
+                log_probs, _ = score_row(model, full_log_probs, heads, exits)  # exits are final: no scored tokens
+                greedy, leave = full_greedy, exits != full
+                if bool(leave.any()):  # the greedy token changes only where a position left
+                    greedy = full_greedy.clone()
+                    greedy[leave] = log_probs[leave].argmax(dim=-1)
+                answered[key] = [answer(log_probs, list(continuation), greedy) for _, continuation in requests]
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
-            for context, continuation in requests:
-                table[(task, context, continuation)] = answer(log_probs, list(continuation))
+            for (context, continuation), value in zip(requests, answered[key], strict=True):
+                table[(task, context, continuation)] = value
 
     def replay(self, task: str, requests: list) -> list[tuple[float, bool]]:
         """The recorded answers at the ε being replayed, for HFLM's encoded `(strings, context, continuation)`."""
