@@ -180,3 +180,29 @@ def test_heads_over_a_linked_embedded_cache_still_name_the_base_embedded(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(str(cache / "gemma-3-270m-dense-9.9.9"))
     assert canonical_name(model) == ("embedded", "9.9.9")
     assert canonical_name(AutoModelForCausalLM.from_pretrained(real))[0] == str(Path(real).resolve())
+
+
+def test_embedded_scoring_runs_only_the_exits_decoding_checks():
+    """Scored positions may leave only at the exits generation checks at this ε (`exit_policy`, "auto" by default,
+    which drops the shipped heads' seldom-paying shallow exits at ε = 0.9); the other heads are not even run."""
+    from lm_eval.api.instance import Instance
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+    from hf_earlyexit.modeling.exits_earlyexit import ExitRule
+
+    requests = [("The capital of France is", " Paris, a city on the Seine."), ("One, two, three,", " four")]
+    for policy in ("auto", "all"):
+        lm = EarlyExitLM(pretrained="shipped", eps=0.9, exit_policy=policy, dtype="float32", batch_size=2)
+        checked = ExitRule.for_model(lm.model, 0.9, policy).checked
+        calls = [0] * len(checked)
+        def count(j, calls=calls):
+            return lambda module, args, out: calls.__setitem__(j, calls[j] + 1)
+
+        hooks = [head.norm.register_forward_hook(count(j)) for j, head in enumerate(lm.model.exit_heads)]
+        try:
+            lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert [c > 0 for c in calls] == list(checked), policy
+        assert all(checked) == (policy == "all"), policy  # auto leaves some exit out at ε = 0.9

@@ -263,7 +263,7 @@ class EarlyExitLM(HFLM):
                              f"{[len(i) for i in inputs]}: expected non-empty ones within {self.max_length} tokens")
         inps = pad_and_concat(max(map(len, inputs)), [torch.tensor(i, dtype=torch.long, device=self.device)
                                                       for i in inputs], padding_side="right")
-        rule = ExitRule.for_model(model, self.ee_eps)
+        rule = self._exit_rule(self.ee_eps)
         sweep = self._recording_sweep
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
@@ -305,12 +305,17 @@ class EarlyExitLM(HFLM):
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
 
+    def _exit_rule(self, eps: float) -> ExitRule:
+        """The exits scored positions may leave at, at `eps`: those decoding checks (`exit_policy`, `"auto"` by
+        default: an exit that seldom pays at this ε is not run)."""
+        return ExitRule.for_model(self.model, eps, self.ee_options.exit_policy, self.ee_options.kv_fill)
+
     def start_scoring_sweep(self, grid: list[float]) -> None:
         """Record the scoring answers of every ε in `grid` during the next evaluation (run at the current ε): one
         forward pass per batch serves them all. Later, `replay_scoring(ε)` answers scored requests from the record."""
         for eps in grid:
             self._model.thresholds_for(check_eps(eps))  # fails early, naming ε, for an uncalibrated one
-        self.ee_sweep = ScoringSweep(grid=[float(e) for e in grid])
+        self.ee_sweep = ScoringSweep(grid=[float(e) for e in grid], rule_of=self._exit_rule)
 
     def replay_scoring(self, eps) -> None:
         """Move to `eps` (one of the recorded grid) and answer scored requests from the record, exit counts too;

@@ -288,13 +288,18 @@ class ScoringSweep:
     """
 
     grid: list[float]
+    rule_of: Callable[[float], ExitRule] | None = None  # the exit rule at an ε (default: every calibrated exit)
     answers: dict[float, dict[tuple, tuple[float, bool]]] = field(default_factory=dict)
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
     batch: dict | None = None  # while recording: the current batch's head outputs and each ε's exit index
+    _rules: dict[float, ExitRule] | None = field(default=None, repr=False)
 
     def rules(self, model) -> dict[float, ExitRule]:
-        return {eps: ExitRule.for_model(model, eps) for eps in self.grid}
+        if self._rules is None:  # the thresholds do not change while a sweep records
+            self._rules = {eps: self.rule_of(eps) if self.rule_of else ExitRule.for_model(model, eps)
+                           for eps in self.grid}
+        return self._rules
 
     def record_batch(self, model, heads: HeadOutputs, positions: int, device) -> None:
         """Keep one batch's head outputs at its `positions` scored positions and each ε's exit index there until
