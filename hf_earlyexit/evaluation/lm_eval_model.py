@@ -278,11 +278,15 @@ class EarlyExitLM(HFLM):
 
         def stays(heads):  # this ε's exits, decided before the LM head: it runs only where a position stays
             nonlocal index
+            if sweep is not None:  # every ε of the grid's exit index; each reads the full model at every position
+                sweep.record_batch(model, heads, sum(contlens), inps.device)
+                index = sweep.batch["index"].get(self.ee_eps)
+                if index is None and any(rule.checked):  # recording at an ε outside the grid
+                    index = exit_index(model, rule, heads, (sum(contlens),), inps.device)
+                return None
             if not any(rule.checked):
                 return None
             index = exit_index(model, rule, heads, (sum(contlens),), inps.device)
-            if sweep is not None:  # every ε of the grid reads the full model at every position
-                return None
             scored = None if scored_rows[0] is None else torch.cat(scored_rows)
             index = exits_taken(model, heads, index, scored)  # final: the rows below need no scored tokens
             return index == rule.num_exits
@@ -290,8 +294,6 @@ class EarlyExitLM(HFLM):
         with torch.no_grad():
             full, heads, spans = forward_scored(model, inps, [len(i) for i in inputs], contlens, wanted,
                                                 self.softmax_dtype, stays)
-            if sweep is not None:
-                sweep.record_batch(model, heads, full.shape[0], inps.device)
         out = []
         for inp, span, scored in zip(inputs, spans, scored_rows, strict=True):
             requests = self._conts.get(inp, [])

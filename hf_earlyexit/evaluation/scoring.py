@@ -158,23 +158,23 @@ def _shared_prefix_states(model, backbone, inps: Tensor, lengths: Sequence[int],
 
 
 def head_outputs(model, hidden_states: Sequence[Tensor] | dict[int, Tensor], inps: Tensor, wanted: Sequence[bool],
-                 at: Positions | None = None) -> HeadOutputs:
+                 at: Positions) -> HeadOutputs:
     """Per exit `j` with `wanted[j]`: its head's logits, its hidden states and the previous exit's (the embeddings
-    before the first exit), at positions `at` `(n, ...)` or everywhere `(batch, seq, ...)`; `None` for the others.
-    A context head's block runs over the whole sequences; its norm and projections only at `at`."""
-    def take(t: Tensor) -> Tensor:
-        return t if at is None else t[at]
-
-    previous = model.get_input_embeddings()(take(inps))
+    before the first exit) at positions `at`, `(n, ...)`; `None` for the others. A context head's block runs over
+    the whole sequences; its norm and projections only at `at`."""
+    previous = model.get_input_embeddings()(inps[at])
     outputs: HeadOutputs = []
     for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
-        hidden = hidden_states[layer]  # raw output of decoder layer `layer - 1`
-        if wanted[j]:
-            outputs.append((head.logits_from(take(head.features(hidden))), take(hidden), previous))
-        else:
-            outputs.append(None)
-        previous = take(hidden)
+        hidden = hidden_states[layer][at]  # raw output of decoder layer `layer - 1`
+        outputs.append((head.logits_from(head.features(hidden_states[layer])[at]), hidden, previous)
+                       if wanted[j] else None)
+        previous = hidden
     return outputs
+
+
+def heads_at(heads: HeadOutputs, span: slice) -> HeadOutputs:
+    """One row's `span` of a batch's head outputs at its flat scored positions."""
+    return [None if h is None else tuple(t[span] for t in h) for h in heads]
 
 
 def exit_index(model, rule: ExitRule, heads: HeadOutputs, shape: torch.Size, device) -> Tensor:
@@ -250,8 +250,7 @@ def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Te
     exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
     if index is None:
         return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-    row_heads = [None if h is None else tuple(t[span] for t in h) for h in heads]
-    return score_row(model, full_log_probs, row_heads, index[span], scored)
+    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored)
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
@@ -313,7 +312,7 @@ class ScoringSweep:
         """Score one row of the recorded batch at every ε (`score_row`; the row's `span` of the flat positions, the
         full model's `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)`
         `requests` sharing the row, exit counts on its scored positions."""
-        heads = [None if h is None else tuple(t[span] for t in h) for h in self.batch["heads"]]
+        heads = heads_at(self.batch["heads"], span)
         full = len(model.exit_heads)
         tops = head_tops(model, heads)  # once per row, not per ε
         full_greedy = full_log_probs.argmax(dim=-1)
