@@ -60,6 +60,44 @@ def test_resume_continues_exactly(base_path, corpus, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_lr_schedule_decays_and_resume_replays_it(base_path, corpus, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from hf_earlyexit.training import train as train_module
+
+    config = TrainConfig(steps=8, learning_rate=1e-2, checkpoint_every=4, log_every=2, lr_schedule="cosine",
+                         warmup_steps=2)
+    save = train_module.save_checkpoint
+
+    def keep_step_4(folder, *args, **kwargs):  # the real save; a copy of its step-4 checkpoint is kept aside
+        save(folder, *args, **kwargs)
+        if json.loads((folder / train_module.STATE_FILE).read_text())["step"] == 4:
+            shutil.copytree(folder, tmp_path / "cut" / folder.name)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", keep_step_4)
+    whole = fresh(base_path, head="shared", adapter_rank=4)
+    train_heads(whole, corpus, config, tmp_path / "whole")
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    state = json.loads((tmp_path / "whole" / "checkpoint" / train_module.STATE_FILE).read_text())
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at zero
+    at_4 = json.loads((tmp_path / "cut" / "checkpoint" / train_module.STATE_FILE).read_text())
+    # warm-up over 2 steps, then half a cosine over 6: after step 4 the rate is 1e-2 * (1 + cos(pi * 2/6)) / 2
+    assert at_4["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.75)
+    resumed = fresh(base_path, head="shared", adapter_rank=4)
+    train_heads(resumed, corpus, config, tmp_path / "cut", resume=True)
+    for (name, a), b in zip(whole.heads.state_dict().items(), resumed.heads.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    # the schedule depends on the planned steps, so a cosine run does not resume with other steps
+    with pytest.raises(ValueError, match="steps: checkpoint 8 vs now 12"):
+        train_heads(fresh(base_path, head="shared", adapter_rank=4), corpus,
+                    TrainConfig(**{**config.__dict__, "steps": 12}), tmp_path / "cut", resume=True)
+    with pytest.raises(ValueError, match="lr_schedule='step' is not one of constant, cosine, linear"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match=r"warmup_steps=8 must lie in \[0, steps=8\)"):
+        TrainConfig(steps=8, warmup_steps=8)
+
+
 def test_resume_with_other_settings_is_refused(base_path, corpus, tmp_path):
     train_heads(fresh(base_path), corpus, TrainConfig(steps=2, checkpoint_every=2), tmp_path)
     with pytest.raises(ValueError, match="lam: checkpoint 0.95 vs now 0.2"):
@@ -275,12 +313,21 @@ def test_sparse_loss_maps_tokens_outside_the_draft_vocabulary_to_other(base_path
     model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=[3, 5, 8])
     head = model.exit_heads[0]
     assert head.classes_of(torch.tensor([5, 8, 3, 4, 96])).tolist() == [1, 2, 0, 3, 3]
-    logits = torch.randn(1, 2, 4)  # (batch, seq, draft + OTHER)
+    logits = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)  # (batch, seq, draft + OTHER)
     target = SparseTargets(torch.tensor([[[5, 40], [96, 3]]]), torch.log(torch.tensor([[[0.6, 0.2], [0.5, 0.3]]])))
-    loss, _ = sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.0)
+    loss, entropy = sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.0)
     logp = torch.log_softmax(logits, -1)[0]
     expected = -(0.75 * logp[0, 1] + 0.25 * logp[0, 3] + 0.625 * logp[1, 3] + 0.375 * logp[1, 0]) / 2
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, expected.float())
+    # the fused loss's gradient is the log-softmax formula's; the entropy it reports is the head's
+    (grad,) = torch.autograd.grad(loss, logits)
+    (want,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1, keepdim=True).T.float())
+    assert sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.0, with_entropy=False)[1] is None
+    # with an entropy term (lam > 0) the loss is the paper's (1-λ)·CE − λ·H
+    mixed, mixed_entropy = sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.25)
+    torch.testing.assert_close(mixed, (0.75 * expected - 0.25 * mixed_entropy.mean()).float())
 
 
 def test_text_records_become_passages(tmp_path):

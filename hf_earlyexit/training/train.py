@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from ..modeling.heads_earlyexit import ExitHead
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 LOSSES = ("ce", "kl", "topk")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+# settings added after checkpoints were first written: an older checkpoint ran with these values
+LATER_SETTINGS = {"lr_schedule": "constant", "warmup_steps": 0}
 LOG_CSV = "train_log.csv"
 CURVES_PNG = "training_curves.png"
 
@@ -53,6 +58,10 @@ class TrainConfig:
     topk: int = 64  # loss topk: the model's most likely tokens kept per position
     # per-head multipliers of the learning rate (one per exit; None: all 1)
     head_lr_scale: list[float] | None = None
+    # learning-rate schedule over `steps` (transformers' `get_scheduler` names: constant, cosine, linear, ...) after
+    # `warmup_steps` of linear warm-up
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     mixed_precision: str = "no"
     checkpoint_every: int = 50
     log_every: int = 10
@@ -79,6 +88,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be a positive number")
         if self.teacher_cache_gib < 0:
             raise ValueError(f"teacher_cache_gib={self.teacher_cache_gib!r} must be >= 0 (0: no cache)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must lie in [0, steps={self.steps})")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of no, bf16, fp16")
 
@@ -102,19 +115,52 @@ def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: st
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
 
 
-def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask: Tensor, lam: float
-                     ) -> tuple[Tensor, Tensor]:
+class _TopKCrossEntropy(torch.autograd.Function):
+    """`logsumexp(logits) - Σ w·logits[classes]` per position, i.e. the cross-entropy of `log_softmax(logits)`
+    against weights `w` summing to 1 on `classes`, with the gradient written in one buffer
+    (`softmax(logits) - scatter(w)`): no log-softmax, exp or gather tensors of `(batch, seq, head_vocab)` kept for
+    the backward pass (the training step's largest tensors)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, classes: Tensor, weights: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (batch, seq, 1)
+        ctx.save_for_backward(logits, lse, classes, weights)
+        return lse.squeeze(-1) - (weights * logits.gather(-1, classes)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, lse, classes, weights = ctx.saved_tensors
+        out = torch.sub(logits, lse).exp_()  # softmax
+        out.scatter_add_(-1, classes, -weights.to(out.dtype))
+        return out.mul_(grad.unsqueeze(-1)), None, None
+
+
+def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask: Tensor, lam: float,
+                     with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """Eq. 1 against the model's top-k tokens renormalised (top-k distillation). `logits` `(batch, seq, head_vocab)`;
     `target` ids / log-probs `(batch, seq, k)`, full-vocabulary ids mapped to the head's classes (tokens outside a
-    draft vocabulary to its OTHER class). Returns `(loss, entropy)` as `head_loss`."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
-    weights = torch.softmax(target.logp, dim=-1)  # (batch, seq, k): the top-k mass renormalised
+    draft vocabulary to its OTHER class). Returns `(loss, entropy)` as `head_loss`; with `lam=0` the entropy is not
+    part of the loss, and `with_entropy=False` skips computing it (`None`)."""
+    logits = logits.float()
+    weights = torch.softmax(target.logp.float(), dim=-1)  # (batch, seq, k): the top-k mass renormalised
     classes = head.classes_of(target.ids)  # (batch, seq, k)
+    weight = mask.to(torch.float32)
+    if lam == 0.0:
+        cross = _TopKCrossEntropy.apply(logits, classes, weights)  # (batch, seq)
+        entropy = _entropy(logits.detach()) if with_entropy else None
+        return (cross * weight).sum() / weight.sum().clamp(min=1.0), entropy
+    logp = F.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
     cross = -(weights * logp.gather(-1, classes)).sum(-1)  # (batch, seq)
     per_token = (1.0 - lam) * cross - lam * entropy
-    weight = mask.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
+
+
+@torch.no_grad()
+def _entropy(logits: Tensor) -> Tensor:
+    """Entropy of `softmax(logits)` per position `(...)`."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def agrees_with(head: ExitHead, logits: Tensor, top: Tensor) -> Tensor:
@@ -128,8 +174,10 @@ def agreement(head: ExitHead, logits: Tensor, model_logits: Tensor) -> Tensor:
     return agrees_with(head, logits, model_logits.argmax(-1))
 
 
-def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainConfig) -> tuple[Tensor, list]:
-    """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}`."""
+def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainConfig, with_stats: bool = True
+                 ) -> tuple[Tensor, list]:
+    """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}` (`loss` only with
+    `with_stats=False`: agreement and entropy each take a pass over `(batch, seq, head_vocab)`)."""
     total, stats = 0.0, []
     real = teacher.mask.bool()
     targets = teacher.targets
@@ -138,12 +186,15 @@ def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainCon
     for head, hidden, target in zip(model.exit_heads, teacher.hidden, targets, strict=True):
         logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
         if isinstance(target, SparseTargets):
-            loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam)
+            loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam, with_stats)
         else:
             loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
         total = total + loss
-        agree = agrees_with(head, logits.detach(), teacher.top)[real].float().mean()
-        stats.append({"loss": loss.item(), "agreement": agree.item(), "entropy": entropy.detach()[real].mean().item()})
+        row = {"loss": loss.item()}
+        if with_stats:
+            row["agreement"] = agrees_with(head, logits.detach(), teacher.top)[real].float().mean().item()
+            row["entropy"] = entropy.detach()[real].mean().item()
+        stats.append(row)
     return total, stats
 
 
@@ -210,10 +261,17 @@ def train_heads(
               for head, scale in zip(model.exit_heads, scales, strict=True)]
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    schedule = get_scheduler(config.lr_schedule if config.warmup_steps == 0 or config.lr_schedule != "constant"
+                             else "constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps,
+                             num_training_steps=config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     start, history = 0, []
     if resume:
         start, history = load_checkpoint(work_dir / CHECKPOINT, model, optimizer, config, accelerator, data)
+        with warnings.catch_warnings():  # the schedule is a function of the step: replay it up to `start`
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                schedule.step()
     else:
         existing = [p for p in checkpoint_folders(work_dir / CHECKPOINT) if p.exists()]
         if existing:
@@ -224,22 +282,26 @@ def train_heads(
     held_out_teacher = None if held_out is None else _teacher(inner, held_out, config, with_targets=False)
     bar = tqdm(range(start, config.steps), desc="Training heads", unit="step", initial=start, total=config.steps,
                disable=not accelerator.is_main_process)
+    agree = "-"
     for step in bar:
         batch = teacher.batch(_rows_for_step(teacher, step, config, accelerator))
+        logged = (step + 1) % config.log_every == 0 or step + 1 == config.steps
         with accelerator.autocast():
-            loss, stats = batch_losses(inner, batch, config)
+            loss, stats = batch_losses(inner, batch, config, with_stats=logged)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         _average_gradients(params, accelerator, int(batch.mask.sum()))
         optimizer.step()
+        schedule.step()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
-        bar.set_postfix(loss=f"{loss.item():.3f}", agree="/".join(f"{s['agreement']:.2f}" for s in stats))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if logged:
+            agree = "/".join(f"{s['agreement']:.2f}" for s in stats)
             if held_out_teacher is not None:
                 stats = _with_held_out(stats, evaluate_heads(inner, held_out_teacher))
             history.extend({"step": step + 1, "exit": k, **s}
                            for k, s in zip(inner.config.exit_layers, stats, strict=True))
+        bar.set_postfix(loss=f"{loss.item():.3f}", agree=agree)  # agreement: at the last logged step
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(work_dir / CHECKPOINT, inner, optimizer, config, step + 1, history, accelerator, data)
     if accelerator.is_main_process:
@@ -380,12 +442,14 @@ def save_checkpoint(folder: Path, model: EarlyExitForCausalLM, optimizer, config
 def settings_diff(state: dict, config: TrainConfig, data: dict | None, heads: dict | None = None) -> list[str]:
     """What differs between a checkpoint's recorded settings and this run's: hyper-parameters, the data the corpus
     was built from (when both record it) and the heads (when given)."""
-    saved, current = dict(state["train_config"]), asdict(config)
+    saved, current = {**LATER_SETTINGS, **state["train_config"]}, asdict(config)
     if heads is not None:
         saved.update(state["heads_config"])
         current.update(heads)
-    for free in ("steps", "teacher_cache_gib"):  # training longer than planned, or with(out) the cache, is allowed
-        current[free] = saved[free] = None
+    # with(out) the cache is allowed, and training longer than planned where the schedule does not depend on it
+    free = ["teacher_cache_gib"] + (["steps"] if current["lr_schedule"] == "constant" else [])
+    for name in free:
+        current[name] = saved[name] = None
     if data is not None and state.get("data") is not None:
         saved.update({f"data {k}": v for k, v in state["data"].items()})
         current.update({f"data {k}": v for k, v in data.items()})
