@@ -402,6 +402,18 @@ def test_cli_train_refuses_bad_values_in_one_line(base_dir, tmp_path, capsys, mo
     assert re.search(message, cli_error(capsys, train_argv(base_dir, tmp_path, *extra)))
 
 
+def test_cli_train_stores_bfloat16_heads_when_asked(base_dir, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from hf_earlyexit.commands import cli
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    assert cli.main(train_argv(base_dir, tmp_path, "--num_sequences", "4", "--heads_dtype", "bfloat16")) == 0
+    with safe_open(tmp_path / "out" / "exit_heads.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["heads_dtype"] == "bfloat16"
+
+
 def test_cli_train_refuses_an_output_dir_that_is_a_file(base_dir, tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
     line = cli_error(capsys, train_argv(base_dir, tmp_path, "--num_sequences", "4"))

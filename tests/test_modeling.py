@@ -457,3 +457,36 @@ def test_low_rank_context_blocks_save_only_their_deltas_and_norms(arch, tmp_path
         for a, b in zip(low(ids, attention_mask=mask).exit_logits, again(ids, attention_mask=mask).exit_logits,
                         strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt2"])
+def test_bfloat16_storage_halves_the_file_and_only_rounds_the_weights(arch, tmp_path):
+    base = tiny_model(arch)
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", adapter_rank=4,
+                                           draft_vocab_size=50, heads_dtype="bfloat16")
+    perturb_heads(model)
+    model.save_pretrained(tmp_path / "bf16")
+    model.config.heads_dtype = "float32"
+    model.save_pretrained(tmp_path / "fp32")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "bf16" / "exit_heads.safetensors", "pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored == {"BF16", "I64"}  # floating weights halve; the draft vocabulary ids stay exact
+    sizes = [(tmp_path / name / "exit_heads.safetensors").stat().st_size for name in ("bf16", "fp32")]
+    assert sizes[0] < 0.6 * sizes[1]
+    again = EarlyExitForCausalLM.from_pretrained(tmp_path / "bf16", base_model=base)
+    assert again.config.heads_dtype == "bfloat16"
+    for key, value in model.heads.state_dict().items():  # loaded in the model's dtype, each weight rounded once
+        loaded = again.heads.state_dict()[key]
+        assert loaded.dtype == value.dtype
+        expected = value.to(torch.bfloat16).to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(loaded, expected), key
+    again.save_pretrained(tmp_path / "again")  # a second save keeps the storage dtype and rounds nothing more
+    assert (tmp_path / "again" / "exit_heads.safetensors").read_bytes() == \
+        (tmp_path / "bf16" / "exit_heads.safetensors").read_bytes()
+
+
+def test_unknown_heads_dtype_is_refused():
+    with pytest.raises(ValueError, match="heads_dtype='float16' is not one of float32, bfloat16"):
+        EarlyExitForCausalLM.from_base(tiny_model("llama"), exit_layers=[1], heads_dtype="float16")

@@ -102,6 +102,7 @@ class BenchArgs(ModelArgs):
     vocab_sequences: int = field(default=96, metadata={
         "help": "vocab mode: generated sequences the frequencies come from (96 = the README's training data)"})
     output_dir: str = field(default="bench", metadata={"help": "where bench.json and bench.png go"})
+    device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda or cuda:N"})
 
 
 def vocab_study(args: BenchArgs, model: EarlyExitForCausalLM, tokenizer) -> dict:
@@ -308,8 +309,10 @@ def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[di
         order = configs if rep % 2 == 0 else configs[::-1]  # alternate the order against drift
         for g, enc in enumerate(encoded):
             for config in order:
+                _synchronize(args.device)
                 start = time.perf_counter()
                 seqs, st = config.run(enc)
+                _synchronize(args.device)
                 times[config.label].append((g, time.perf_counter() - start))
                 if rep == 0:
                     outputs[config.label, g] = seqs[:, enc["input_ids"].shape[1]:]
@@ -318,6 +321,19 @@ def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[di
                 bar.update()
     bar.close()
     return times, outputs, stats
+
+
+def _synchronize(device: str) -> None:
+    """Wait for queued accelerator work, so a timer stops when the tokens exist (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_report(device: str) -> dict:
+    if torch.device(device).type == "cuda":
+        return {"device": device, "device_name": torch.cuda.get_device_name(device),
+                "torch_cuda": torch.version.cuda}
+    return {"device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, groups: int) -> list[dict]:
@@ -386,7 +402,16 @@ def run_bench(args: BenchArgs) -> dict:
             raise ValueError(f"prompt set {name!r} is not one of {', '.join(PROMPT_SETS)}")
     if not 1 <= args.num_prompts <= len(BENCH_PROMPTS):
         raise ValueError(f"num_prompts={args.num_prompts} must lie in 1..{len(BENCH_PROMPTS)}")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("this torch build sees no CUDA device")
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device={args.device!r} cannot run here ({err}); expected cpu, cuda or cuda:N") from None
+    if args.mode == "vocab" and device.type != "cpu":
+        raise ValueError(f"device={args.device!r}: the vocab study times heads on the CPU; expected cpu")
     model, tokenizer = args.load()
+    model.to(device)
     tokenizer.padding_side = "left"
     if args.mode == "vocab":
         with torch.inference_mode():
@@ -405,13 +430,14 @@ def run_bench(args: BenchArgs) -> dict:
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "exit_layers": model.config.exit_layers, "num_layers": model.num_layers,
         "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "args": asdict(args), "sets": {},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), **_device_report(args.device),
+        "torch": torch.__version__, "args": asdict(args), "sets": {},
     }
     with torch.inference_mode():
         for name in sets:
             prompts = list(PROMPT_SETS[name][: args.num_prompts])
             groups = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-            encoded = [tokenizer(g, return_tensors="pt", padding=True) for g in groups]
+            encoded = [tokenizer(g, return_tensors="pt", padding=True).to(device) for g in groups]
             configs[0].run(encoded[0])  # warm-up
             for enc in encoded:  # what the oracle drafts: the plain model's own greedy tokens
                 references[id(enc)] = model.generate(**enc, mode="plain", **common).tolist()

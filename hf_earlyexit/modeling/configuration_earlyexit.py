@@ -20,6 +20,7 @@ HEAD_TYPES = ("paper", "shared", "context")
 CONTEXT_INITS = ("next", "last")
 HEAD_INITS = ("lm_head", "scratch")
 METRICS = ("breaking_ties", "max_prob", "entropy", "hidden_similarity")
+HEADS_DTYPES = ("float32", "bfloat16")
 EMBEDDED = "embedded"
 DEFAULT_NUM_EXITS = 4
 # version of the saved heads folder (the adapter format): config fields, file names and what they hold. Bump it when
@@ -66,6 +67,8 @@ class EarlyExitConfig(PreTrainedConfig):
         training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
         calibration (`dict`, *optional*): provenance of the thresholds (prompts, tokens, metric, date), the
             per-head coverage / agreement of every ε on held-out tokens (`check`) and the whole rule's (`cascade`).
+        heads_dtype (`str`): how `exit_heads.safetensors` stores the heads' floating-point weights, `"float32"` or
+            `"bfloat16"` (half the bytes; loading casts them to the model's dtype, so only storage rounds).
         base_subfolder (`str`, *optional*): subfolder of this folder / repo that holds a full copy of the base
             model (a merged push); `None`: the base is loaded from `base_model_name_or_path`.
         format_version (`int`): version of the folder format; newer versions than `FORMAT_VERSION` are refused.
@@ -92,6 +95,7 @@ class EarlyExitConfig(PreTrainedConfig):
     base_fingerprint: list[list[float]] | list[float] | None = None
     training: dict | None = None
     calibration: dict | None = None
+    heads_dtype: str = "float32"
     base_subfolder: str | None = None
     format_version: int = 1  # what a folder without the field is; `save_pretrained` writes `FORMAT_VERSION`
 
@@ -112,6 +116,7 @@ class EarlyExitConfig(PreTrainedConfig):
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("context_init", self.context_init, CONTEXT_INITS)
         _check_choice("metric", self.metric, METRICS)
+        _check_choice("heads_dtype", self.heads_dtype, HEADS_DTYPES)
         if not 0.0 < float(self.eps) <= 1.0:
             raise ValueError(f"eps={self.eps!r} must lie in (0, 1]")
         vocab = self.text_config.vocab_size
@@ -141,7 +146,7 @@ class EarlyExitConfig(PreTrainedConfig):
             not isinstance(self.exit_layers, list | tuple) or not all(_is_int(k) for k in self.exit_layers)
         ):
             raise ValueError(f"exit_layers={self.exit_layers!r} must be a list of layer numbers (integers)")
-        for name in ("head_type", "head_init", "context_init", "metric"):
+        for name in ("head_type", "head_init", "context_init", "metric", "heads_dtype"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
         for name in ("adapter_rank", "draft_vocab_size", "context_rank"):

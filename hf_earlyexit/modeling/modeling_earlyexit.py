@@ -174,6 +174,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         draft_vocab_size: int | None = None,
         metric: str = EarlyExitConfig.metric,
         eps: float = EarlyExitConfig.eps,
+        heads_dtype: str = EarlyExitConfig.heads_dtype,
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -188,6 +189,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 `context_rank`: train low-rank deltas on the block's projections instead of a full copy).
             draft_token_ids: restrict heads to these token ids (e.g. the most frequent ones).
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
+            heads_dtype: how saved folders store the head weights (`"float32"`, or `"bfloat16"`: half the bytes).
         """
         if isinstance(base, str):
             name = record_name(base)  # a local folder by its absolute path: the heads load from anywhere
@@ -208,6 +210,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             context_rank=context_rank,
             adapter_rank=adapter_rank,
             draft_vocab_size=draft_vocab_size, metric=metric, eps=eps, base_fingerprint=weight_fingerprint(base),
+            heads_dtype=heads_dtype,
         )
         if draft_token_ids is not None:
             _check_token_ids(draft_token_ids, config.text_config.vocab_size)
@@ -346,7 +349,9 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         config.save_pretrained(folder)
         if merged:
             self.backbone.save_pretrained(folder / BASE_SUBFOLDER)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        stored = getattr(torch, config.heads_dtype)  # floating weights in the config's storage dtype; ids stay ints
+        state = {k: (v.to(stored) if v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.heads.state_dict().items()}
         save_file(state, folder / HEADS_FILE, metadata={"format": "pt"})
         if self.calibration_stats:
             save_file(self.calibration_stats, folder / CALIBRATION_FILE)

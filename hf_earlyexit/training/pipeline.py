@@ -15,7 +15,7 @@ from accelerate.utils import parse_flag_from_env
 
 from ..loading import is_heads_folder, load
 from ..modeling.base_earlyexit import DTYPES, EMBEDDED, load_base_model, load_tokenizer
-from ..modeling.configuration_earlyexit import CONTEXT_INITS, HEAD_TYPES
+from ..modeling.configuration_earlyexit import CONTEXT_INITS, HEAD_TYPES, HEADS_DTYPES
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .calibrate import calibration_spec, run_calibration, save_calibrated
 from .data import (
@@ -52,6 +52,9 @@ class TrainJob:
     context_rank: int | None = field(default=None, metadata={
         "help": "context heads: train rank-N deltas on the block's projections (small folders) instead of a full copy"})
     adapter_rank: int | None = field(default=64, metadata={"help": "shared heads: adapter rank"})
+    heads_dtype: str = field(default="float32", metadata={
+        "help": "how the folder stores head weights (bfloat16: half the bytes; training runs in --dtype)",
+        "choices": list(HEADS_DTYPES)})
     draft_vocab_size: int | None = field(
         default=16384, metadata={"help": "restrict heads to the N most frequent tokens of the data (0: full vocab)"}
     )
@@ -202,7 +205,7 @@ def _new_heads(job: TrainJob, base, tokenizer, corpus: Corpus) -> EarlyExitForCa
         base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init, context_init=job.context_init,
         context_rank=job.context_rank if job.head == "context" else None,
         adapter_rank=job.adapter_rank if job.head in ("shared", "context") else None, draft_token_ids=draft,
-        tokenizer=tokenizer,
+        heads_dtype=job.heads_dtype, tokenizer=tokenizer,
     )
 
 
