@@ -302,6 +302,7 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
 
 
 def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[dict, dict, dict]:
+    device = encoded[0]["input_ids"].device  # where the prompts (and the model) are
     times = {c.label: [] for c in configs}
     outputs, stats = {}, {}
     bar = tqdm(total=args.repeats * len(encoded) * len(configs), desc="Bench", unit="run")
@@ -309,10 +310,10 @@ def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[di
         order = configs if rep % 2 == 0 else configs[::-1]  # alternate the order against drift
         for g, enc in enumerate(encoded):
             for config in order:
-                _synchronize(args.device)
+                _synchronize(device)
                 start = time.perf_counter()
                 seqs, st = config.run(enc)
-                _synchronize(args.device)
+                _synchronize(device)
                 times[config.label].append((g, time.perf_counter() - start))
                 if rep == 0:
                     outputs[config.label, g] = seqs[:, enc["input_ids"].shape[1]:]
@@ -323,17 +324,18 @@ def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[di
     return times, outputs, stats
 
 
-def _synchronize(device: str) -> None:
+def _synchronize(device: torch.device) -> None:
     """Wait for queued accelerator work, so a timer stops when the tokens exist (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _device_report(device: str) -> dict:
-    if torch.device(device).type == "cuda":
-        return {"device": device, "device_name": torch.cuda.get_device_name(device),
+def _device_report(device: torch.device) -> dict:
+    """Where the bench ran, beside the CPU capability every report records."""
+    if device.type == "cuda":
+        return {"device": str(device), "device_name": torch.cuda.get_device_name(device),
                 "torch_cuda": torch.version.cuda}
-    return {"device": device, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"device": str(device)}
 
 
 def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, groups: int) -> list[dict]:
@@ -430,7 +432,7 @@ def run_bench(args: BenchArgs) -> dict:
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "exit_layers": model.config.exit_layers, "num_layers": model.num_layers,
         "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), **_device_report(args.device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), **_device_report(device),
         "torch": torch.__version__, "args": asdict(args), "sets": {},
     }
     with torch.inference_mode():
