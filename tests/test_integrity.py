@@ -414,6 +414,22 @@ def test_cli_train_stores_bfloat16_heads_when_asked(base_dir, tmp_path, monkeypa
     assert json.loads((tmp_path / "out" / "config.json").read_text())["heads_dtype"] == "bfloat16"
 
 
+def test_cli_train_stores_quantised_block_changes_when_asked(base_dir, tmp_path, monkeypatch, capsys):
+    from hf_earlyexit.commands import cli
+
+    line = cli_error(capsys, train_argv(base_dir, tmp_path, "--num_sequences", "4", "--block_delta_bits", "6"))
+    assert "block_delta_bits=6 stores full context blocks; expected --head context without --context_rank" in line
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    assert cli.main(train_argv(base_dir, tmp_path, "--num_sequences", "4", "--head", "context",
+                               "--block_delta_bits", "6")) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["block_delta_bits"] == 6
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "exit_heads.safetensors", "pt") as f:
+        assert any(k.endswith(".block.mlp.down_proj.weight.delta_codes") for k in f.keys())
+    assert EarlyExitForCausalLM.from_pretrained(tmp_path / "out").config.block_delta_bits == 6
+
+
 def test_cli_train_refuses_an_output_dir_that_is_a_file(base_dir, tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
     line = cli_error(capsys, train_argv(base_dir, tmp_path, "--num_sequences", "4"))

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_decoding import set_median_thresholds
 from tiny import ARCHS, batch, save_tiny_base, tiny_model
 from transformers import AutoModelForCausalLM, OPTConfig
@@ -485,6 +485,76 @@ def test_bfloat16_storage_halves_the_file_and_only_rounds_the_weights(arch, tmp_
     again.save_pretrained(tmp_path / "again")  # a second save keeps the storage dtype and rounds nothing more
     assert (tmp_path / "again" / "exit_heads.safetensors").read_bytes() == \
         (tmp_path / "bf16" / "exit_heads.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_delta_storage_keeps_each_block_weight_within_half_a_step(arch, tmp_path):
+    """Full context blocks stored as their quantised change from the layer they copy: a fraction of the bytes, each
+    block matrix within half a quantisation step of the trained one, everything else as `heads_dtype` stores it."""
+    from hf_earlyexit.modeling.storage_earlyexit import DELTA_GROUP
+
+    base = tiny_model(arch)
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", adapter_rank=4,
+                                           draft_vocab_size=50, heads_dtype="bfloat16")
+    perturb_heads(model)
+    model.save_pretrained(tmp_path / "whole")
+    origins = model._block_origins()
+    assert origins and all(".block." in key for key in origins)
+    ids, mask = batch([7, 4])
+    for bits in (4, 8):
+        model.config.block_delta_bits = bits
+        model.save_pretrained(tmp_path / f"b{bits}")
+        assert json.loads((tmp_path / f"b{bits}" / "config.json").read_text())["format_version"] == 2
+        again = EarlyExitForCausalLM.from_pretrained(tmp_path / f"b{bits}", base_model=base)
+        assert again.config.block_delta_bits == bits
+        trained, loaded = model.heads.state_dict(), again.heads.state_dict()
+        for key, value in trained.items():
+            assert loaded[key].dtype == value.dtype, key
+            if key in origins:  # within half a step of its group's scale (absmax / (2^(bits-1) - 1)), plus rounding
+                delta = (value - origins[key]).reshape(-1)
+                delta = torch.nn.functional.pad(delta, (0, -delta.numel() % DELTA_GROUP)).view(-1, DELTA_GROUP)
+                step = delta.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+                error = torch.nn.functional.pad((loaded[key] - value).reshape(-1), (0, -value.numel() % DELTA_GROUP))
+                assert (error.view(-1, DELTA_GROUP).abs() <= 0.51 * step + 1e-6).all(), key
+                assert not torch.equal(loaded[key], origins[key]), key  # the change was kept, not dropped
+            else:
+                expected = value.to(torch.bfloat16).to(value.dtype) if value.is_floating_point() else value
+                assert torch.equal(loaded[key], expected), key
+        with torch.no_grad():
+            for a, b in zip(model(ids, attention_mask=mask).exit_logits, again(ids, attention_mask=mask).exit_logits,
+                            strict=True):
+                torch.testing.assert_close(b, a, rtol=0.1, atol=0.1 if bits == 4 else 0.02)
+    sizes = {name: (tmp_path / name / "exit_heads.safetensors").stat().st_size for name in ("whole", "b4", "b8")}
+    assert sizes["b4"] < sizes["b8"] < sizes["whole"]
+
+
+def test_block_delta_storage_refuses_bad_settings_and_damaged_entries(tmp_path):
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match="block_delta_bits=2 must be a number of bits in 3..8"):
+        EarlyExitForCausalLM.from_base(base, exit_layers=[1], head="context", block_delta_bits=2)
+    with pytest.raises(ValueError, match="block_delta_bits=4 stores full context blocks; these heads have none "
+                                         r"\(head_type='shared'"):
+        EarlyExitForCausalLM.from_base(base, exit_layers=[1], head="shared", block_delta_bits=4)
+    with pytest.raises(ValueError, match="context_rank=2"):
+        EarlyExitForCausalLM.from_base(base, exit_layers=[1], head="context", context_rank=2, block_delta_bits=4)
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", block_delta_bits=5)
+    perturb_heads(model)
+    model.save_pretrained(tmp_path / "heads")
+    path = tmp_path / "heads" / "exit_heads.safetensors"
+    state = load_file(path)
+    key = next(k for k in state if k.endswith(".delta_codes"))
+    name = key.removesuffix(".delta_codes")
+    for damage, message in (
+        (lambda s: s.pop(key), f"'{name}.delta_codes' and '{name}.delta_scales' are expected"),
+        (lambda s: s.update({key: s[key][:-1]}), f"'{name}': codes are torch.uint8 of shape"),
+        (lambda s: s.update({name + ".delta_scales": s[name + ".delta_scales"].float()}), "expected bfloat16"),
+        (lambda s: s.update({name: torch.zeros(1)}), f"'{name}' is stored whole"),
+    ):
+        broken = dict(state)
+        damage(broken)
+        save_file(broken, path)
+        with pytest.raises(HeadsMismatchError, match=message):
+            EarlyExitForCausalLM.from_pretrained(tmp_path / "heads", base_model=base)
 
 
 def test_unknown_heads_dtype_is_refused():

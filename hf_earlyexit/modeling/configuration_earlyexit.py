@@ -21,11 +21,15 @@ CONTEXT_INITS = ("next", "last")
 HEAD_INITS = ("lm_head", "scratch")
 METRICS = ("breaking_ties", "max_prob", "entropy", "hidden_similarity")
 HEADS_DTYPES = ("float32", "bfloat16")
+# context heads with full blocks: each block weight may be stored as its change from the layer it copies, in these bits
+BLOCK_DELTA_BITS = (3, 4, 5, 6, 7, 8)
 EMBEDDED = "embedded"
 DEFAULT_NUM_EXITS = 4
 # version of the saved heads folder (the adapter format): config fields, file names and what they hold. Bump it when
-# a folder written by this code could be misread by older code; folders without the field are version 1.
-FORMAT_VERSION = 1
+# a folder written by this code could be misread by older code; folders without the field are version 1. A folder is
+# written in the lowest version that holds it (`folder_format`), so older code still reads what it can.
+# 2: block weights stored as quantised changes (`block_delta_bits`).
+FORMAT_VERSION = 2
 
 
 class UnsupportedFormatError(ValueError):
@@ -69,6 +73,9 @@ class EarlyExitConfig(PreTrainedConfig):
             per-head coverage / agreement of every ε on held-out tokens (`check`) and the whole rule's (`cascade`).
         heads_dtype (`str`): how `exit_heads.safetensors` stores the heads' floating-point weights, `"float32"` or
             `"bfloat16"` (half the bytes; loading casts them to the model's dtype, so only storage rounds).
+        block_delta_bits (`int`, *optional*): context heads with full blocks: store each block weight as its change
+            from the model layer it copies, quantised to 3..8 bits in groups of 64 (6 bits: 0.39x the bytes of
+            bfloat16; loading adds it back onto the base model's own layer). `None`: stored whole in `heads_dtype`.
         base_subfolder (`str`, *optional*): subfolder of this folder / repo that holds a full copy of the base
             model (a merged push); `None`: the base is loaded from `base_model_name_or_path`.
         format_version (`int`): version of the folder format; newer versions than `FORMAT_VERSION` are refused.
@@ -96,6 +103,7 @@ class EarlyExitConfig(PreTrainedConfig):
     training: dict | None = None
     calibration: dict | None = None
     heads_dtype: str = "float32"
+    block_delta_bits: int | None = None
     base_subfolder: str | None = None
     format_version: int = 1  # what a folder without the field is; `save_pretrained` writes `FORMAT_VERSION`
 
@@ -117,6 +125,13 @@ class EarlyExitConfig(PreTrainedConfig):
         _check_choice("context_init", self.context_init, CONTEXT_INITS)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("heads_dtype", self.heads_dtype, HEADS_DTYPES)
+        if self.block_delta_bits is not None:
+            if self.block_delta_bits not in BLOCK_DELTA_BITS:
+                raise ValueError(f"block_delta_bits={self.block_delta_bits!r} must be a number of bits in "
+                                 f"{BLOCK_DELTA_BITS[0]}..{BLOCK_DELTA_BITS[-1]} (or null: blocks stored whole)")
+            if self.head_type != "context" or self.context_rank is not None:
+                raise ValueError(f"block_delta_bits={self.block_delta_bits!r} stores full context blocks; these heads "
+                                 f"have none (head_type={self.head_type!r}, context_rank={self.context_rank!r})")
         if not 0.0 < float(self.eps) <= 1.0:
             raise ValueError(f"eps={self.eps!r} must lie in (0, 1]")
         vocab = self.text_config.vocab_size
@@ -149,7 +164,7 @@ class EarlyExitConfig(PreTrainedConfig):
         for name in ("head_type", "head_init", "context_init", "metric", "heads_dtype"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
-        for name in ("adapter_rank", "draft_vocab_size", "context_rank"):
+        for name in ("adapter_rank", "draft_vocab_size", "context_rank", "block_delta_bits"):
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer or null")
         if not _is_number(self.eps):
@@ -194,6 +209,11 @@ class EarlyExitConfig(PreTrainedConfig):
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers or [])
+
+
+def folder_format(config: EarlyExitConfig) -> int:
+    """The lowest folder format that holds what `config` describes."""
+    return 2 if config.block_delta_bits is not None else 1
 
 
 def check_format_version(version: Any) -> None:

@@ -33,7 +33,7 @@ from .base_earlyexit import (
     record_name,
     weight_fingerprint,
 )
-from .configuration_earlyexit import FORMAT_VERSION, EarlyExitConfig, UnsupportedFormatError
+from .configuration_earlyexit import EarlyExitConfig, UnsupportedFormatError, folder_format
 from .costs_earlyexit import CostModel
 from .decoding_earlyexit import early_exit_generate
 from .engine_earlyexit import ContextLayer, LayerEngine
@@ -60,6 +60,7 @@ from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, w
 from .options_earlyexit import OPTION_NAMES, DecodingOptions, check_eps
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
+from .storage_earlyexit import decode_blocks, encode_change
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,16 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return context_block(parts.layers[self._context_copies(k)], parts.spec.attn, self.engine.num_layers + m,
                              rank=self.config.context_rank)
 
+    def _block_origins(self) -> dict[str, Tensor]:
+        """Each matrix of the context heads' full blocks (its `self.heads` state key) -> the same matrix of the model
+        layer the block copies: what `block_delta_bits` stores changes from."""
+        parts = self.engine.parts
+        return {
+            f"{m}.block.{name}": weight
+            for m, (head, k) in enumerate(zip(self.heads, self.config.exit_layers, strict=True)) if head.has_context
+            for name, weight in parts.layers[self._context_copies(k)].named_parameters() if weight.dim() == 2
+        }
+
     # -- building and loading ----------------------------------------------------------------------------------
 
     @classmethod
@@ -175,6 +186,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         metric: str = EarlyExitConfig.metric,
         eps: float = EarlyExitConfig.eps,
         heads_dtype: str = EarlyExitConfig.heads_dtype,
+        block_delta_bits: int | None = None,
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -190,6 +202,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             draft_token_ids: restrict heads to these token ids (e.g. the most frequent ones).
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
             heads_dtype: how saved folders store the head weights (`"float32"`, or `"bfloat16"`: half the bytes).
+            block_delta_bits: context heads with full blocks: saved folders store each block weight as its change
+                from the layer it copies, in 4 or 8 bits (`None`: whole, in `heads_dtype`).
         """
         if isinstance(base, str):
             name = record_name(base)  # a local folder by its absolute path: the heads load from anywhere
@@ -210,7 +224,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             context_rank=context_rank,
             adapter_rank=adapter_rank,
             draft_vocab_size=draft_vocab_size, metric=metric, eps=eps, base_fingerprint=weight_fingerprint(base),
-            heads_dtype=heads_dtype,
+            heads_dtype=heads_dtype, block_delta_bits=block_delta_bits,
         )
         if draft_token_ids is not None:
             _check_token_ids(draft_token_ids, config.text_config.vocab_size)
@@ -271,6 +285,11 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def load_heads_state(self, state: dict[str, Tensor], source: str = "state dict") -> None:
         """Load head weights (as saved by `save_pretrained`), with errors that name the bad entry."""
+        if self.config.block_delta_bits is not None:
+            try:
+                state = decode_blocks(state, self._block_origins(), self.config.block_delta_bits)
+            except ValueError as err:
+                raise HeadsMismatchError(f"heads in {source}: {err}") from None
         expected = self.heads.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -344,14 +363,19 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     def _write_folder(self, folder: Path, tokenizer: PreTrainedTokenizerBase | None, merged: bool) -> EarlyExitConfig:
         config = copy.deepcopy(self.config)
         config.auto_map = dict(AUTO_MAP)
-        config.format_version = FORMAT_VERSION
+        config.format_version = folder_format(config)
         config.base_subfolder = BASE_SUBFOLDER if merged else None
         config.save_pretrained(folder)
         if merged:
             self.backbone.save_pretrained(folder / BASE_SUBFOLDER)
         stored = getattr(torch, config.heads_dtype)  # floating weights in the config's storage dtype; ids stay ints
-        state = {k: (v.to(stored) if v.is_floating_point() else v).detach().contiguous().cpu()
-                 for k, v in self.heads.state_dict().items()}
+        origins = self._block_origins() if config.block_delta_bits is not None else {}
+        state = {}
+        for key, value in self.heads.state_dict().items():
+            if key in origins:  # a block matrix: its change from the layer the block copies, quantised
+                state |= encode_change(key, value.float() - origins[key].float(), config.block_delta_bits)
+            else:
+                state[key] = (value.to(stored) if value.is_floating_point() else value).detach().contiguous().cpu()
         save_file(state, folder / HEADS_FILE, metadata={"format": "pt"})
         if self.calibration_stats:
             save_file(self.calibration_stats, folder / CALIBRATION_FILE)

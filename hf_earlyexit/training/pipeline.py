@@ -15,7 +15,7 @@ from accelerate.utils import parse_flag_from_env
 
 from ..loading import is_heads_folder, load
 from ..modeling.base_earlyexit import DTYPES, EMBEDDED, load_base_model, load_tokenizer
-from ..modeling.configuration_earlyexit import CONTEXT_INITS, HEAD_TYPES, HEADS_DTYPES
+from ..modeling.configuration_earlyexit import BLOCK_DELTA_BITS, CONTEXT_INITS, HEAD_TYPES, HEADS_DTYPES
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .calibrate import calibration_spec, run_calibration, save_calibrated
 from .data import (
@@ -55,6 +55,9 @@ class TrainJob:
     heads_dtype: str = field(default="float32", metadata={
         "help": "how the folder stores head weights (bfloat16: half the bytes; training runs in --dtype)",
         "choices": list(HEADS_DTYPES)})
+    block_delta_bits: int | None = field(default=None, metadata={
+        "help": "context heads with full blocks: store each block weight as its change from the layer it copies, in "
+                "N bits (3..8; 6: 0.39x the bytes of bfloat16)", "choices": list(BLOCK_DELTA_BITS)})
     draft_vocab_size: int | None = field(
         default=16384, metadata={"help": "restrict heads to the N most frequent tokens of the data (0: full vocab)"}
     )
@@ -78,6 +81,10 @@ class TrainJob:
             raise ValueError(f"max_text_tokens={self.max_text_tokens!r} must be a positive number of tokens")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size={self.draft_vocab_size!r} must be >= 0 (0: the full vocabulary)")
+        if self.block_delta_bits is not None and (self.head != "context" or self.context_rank is not None):
+            raise ValueError(f"block_delta_bits={self.block_delta_bits!r} stores full context blocks; expected "
+                             f"--head context without --context_rank (got head={self.head!r}, "
+                             f"context_rank={self.context_rank!r})")
 
     @property
     def work_path(self) -> Path:
@@ -205,7 +212,7 @@ def _new_heads(job: TrainJob, base, tokenizer, corpus: Corpus) -> EarlyExitForCa
         base, exit_layers=job.exit_layers, head=job.head, head_init=job.head_init, context_init=job.context_init,
         context_rank=job.context_rank if job.head == "context" else None,
         adapter_rank=job.adapter_rank if job.head in ("shared", "context") else None, draft_token_ids=draft,
-        heads_dtype=job.heads_dtype, tokenizer=tokenizer,
+        heads_dtype=job.heads_dtype, block_delta_bits=job.block_delta_bits, tokenizer=tokenizer,
     )
 
 
