@@ -51,7 +51,8 @@ def reference(folders):
     return evaluate("hf", f"pretrained={base}", log_samples=True)
 
 
-@pytest.mark.parametrize("extra", ["eps=1", "eps=1.0,mode=early_exit", "mode=full", "eps=1,mode=dssd"])
+@pytest.mark.parametrize("extra", ["eps=1", "eps=1.0,mode=early_exit", "mode=full", "eps=1,mode=dssd",
+                                   "eps=1,continuous=True", "mode=full,continuous=true"])
 def test_eps_one_gives_exactly_the_hf_metrics(folders, reference, extra):
     _, heads = folders
     got = evaluate("ee-hf", f"pretrained={heads},{extra}", log_samples=True)
@@ -65,6 +66,21 @@ def test_dssd_generation_is_lossless_while_scoring_exits(folders, reference):
     assert responses(got)["ee_sequences"] == responses(reference)["ee_sequences"]
     report = got["config"]["early_exit"]["tasks"]
     assert report["ee_sequences"]["generation"]["acceptance_rate"] is not None
+
+
+def test_continuous_batching_generates_what_batched_early_exit_generates(folders):
+    """Requests queued (batch 4 refilled as they finish) decode as in lm-eval's own batches: same responses, same
+    exit counts (kv_fill recompute is exact, so a request's tokens do not depend on its batch)."""
+    _, heads = folders
+    batched = evaluate("ee-hf", f"pretrained={heads},eps=0.5", log_samples=True)
+    queued = evaluate("ee-hf", f"pretrained={heads},eps=0.5,continuous=True", log_samples=True)
+    assert responses(queued) == responses(batched) and metrics(queued) == metrics(batched)
+    counts = [r["config"]["early_exit"]["tasks"]["ee_sequences"]["generation"]["exit_counts"] for r in (queued, batched)]
+    assert counts[0] == counts[1] and counts[0]["full"] < sum(counts[0].values())
+    with pytest.raises(ValueError, match="continuous=True decodes by early exit with the step rule; got mode='dssd'"):
+        evaluate("ee-hf", f"pretrained={heads},eps=0.5,mode=dssd,continuous=True")
+    with pytest.raises(ValueError, match="continuous='maybe' must be true or false"):
+        evaluate("ee-hf", f"pretrained={heads},eps=0.5,continuous=maybe")
 
 
 def test_exit_counts_cover_only_scored_positions(folders):

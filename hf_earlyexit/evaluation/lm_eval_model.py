@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.models.utils_hf import pad_and_concat
 from tqdm.auto import tqdm
 
@@ -34,6 +34,7 @@ from ..formatting import num
 from ..loading import load
 from ..modeling.base_earlyexit import parse_dtype
 from ..modeling.configuration_earlyexit import METRICS
+from ..modeling.continuous_earlyexit import continuous_generate
 from ..modeling.exits_earlyexit import ExitRule
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
@@ -90,14 +91,21 @@ class EarlyExitLM(HFLM):
             where the head's top token is the scored token) or `confidence` (every one, the paper's way).
         kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
             (`DecodingOptions`); one that does not apply to the mode is refused.
+        continuous: generation tasks decode with continuous batching (`continuous_generate`: up to `batch_size`
+            requests at once, a finished request's place taken by the next at the next step); early exit (or the
+            same loop without exits at ε = 1), greedy requests only (others decode as without it).
     """
 
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
                  lookup: int | None = None, batch_exit: str | None = None, scoring_rule: str = "top_token",
-                 **kwargs) -> None:
+                 continuous: bool | str = False, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        self.ee_continuous = _as_bool("continuous", continuous)
+        if self.ee_continuous and (mode == "dssd" or batch_exit == "row"):
+            raise ValueError(f"continuous=True decodes by early exit with the step rule; got mode={mode!r}, "
+                             f"batch_exit={batch_exit!r}")
         if metric is not None and metric not in METRICS:
             raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
         self.ee_eps = 1.0 if mode == "full" else check_eps(eps)
@@ -420,7 +428,65 @@ class EarlyExitLM(HFLM):
         return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return self._per_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
+        method = self._generate_continuous if self.ee_continuous else super().generate_until
+        return self._per_task(method, requests, disable_tqdm=disable_tqdm)
+
+    def _generate_continuous(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """`generate_until` with continuous batching: HFLM's encoding (truncation, special tokens), stop sequences
+        (+ EOS) and post-processing, but every greedy request of a task in one queue, `batch_size` at a time."""
+        args = [request.args for request in requests]
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        groups: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else 8
+        options = DecodingOptions.build(self.ee_options, mode="early_exit", eps=self.ee_eps)
+        stats = self._task_stats(self.ee_generation)
+        key = self.ee_task or "all"
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                    desc="Running generate_until requests (continuous batching)")
+        for indices in groups.values():
+            gen_kwargs = args[indices[0]][1]
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) or kwargs:  # sampling, other knobs: HFLM
+                subset = [requests[i] for i in indices]
+                for i, text in zip(indices, super().generate_until(subset, disable_tqdm=True), strict=True):
+                    results[i] = text
+                pbar.update(len(indices))
+                continue
+            contexts = [args[i][0] for i in indices]
+            encoded, mask = self.tok_batch_encode(contexts, left_truncate_len=self.max_length - max_gen_toks,
+                                                  truncation=self.truncation)
+            prompts = [row[m.bool()].tolist() for row, m in zip(encoded, mask, strict=True)]
+            stops = [term for term in until if term]
+
+            def stop(_: int, tokens: list[int]) -> bool:
+                text = self.tok_decode(tokens)
+                return any(term in text for term in stops)
+
+            model = self.model
+            model.reset_exit_stats()
+            started = time.perf_counter()
+            outputs = continuous_generate(model, prompts, max_gen_toks, batch_size=batch_size, stop=stop,
+                                          eos_token_id=self.eot_token_id, options=options, progress=pbar.update)
+            self.ee_seconds[key] = self.ee_seconds.get(key, 0.0) + time.perf_counter() - started
+            stats.add(model.exit_stats)
+            for i, context, tokens in zip(indices, contexts, outputs, strict=True):
+                if isinstance(self.think_end_token, int) and self.think_end_token in tokens:
+                    tokens = tokens[len(tokens) - tokens[::-1].index(self.think_end_token):]
+                text = self.tok_decode(tokens)
+                if isinstance(self.think_end_token, int):
+                    text = text.lstrip()
+                text = postprocess_generated_text(
+                    generation=text, stop=until,
+                    think_end_token=self.think_end_token if isinstance(self.think_end_token, str) else None)
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", (context, args[i][1]), text)
+        pbar.close()
+        return results
 
     # -- reporting --------------------------------------------------------------------------------------------------
 
@@ -455,6 +521,15 @@ class EarlyExitLM(HFLM):
         info = super().get_model_info()
         info["early_exit"] = self.early_exit_report()
         return info
+
+
+def _as_bool(name: str, value) -> bool:
+    """A model_args flag: a bool, or `true` / `false` as lm-eval may pass it."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"{name}={value!r} must be true or false")
 
 
 def split_padding(requests: list) -> tuple[list[int], dict[int, int]]:

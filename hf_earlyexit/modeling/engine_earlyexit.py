@@ -248,6 +248,45 @@ class LayerEngine:
             state.done[j] = length
         state.context_out.clear()
 
+    def concat_rows(self, first: EngineState, second: EngineState) -> EngineState:
+        """One state holding the rows of `first`, then those of `second` (continuous batching: requests join a running
+        batch). The shorter is left-padded (masked) to the longer's length; leading slots that are padding in every
+        row are dropped. Both need every position computed by every layer they feed (`flush`), the same context
+        layers, and recorded sliding-window layers (`start(..., rollback=True)`); neither is changed.
+        """
+        if first.contexts != second.contexts:
+            raise ValueError(f"states feed different context layers: {first.contexts} vs {second.contexts}")
+        layers = [*range(self.num_layers), *self._context_indices(first)]
+        for state in (first, second):
+            if state.frontier or any(state.done[j] != state.length for j in layers):
+                raise RuntimeError("concat_rows needs every position computed by every layer (flush first)")
+        lead = [int(s.attention_mask.any(dim=0).long().argmax()) if s.attention_mask.any() else s.length
+                for s in (first, second)]  # leading slots that are padding in every row of each state
+        length = max(s.length - skip for s, skip in zip((first, second), lead, strict=True))
+        parts = []
+        for state, skip in zip((first, second), lead, strict=True):
+            shift = length - (state.length - skip)
+            columns = torch.arange(length, device=state.attention_mask.device)
+            index = (columns - shift + skip).clamp(min=0)  # (length,): old slot of each new slot
+            padded = (columns < shift)[None, :]
+            cache = copy.copy(state.cache)
+            cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+            for j in layers:
+                _slice_layer(cache.layers[j], state.length, index)
+            parts.append((cache, state.attention_mask[:, index].masked_fill(padded, 0),
+                          state.position_ids[:, index].masked_fill(padded, 0)))
+        (cache, mask_a, pos_a), (other, mask_b, pos_b) = parts
+        for j in layers:
+            layer, extra = cache.layers[j], other.layers[j]
+            layer.keys = torch.cat([layer.keys, extra.keys])
+            layer.values = torch.cat([layer.values, extra.values])
+        done = list(first.done)
+        for j in layers:
+            done[j] = length
+        work = {key: [a + b for a, b in zip(first.work[key], second.work[key], strict=True)] for key in first.work}
+        return EngineState(cache=cache, attention_mask=torch.cat([mask_a, mask_b]),
+                           position_ids=torch.cat([pos_a, pos_b]), done=done, work=work, contexts=first.contexts)
+
     def _context_indices(self, state: EngineState) -> list[int]:
         """Engine indices `L + m` of the context layers `state` feeds."""
         return [self.num_layers + m for m in state.contexts]
