@@ -152,6 +152,28 @@ def test_speedup_rule_refutes_only_a_low_eps_no_faster_than_full(speedups, expec
     assert verdicts_lm_eval({"rows": rows, "task_sizes": {"t": 10}}, {})[1].verdict == expected
 
 
+def test_a_task_where_nothing_exits_is_named_not_judged():
+    """A task where the scoring rule lets no position leave at any ε (MMLU's shared one-token answers under
+    top_token) says nothing about speed or exits vs ε; it is named in the reason instead of refuting the claims."""
+    from hf_earlyexit.reproduce.verdicts import verdicts_lm_eval
+
+    def rows(task, speedups, exited):
+        return [{"task": task, "eps": eps, "value": 0.5, "cost_speedup": speedup,
+                 "exit_fractions": json.dumps({"exit@1": share / 2, "exit@2": share / 2, "full": 1.0 - share})}
+                for eps, speedup, share in zip((0.5, 0.8, 1.0), speedups, exited, strict=True)]
+
+    result = {"rows": rows("t", (2.0, 1.5, 1.0), (0.5, 0.3, 0.0)) + rows("mmlu", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+              "task_sizes": {"t": 10, "mmlu": 10}, "scoring_rule": "top_token", "real_tasks": True}
+    _, speed, exits = verdicts_lm_eval(result, {})
+    assert speed.verdict == exits.verdict == CONFIRMED
+    result["rows"] = rows("t", (2.0, 2.2, 1.0), (0.3, 0.4, 0.0)) + rows("mmlu", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    _, speed, exits = verdicts_lm_eval(result, {})
+    assert speed.verdict == DIFFERS and exits.verdict == REFUTED
+    for verdict in (speed, exits):
+        assert "no scored position leaves at any ε on mmlu" in verdict.reason
+        assert "the first head that passes its threshold names the scored token" in verdict.reason
+
+
 def test_batching_rule_uses_the_loop_without_exits_and_needs_exits():
     def rows(speedup: float, exited: float) -> list[dict]:
         return [{"family": "early_exit", "eps": 0.9, "speedup_vs_eps1": speedup, "speedup": speedup,

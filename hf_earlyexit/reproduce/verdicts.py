@@ -240,7 +240,7 @@ def verdicts_lm_eval(result: dict, facts: dict) -> list[Verdict]:
     series = _sweep_series(result)
     sizes = result.get("task_sizes", {})
     score_ok, score_bad, speed_ok, speed_bad, exit_ok, exit_bad, deep_only, any_exit = ([] for _ in range(8))
-    score_ev, speed_ev, exit_ev = [], [], []
+    score_ev, speed_ev, exit_ev, silent = [], [], [], []
     for task, per_eps in series.items():
         eps = sorted(per_eps)
         low, full = eps[0], eps[-1]
@@ -250,19 +250,35 @@ def verdicts_lm_eval(result: dict, facts: dict) -> list[Verdict]:
         score_ok.append(all(abs(score[e] - score[full]) <= tolerance for e in high))
         score_bad.append(score[low] > score[full] + tolerance)
         score_ev.append(f"{task}: " + ", ".join(f"ε={e:g} {num(score[e])}" for e in eps))
+        fractions = {e: json.loads(per_eps[e]["exit_fractions"] or "{}") for e in eps}
+        exited = {e: 1.0 - fractions[e].get("full", 1.0) for e in eps}
+        if not any(exited[e] > 0 for e in eps):  # nothing left at any ε: speed and exits say nothing of ε here
+            silent.append(task)
+            continue
         speed = {e: per_eps[e]["cost_speedup"] or 1.0 for e in eps}
         speed_ok.append(all(speed[a] >= speed[b] - 0.01 for a, b in zip(eps, eps[1:], strict=False)))
         speed_bad.append(speed[low] <= speed[full] + 0.01)
         speed_ev.append(f"{task}: " + ", ".join(f"ε={e:g} {speed[e]:.2f}x" for e in eps))
-        fractions = {e: json.loads(per_eps[e]["exit_fractions"] or "{}") for e in eps}
-        exited = {e: 1.0 - fractions[e].get("full", 1.0) for e in eps}
         exit_ok.append(all(exited[a] >= exited[b] - 0.01 for a, b in zip(eps, eps[1:], strict=False)))
         any_exit.append(exited[low] > 0)
         names = [n for n in fractions[low] if n != "full"]
         deep_only.append(bool(names) and exited[low] > 0 and all(fractions[low][n] == 0 for n in names[:-1]))
         exit_ev.append(f"{task}: tokens exiting " + ", ".join(f"ε={e:g} {exited[e]:.2f}" for e in eps))
     docs = ", ".join(f"{t} {n}" for t, n in sizes.items())
-    data = f"data: {docs} local questions per task, not MMLU / HellaSwag / Winogrande" if docs else ""
+    if not docs:
+        data = ""
+    elif result.get("real_tasks"):
+        data = f"data: {docs} documents per task (one document moves a score by 1/N)"
+    else:
+        data = f"data: {docs} local questions per task, not MMLU / HellaSwag / Winogrande"
+    top_token = result.get("scoring_rule") == "top_token"
+    quiet = (f"no scored position leaves at any ε on {', '.join(silent)}, left out of the speed and exit judgments"
+             + (" (scoring_rule=top_token keeps a position that several one-token answers share with the full "
+                "model)" if top_token else "")) if silent else ""
+    # under top_token the first head that passes decides: one naming another token keeps the position full
+    first_decides = ("scoring_rule=top_token: a position leaves only where the first head that passes its threshold "
+                     "names the scored token; at low ε the shallow heads pass first and name other tokens more often, "
+                     "so fewer positions leave than at a higher ε") if top_token else ""
     none_exit = not any(any_exit)
     v_score = (DIFFERS if none_exit else CONFIRMED if all(score_ok) and not any(score_bad)
                else REFUTED if any(score_bad) and not any(score_ok) else DIFFERS)
@@ -277,10 +293,12 @@ def verdicts_lm_eval(result: dict, facts: dict) -> list[Verdict]:
                 "" if v_score == CONFIRMED else join(nothing, data, reason_heads(facts), reason_quick(facts))),
         Verdict("4b", "Speed-up grows as ε falls.", "paper §4.2, Fig. 3", v_speed,
                 "cost-model speed-up on scored positions: " + "; ".join(speed_ev),
-                "" if v_speed == CONFIRMED else join(nothing, reason_vocab(facts), reason_heads(facts))),
+                "" if v_speed == CONFIRMED else join(nothing, quiet, first_decides if not all(speed_ok) else "",
+                                                     reason_vocab(facts), reason_heads(facts))),
         Verdict("4c", "With lower ε more tokens exit, and more of them at the earlier heads.", "paper §4.2, Fig. 4",
                 v_exit, "; ".join(exit_ev),
-                "" if v_exit == CONFIRMED else join(nothing, "only the deepest exit fires" if any(deep_only) else "",
+                "" if v_exit == CONFIRMED else join(nothing, quiet, first_decides if not all(exit_ok) else "",
+                                                    "only the deepest exit fires" if any(deep_only) else "",
                                                     reason_heads(facts), reason_model(facts))),
     ]
 
