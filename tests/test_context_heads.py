@@ -200,20 +200,3 @@ def test_context_heads_train_and_are_charged_for_their_block(tmp_path):
     stats = out.exit_stats
     plain_macs = costs.full.macs * stats.tokens
     assert stats.macs_full <= plain_macs and stats.macs > 0
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_context_block_from_a_column_gives_the_same_outputs_there(arch):
-    """Scoring reads a context head only at the last positions: from column `start` on its block's outputs are what
-    the whole pass gives (the columns before it only write keys and values), across a sliding window too."""
-    model = context_model(arch)
-    ids, mask = batch([11, 8, 11])
-    with torch.no_grad():
-        hidden = model(ids, attention_mask=mask, output_hidden_states=True).exit_hidden_states[1]
-        head = model.exit_heads[1]
-        whole = head.features(hidden, mask)
-        for start in (1, 6, 10):
-            part = head.features(hidden, mask, start=start)
-            assert torch.equal(part[:, :start], torch.zeros_like(part[:, :start]))
-            real = mask[:, start:].bool()
-            torch.testing.assert_close(part[:, start:][real], whole[:, start:][real], rtol=1e-5, atol=1e-5)

@@ -161,14 +161,12 @@ def head_outputs(model, hidden_states: Sequence[Tensor] | dict[int, Tensor], inp
                  at: Positions) -> HeadOutputs:
     """Per exit `j` with `wanted[j]`: its head's logits, its hidden states and the previous exit's (the embeddings
     before the first exit) at positions `at`, `(n, ...)`; `None` for the others. A context head's block runs over
-    the whole sequences, in full only from the first column scored (before it: keys and values); its norm and
-    projections only at `at`."""
+    the whole sequences; its norm and projections only at `at`."""
     previous = model.get_input_embeddings()(inps[at])
-    start = int(at[1].min()) if len(at[1]) else 0
     outputs: HeadOutputs = []
     for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
         hidden = hidden_states[layer][at]  # raw output of decoder layer `layer - 1`
-        outputs.append((head.logits_from(head.features(hidden_states[layer], start=start)[at]), hidden, previous)
+        outputs.append((head.logits_from(head.features(hidden_states[layer])[at]), hidden, previous)
                        if wanted[j] else None)
         previous = hidden
     return outputs

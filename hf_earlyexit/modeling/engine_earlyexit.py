@@ -364,27 +364,16 @@ class LayerEngine:
         (what `fill_kv` does per skipped layer; the cost model times one such pass)."""
         self._run_layer(state, i, hidden, {}, {}, kv_only=True)
 
-    def run_context(self, m: int, hidden: Tensor, attention_mask: Tensor | None = None, start: int = 0) -> Tensor:
+    def run_context(self, m: int, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Context layer `m` over whole sequences, nothing kept: `hidden` `(batch, seq, hidden)` is the input of its
         source layer at every position (left padding marked by `attention_mask`); returns its outputs, as the
-        state machinery would give them position by position (training, full-sequence forward).
-
-        `start`: only outputs from column `start` on are wanted (scoring reads a few positions at the end): the
-        columns before it get only the layer's keys and values (input norm + key/value projections, what the later
-        columns attend to), and their outputs are 0.
-        """
+        state machinery would give them position by position (training, full-sequence forward)."""
         batch, seq = hidden.shape[:2]
         mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device) if attention_mask is None else (
             attention_mask.to(dtype=torch.long, device=hidden.device))
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         state = self._empty_state(batch, hidden.device, (m,))
-        j = self.num_layers + m
-        if start > 0:
-            state.attention_mask, state.position_ids = mask[:, :start], positions[:, :start]
-            self._run_layer(state, j, hidden[:, :start], {}, {}, kv_only=True)
-        state.attention_mask, state.position_ids = mask, positions
-        out = self._run_layer(state, j, hidden[:, start:], {}, {})
-        return out if start == 0 else torch.cat([out.new_zeros((batch, start, out.shape[-1])), out], dim=1)
+        state.attention_mask, state.position_ids = mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self._run_layer(state, self.num_layers + m, hidden, {}, {})
 
     def flush(self, state: EngineState) -> None:
         """Run every pending position through the remaining layers, so the cache is complete at every layer."""

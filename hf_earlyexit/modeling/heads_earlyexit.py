@@ -110,11 +110,9 @@ class ExitHead(nn.Module):
         `attention_mask`)."""
         return self.logits_from(self.features(hidden, attention_mask))
 
-    def features(self, hidden: Tensor, attention_mask: Tensor | None = None, start: int = 0) -> Tensor:
+    def features(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """What `logits_from` reads at each position: the hidden states themselves (a context head: its block's
-        output over whole sequences), so logits can be taken at chosen positions only. Positions before column
-        `start` are not read (a context head's block then writes only its keys and values there; those outputs
-        are 0)."""
+        output over whole sequences), so logits can be taken at chosen positions only."""
         return hidden
 
     def context_cost(self) -> Cost:
@@ -243,12 +241,12 @@ class ContextHead(SharedHead):
         """The engine's context layer that runs this head's block."""
         return self._slot
 
-    def features(self, hidden: Tensor, attention_mask: Tensor | None = None, start: int = 0) -> Tensor:
+    def features(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if self._engine is None:
             raise RuntimeError("a context head runs its block through the model's engine; build it with the model")
         if hidden.dim() != 3:
             raise ValueError(f"a context head reads whole sequences (batch, seq, hidden); got {tuple(hidden.shape)}")
-        return self._engine.run_context(self._slot, hidden, attention_mask, start=start)  # (batch, seq, hidden)
+        return self._engine.run_context(self._slot, hidden, attention_mask)  # (batch, seq, hidden)
 
     def context_cost(self) -> Cost:
         return block_cost(self.block)
