@@ -41,7 +41,8 @@ def _alone(model, prompt, budget, **options) -> list[int]:
 def test_eps_one_gives_each_request_plain_greedy_alone(arch):
     model = _heads(arch)
     prompts = _prompts()
-    got = continuous_generate(model, prompts, BUDGETS, batch_size=3, options=DecodingOptions(mode="early_exit", eps=1.0))
+    options = DecodingOptions(mode="early_exit", eps=1.0)
+    got = continuous_generate(model, prompts, BUDGETS, batch_size=3, options=options)
     base = model.get_base_model()
     for prompt, budget, tokens in zip(prompts, BUDGETS, got, strict=True):
         expected = base.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, pad_token_id=0,
@@ -57,7 +58,8 @@ def test_early_exit_gives_each_request_what_it_decodes_alone(arch, head):
     model = _heads(arch, head)
     prompts = _prompts(2)
     model.reset_exit_stats()
-    got = continuous_generate(model, prompts, BUDGETS, batch_size=3, options=DecodingOptions(mode="early_exit", eps=0.5))
+    options = DecodingOptions(mode="early_exit", eps=0.5)
+    got = continuous_generate(model, prompts, BUDGETS, batch_size=3, options=options)
     stats = model.exit_stats
     assert stats.tokens == sum(BUDGETS) and 0 < stats.exit_counts[-1] < stats.tokens  # some tokens exit
     for prompt, budget, tokens in zip(prompts, BUDGETS, got, strict=True):
@@ -91,7 +93,8 @@ def test_eos_and_stop_callbacks_end_a_request_after_their_token():
     prompts = _prompts(4)
     free = continuous_generate(model, prompts, 8, batch_size=2, options=DecodingOptions(mode="early_exit", eps=1.0))
     eos = free[0][2]  # request 0's third token ends it; others end wherever that id comes up first
-    ended = continuous_generate(model, prompts, 8, batch_size=2, eos_token_id=eos, options=DecodingOptions(mode="early_exit", eps=1.0))
+    ended = continuous_generate(model, prompts, 8, batch_size=2, eos_token_id=eos,
+                                options=DecodingOptions(mode="early_exit", eps=1.0))
     for tokens, alone in zip(ended, free, strict=True):
         cut = alone.index(eos) + 1 if eos in alone else len(alone)
         assert tokens == alone[:cut]

@@ -75,7 +75,8 @@ def test_continuous_batching_generates_what_batched_early_exit_generates(folders
     batched = evaluate("ee-hf", f"pretrained={heads},eps=0.5", log_samples=True)
     queued = evaluate("ee-hf", f"pretrained={heads},eps=0.5,continuous=True", log_samples=True)
     assert responses(queued) == responses(batched) and metrics(queued) == metrics(batched)
-    counts = [r["config"]["early_exit"]["tasks"]["ee_sequences"]["generation"]["exit_counts"] for r in (queued, batched)]
+    counts = [r["config"]["early_exit"]["tasks"]["ee_sequences"]["generation"]["exit_counts"]
+              for r in (queued, batched)]
     assert counts[0] == counts[1] and counts[0]["full"] < sum(counts[0].values())
     with pytest.raises(ValueError, match="continuous=True decodes by early exit with the step rule; got mode='dssd'"):
         evaluate("ee-hf", f"pretrained={heads},eps=0.5,mode=dssd,continuous=True")

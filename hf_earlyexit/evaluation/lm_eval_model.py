@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -431,6 +432,11 @@ class EarlyExitLM(HFLM):
         method = self._generate_continuous if self.ee_continuous else super().generate_until
         return self._per_task(method, requests, disable_tqdm=disable_tqdm)
 
+    def _stopped(self, stops: list[str], _: int, tokens: list[int]) -> bool:
+        """Whether a request's new `tokens` hold one of its stop sequences."""
+        text = self.tok_decode(tokens)
+        return any(term in text for term in stops)
+
     def _generate_continuous(self, requests, disable_tqdm: bool = False) -> list[str]:
         """`generate_until` with continuous batching: HFLM's encoding (truncation, special tokens), stop sequences
         (+ EOS) and post-processing, but every greedy request of a task in one queue, `batch_size` at a time."""
@@ -451,7 +457,8 @@ class EarlyExitLM(HFLM):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
-            if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0) or kwargs:  # sampling, other knobs: HFLM
+            sampling = kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0)
+            if sampling or kwargs:  # sampling or other knobs: HFLM's own batched path
                 subset = [requests[i] for i in indices]
                 for i, text in zip(indices, super().generate_until(subset, disable_tqdm=True), strict=True):
                     results[i] = text
@@ -461,11 +468,7 @@ class EarlyExitLM(HFLM):
             encoded, mask = self.tok_batch_encode(contexts, left_truncate_len=self.max_length - max_gen_toks,
                                                   truncation=self.truncation)
             prompts = [row[m.bool()].tolist() for row, m in zip(encoded, mask, strict=True)]
-            stops = [term for term in until if term]
-
-            def stop(_: int, tokens: list[int]) -> bool:
-                text = self.tok_decode(tokens)
-                return any(term in text for term in stops)
+            stop = functools.partial(self._stopped, [term for term in until if term])
 
             model = self.model
             model.reset_exit_stats()

@@ -1,9 +1,11 @@
 """How a context head's full block is stored: as its change from the model layer it started as, quantised.
 
-A trained block stays close to the layer it copies, so `block - layer` needs far fewer bits than the block itself:
+A trained block stays close to the layer it copies, so `block - layer` needs fewer bits than the block itself:
 symmetric round-to-nearest in groups of `DELTA_GROUP` consecutive values (row-major), one bfloat16 scale per group,
-codes of `bits` bits packed back to back (little-endian bit order). Loading adds the decoded change back onto the base model's own layer,
-which the heads' base fingerprint pins to the one they were trained on. Portable: torch only (ships with the folder).
+codes of `bits` bits packed back to back (little-endian bit order). Loading adds the decoded change back onto the
+base model's own layer, which the heads' base fingerprint pins to the one they were trained on.
+
+Portable: torch only (ships with the folder).
 """
 
 from __future__ import annotations
