@@ -29,10 +29,9 @@ def _left_pad(prompts: list[Sequence[int]], pad: int, device: torch.device) -> t
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
-    for r, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[r, length - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-            mask[r, length - len(prompt):] = 1
+    for r, prompt in enumerate(prompts):  # every prompt holds a token (checked by the caller)
+        ids[r, length - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+        mask[r, length - len(prompt):] = 1
     return ids, mask
 
 
