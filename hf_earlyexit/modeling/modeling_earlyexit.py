@@ -203,7 +203,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             draft_vocab_size: without `draft_token_ids`, restrict heads to the first `draft_vocab_size` ids.
             heads_dtype: how saved folders store the head weights (`"float32"`, or `"bfloat16"`: half the bytes).
             block_delta_bits: context heads with full blocks: saved folders store each block weight as its change
-                from the layer it copies, in 4 or 8 bits (`None`: whole, in `heads_dtype`).
+                from the layer it copies, in 3..8 bits (`None`: whole, in `heads_dtype`).
         """
         if isinstance(base, str):
             name = record_name(base)  # a local folder by its absolute path: the heads load from anywhere
