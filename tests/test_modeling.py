@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM, OPTConfig
 import hf_earlyexit
 from hf_earlyexit import EarlyExitConfig, EarlyExitForCausalLM, HeadsMismatchError, UnsupportedArchitectureError
 from hf_earlyexit.modeling.base_earlyexit import (
-    fingerprint_mismatch,
     is_legacy_fingerprint,
     legacy_weight_fingerprint,
     weight_fingerprint,
 )
+from hf_earlyexit.modeling.fingerprint_earlyexit import fingerprint_mismatch
 
 HEAD_SETUPS = {
     "paper_full": {"head": "paper"},

@@ -9,7 +9,6 @@ Any other name is a Hub id or local path, loaded the usual transformers way.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .architectures_earlyexit import model_parts
 from .configuration_earlyexit import EMBEDDED
+from .fingerprint_earlyexit import part_entry, tensor_terms
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,6 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, **kwargs) -> 
     return AutoTokenizer.from_pretrained(path, revision=revision, **kwargs)
 
 
-# pseudo-random probe vectors per part: a fingerprint part is [‖w‖, p_1 .. p_PROBES]
-FINGERPRINT_PROBES = 4
-
-
 def weight_fingerprint(model: PreTrainedModel) -> list[list[float]]:
     """A dtype-robust fingerprint of a base model, one entry per part (embedding, each decoder layer, final norm, LM
     head): `[‖w‖, p_1, ..., p_4]`, the part's weight norm and projections `p_k = Σ u_k·W·v_k` of each of its weight
@@ -202,52 +198,5 @@ def _mean_abs(module: torch.nn.Module) -> float:
     return total / max(count, 1)
 
 
-def _probe(n: int, salt: int, device: torch.device) -> torch.Tensor:
-    """`(n, FINGERPRINT_PROBES)` float64 in [-1, 1]: fixed pseudo-random values (an integer hash of position, probe
-    and `salt`; the same on every machine and torch version)."""
-    i = torch.arange(n, dtype=torch.int64, device=device)[:, None]
-    k = torch.arange(FINGERPRINT_PROBES, dtype=torch.int64, device=device)[None, :]
-    x = (i * 2654435761 + k * 40503 + salt * 977 + 12345) & 0xFFFFFFFF
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    return (x & 0xFFFF).double() / 32767.5 - 1.0
-
-
 def _part_fingerprint(module: torch.nn.Module) -> list[float]:
-    squares = 0.0
-    projections = torch.zeros(FINGERPRINT_PROBES, dtype=torch.float64)
-    for t, param in enumerate(module.parameters()):
-        w = param.detach()
-        w = w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(1, -1)
-        rows, cols = w.shape
-        u, v = _probe(rows, 2 * t, w.device), _probe(cols, 2 * t + 1, w.device)
-        step = max(1, 2**22 // max(cols, 1))  # rows per chunk: bounded float64 memory for large embeddings
-        for start in range(0, rows, step):
-            chunk = w[start:start + step].double()
-            squares += chunk.square().sum().item()
-            projections += ((chunk @ v) * u[start:start + step]).sum(0).cpu()
-    return [float(f"{value:.7g}") for value in (math.sqrt(squares), *projections.tolist())]
-
-
-def fingerprint_mismatch(saved: list, current: list, rel_tol: float = 1e-2) -> int | None:
-    """Index of the first part whose fingerprint differs beyond `rel_tol`, or `None` when they agree.
-
-    Both in the same format: `weight_fingerprint`'s (norm and projections, each compared within `rel_tol` x the
-    norm) or the legacy one (mean |w|, within `rel_tol` relative).
-    """
-    if len(saved) != len(current):
-        return 0
-    for i, (a, b) in enumerate(zip(saved, current, strict=True)):
-        if isinstance(a, list | tuple) != isinstance(b, list | tuple):
-            return i
-        if not isinstance(a, list | tuple):
-            if abs(a - b) > rel_tol * max(abs(a), abs(b), 1e-12):
-                return i
-            continue
-        if len(a) != len(b):
-            return i
-        scale = rel_tol * max(abs(a[0]), abs(b[0]), 1e-12)
-        if any(abs(x - y) > scale for x, y in zip(a, b, strict=True)):
-            return i
-    return None
+    return part_entry(tensor_terms(param, t) for t, param in enumerate(module.parameters()))

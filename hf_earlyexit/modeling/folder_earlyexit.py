@@ -32,7 +32,6 @@ from transformers.utils.hub import resolve_revision
 from .base_earlyexit import (
     EMBEDDED,
     canonical_name,
-    fingerprint_mismatch,
     fingerprint_part_names,
     is_legacy_fingerprint,
     legacy_weight_fingerprint,
@@ -40,6 +39,7 @@ from .base_earlyexit import (
     weight_fingerprint,
 )
 from .configuration_earlyexit import EarlyExitConfig, check_inside_folder
+from .fingerprint_earlyexit import fingerprint_mismatch
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+../../hf_earlyexit/modeling/fingerprint_earlyexit.py

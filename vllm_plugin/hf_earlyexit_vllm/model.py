@@ -1,0 +1,372 @@
+"""Early exit inside vLLM's model forward: the heads of an hf-earlyexit folder evaluated at decode steps.
+
+Rule (seed 003's iteration-level rule): at a decode-only step the whole batch leaves at the first checked exit where
+every sequence's head is confident at ε (its confidence reaches the exit's threshold and its top class is a real
+token); the step's logits then come from that exit's head, mapped from its draft vocabulary to the full one (tokens
+outside it get -inf). The layers the step skipped, and the context blocks of deeper exits, get their keys and values
+written from the exit's hidden state (each skipped layer's input norm, key/value projections, key norm and rotary,
+then vLLM's own cache-update op), so later tokens attend over every position at every layer. Prefill steps and steps
+that mix prefill with decode run every layer. A context head's block is a decoder layer of the model's own vLLM class
+with its own KV cache (vLLM allocates it like any other attention layer), fed every position as it passes the exit.
+
+With ε = 1 (or no exit checked) the model is vLLM's own class, unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .fingerprint import fingerprint_mismatch, part_entry, tensor_terms
+from .heads import HeadsFolderError, confidence, read_heads_folder
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "earlyexit"  # hf_overrides={"earlyexit": {...}} carries the plugin's settings
+SETTINGS = ("heads", "eps", "exits", "log_every", "ignore_base_mismatch")
+
+
+def settings_of(hf_config) -> dict:
+    """The plugin's settings from the model config (`hf_overrides={"earlyexit": {"heads": ..., "eps": ...}}`)."""
+    raw = getattr(hf_config, CONFIG_KEY, None)
+    if not isinstance(raw, dict) or "heads" not in raw:
+        raise HeadsFolderError(f"{CONFIG_KEY}={raw!r}: expected hf_overrides={{'{CONFIG_KEY}': {{'heads': "
+                               f"'<heads folder>', 'eps': 0.9}}, ...}}")
+    unknown = sorted(set(raw) - set(SETTINGS))
+    if unknown:
+        raise HeadsFolderError(f"{CONFIG_KEY} settings {unknown} are unknown (expected some of {', '.join(SETTINGS)})")
+    settings = {"eps": 0.9, "exits": None, "log_every": 0, "ignore_base_mismatch": False, **raw}
+    log_every = settings["log_every"]
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
+        raise HeadsFolderError(f"log_every={log_every!r}: expected a whole number of decode steps >= 0 (0: never)")
+    return settings
+
+
+class EarlyExitMixin:
+    """Early exit for a vLLM `*ForCausalLM` whose decoder layers take `(positions, hidden, residual)` and return
+    `(hidden, residual)` (the raw layer output is their sum) and whose attention has `qkv_proj` and `rotary_emb`
+    (Gemma 3, Llama, Qwen 2/3 in vLLM). Subclasses put it before the vLLM class."""
+
+    def _ee_init(self, vllm_config, prefix: str) -> None:
+        config = vllm_config.model_config.hf_config
+        settings = settings_of(config)
+        heads = read_heads_folder(settings["heads"])
+        text = heads.config.get("text_config") or {}
+        for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+            if text.get(key) != getattr(config, key, None):
+                raise HeadsFolderError(f"{heads.path}: heads were trained for {key}={text.get(key)!r}, this model "
+                                       f"has {getattr(config, key, None)!r}")
+        thresholds = heads.thresholds_at(settings["eps"])
+        exits = settings["exits"]
+        if exits is None:
+            checked = [tau is not None for tau in thresholds]
+        else:
+            if not isinstance(exits, list) or any(k not in heads.exit_layers for k in exits):
+                raise HeadsFolderError(f"exits={exits!r}: expected a list of these heads' exit layers "
+                                       f"{heads.exit_layers}")
+            checked = [k in exits and tau is not None for k, tau in zip(heads.exit_layers, thresholds, strict=True)]
+        self.ee_heads = heads
+        self.ee_eps = float(settings["eps"])
+        self.ee_thresholds = thresholds
+        self.ee_checked = checked
+        self.ee_log_every = settings["log_every"]
+        self.ee_ignore_base_mismatch = bool(settings["ignore_base_mismatch"])
+        self.ee_softcap = getattr(config, "final_logit_softcapping", None)
+        self.ee_vocab = config.vocab_size
+        self.ee_stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_steps": 0,
+                         "exit_tokens": {k: 0 for k in heads.exit_layers}, "full_tokens": 0}
+        self._ee_exit: int | None = None
+        # a context block per checked exit: a decoder layer of the model's own class with its own KV cache; its
+        # name holds one integer, the layer it copies (vLLM reads the attention type from it)
+        self.ee_blocks = nn.ModuleDict()
+        if heads.head_type == "context":
+            layer_class = type(self.model.layers[0])
+            for j, on in enumerate(checked):
+                if on:
+                    self.ee_blocks[str(j)] = layer_class(config, vllm_config.cache_config, vllm_config.quant_config,
+                                                         prefix=f"earlyexit_block_e{j}.{heads.block_source[j]}")
+        self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(self.model.norm) for j, on in enumerate(checked) if on})
+
+    @property
+    def ee_active(self) -> bool:
+        return any(self.ee_checked)
+
+    # -- weights -------------------------------------------------------------------------------------------------
+
+    def _ee_load_weights(self, weights: Iterable[tuple[str, Tensor]], load) -> set[str]:
+        """Stream the base weights through vLLM's loader (`load`), keeping the layers the blocks copy and the base's
+        fingerprint on the way; then build the heads' weights."""
+        if not self.ee_active:
+            return load(weights) | {n for n, _ in self.named_parameters() if n.startswith("ee_")}
+        sources = set(self.ee_heads.block_source.values())
+        kept: dict[int, dict[str, Tensor]] = {i: {} for i in sources}
+        fingerprint = _FingerprintStream(self.config)
+
+        def stream() -> Iterator[tuple[str, Tensor]]:
+            for name, tensor in weights:
+                fingerprint.add(name, tensor)
+                layer = _layer_of(name)
+                if layer in kept:
+                    kept[layer][name.split(f"layers.{layer}.", 1)[1]] = tensor.detach().clone()
+                yield name, tensor
+
+        loaded = load(stream())
+        self._ee_check_base(fingerprint.result())
+        self._ee_build(kept)
+        return loaded | {n for n, _ in self.named_parameters() if n.startswith("ee_")}
+
+    def _ee_check_base(self, current: list[list[float]] | None) -> None:
+        saved = self.ee_heads.config.get("base_fingerprint")
+        if current is None or not saved or not isinstance(saved[0], list):
+            logger.warning("hf-earlyexit: the base's weight fingerprint was not checked (%s)",
+                           "no HF layout for this model" if current is None else "the folder records none")
+            return
+        bad = fingerprint_mismatch(saved, current)
+        if bad is not None:
+            message = (f"{self.ee_heads.path}: these heads were trained on other base weights (weight fingerprint part "
+                       f"{bad} differs: {saved[bad][:2] if bad < len(saved) else None} vs "
+                       f"{current[bad][:2] if bad < len(current) else None})")
+            if not self.ee_ignore_base_mismatch:
+                raise HeadsFolderError(message + "; pass ignore_base_mismatch=True to use them anyway")
+            logger.warning("hf-earlyexit: %s", message)
+
+    def _ee_build(self, kept: dict[int, dict[str, Tensor]]) -> None:
+        heads = self.ee_heads
+        dtype = self.model.norm.weight.dtype
+        device = self.model.norm.weight.device
+        lm_weight = self.lm_head.weight[: self.ee_vocab]
+        self.ee_parts = {}
+        for j, on in enumerate(self.ee_checked):
+            if not on:
+                continue
+            def t(name: str, j: int = j) -> Tensor:
+                return heads.tensors[f"{j}.{name}"].to(device=device, dtype=dtype)
+
+            with torch.no_grad():
+                self.ee_norms[str(j)].weight.copy_(t("norm.weight"))
+            ids = heads.tensors.get(f"{j}.token_ids")
+            part = {"ids": None if ids is None else ids.to(device)}
+            if heads.head_type == "paper":
+                part["rows"] = t("linear.weight")
+                part["bias"] = t("linear.bias") if f"{j}.linear.bias" in heads.tensors else None
+            else:
+                part["rows"] = lm_weight if ids is None else lm_weight[part["ids"]].detach().clone()
+                part["bias"] = None
+                if f"{j}.adapter.weight" in heads.tensors:
+                    part["adapter"] = (t("adapter.weight"),)
+                else:
+                    part["adapter"] = (t("adapter.0.weight"), t("adapter.1.weight"))
+            if ids is not None:
+                part["other"] = (t("other.weight"), t("other.bias"))
+            self.ee_parts[j] = part
+            if heads.head_type == "context":
+                source = heads.block_source[j]
+                block = heads.block_weights(j, kept[source])
+                _load_block(self, self.ee_blocks[str(j)], block)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def _ee_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
+        model = self.model
+        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        residual = None
+        decode = _decode_only()
+        self._ee_exit = None
+        starts = {k: j for j, k in enumerate(self.ee_heads.exit_layers) if self.ee_checked[j]}
+        for i, layer in enumerate(model.layers):
+            j = starts.get(i)
+            if j is not None:
+                raw = h if residual is None else h + residual
+                features = self._ee_block(j, positions, raw)
+                if decode and self._ee_fires(j, features):
+                    self._ee_fill_kv(i, j, positions, raw)
+                    self._ee_count(j, raw.shape[0])
+                    return features
+            h, residual = layer(positions, h, residual, **kwargs)
+        if decode:
+            self._ee_count(None, h.shape[0])
+        else:
+            self.ee_stats["prefill_steps"] += 1
+        h, _ = model.norm(h, residual)
+        return h
+
+    def _ee_block(self, j: int, positions: Tensor, raw: Tensor) -> Tensor:
+        """What exit `j`'s head reads: its context block's output over `raw` (its KV cache written), or `raw`."""
+        block = self.ee_blocks[str(j)] if str(j) in self.ee_blocks else None
+        if block is None:
+            return raw
+        out, residual = block(positions, raw, None)
+        return out + residual
+
+    def _ee_head_logits(self, j: int, features: Tensor) -> Tensor:
+        """Exit `j`'s head: `(n, hidden)` -> `(n, head classes)` (a draft head's last class is OTHER)."""
+        part = self.ee_parts[j]
+        normed = self.ee_norms[str(j)](features)
+        adapted = normed
+        adapter = part.get("adapter")
+        if adapter is not None:
+            adapted = normed + (F.linear(normed, adapter[0]) if len(adapter) == 1
+                                else F.linear(F.linear(normed, adapter[0]), adapter[1]))
+        logits = F.linear(adapted, part["rows"], part["bias"])
+        if "other" in part:
+            logits = torch.cat([logits, F.linear(normed, *part["other"])], dim=-1)
+        if self.ee_softcap:
+            logits = torch.tanh(logits / self.ee_softcap) * self.ee_softcap
+        return logits
+
+    def _ee_fires(self, j: int, features: Tensor) -> bool:
+        logits = self._ee_head_logits(j, features)
+        part = self.ee_parts[j]
+        real = logits.argmax(dim=-1) < (logits.shape[-1] - 1 if "other" in part else logits.shape[-1])
+        fires = (confidence(self.ee_heads.metric, logits) >= self.ee_thresholds[j]) & real
+        return bool(fires.all())
+
+    def _ee_fill_kv(self, i: int, j: int, positions: Tensor, raw: Tensor) -> None:
+        """Keys and values of the skipped layers `i..L-1` and of deeper exits' blocks, from the exit state `raw`."""
+        for layer in list(self.model.layers)[i:]:
+            _write_kv(layer, positions, raw)
+        for m in range(j + 1, len(self.ee_checked)):
+            if str(m) in self.ee_blocks:
+                _write_kv(self.ee_blocks[str(m)], positions, raw)
+
+    def _ee_count(self, j: int | None, tokens: int) -> None:
+        stats = self.ee_stats
+        stats["decode_steps"] += 1
+        stats["decode_tokens"] += tokens
+        if j is None:
+            stats["full_tokens"] += tokens
+        else:
+            stats["exit_tokens"][self.ee_heads.exit_layers[j]] += tokens
+            self._ee_exit = j
+        if self.ee_log_every and stats["decode_steps"] % self.ee_log_every == 0:
+            logger.info("hf-earlyexit: %s", format_stats(stats))
+
+    def _ee_logits(self, hidden_states: Tensor) -> Tensor | None:
+        """The logits of a step that left at an exit (None: the step ran the full model)."""
+        j = self._ee_exit
+        if j is None:
+            return None
+        logits = self._ee_head_logits(j, hidden_states).float()
+        ids = self.ee_parts[j]["ids"]
+        if ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.ee_vocab), -math.inf)
+        full[:, ids] = logits[:, : ids.numel()]
+        return full
+
+    def earlyexit_stats(self) -> dict:
+        """Decode steps and tokens so far, and where they left (`exit_tokens` per exit layer, `full_tokens`)."""
+        stats = copy.deepcopy(self.ee_stats)
+        stats["exit_share"] = (sum(stats["exit_tokens"].values()) / stats["decode_tokens"]
+                               if stats["decode_tokens"] else 0.0)
+        stats["eps"], stats["exits_checked"] = self.ee_eps, [
+            k for k, on in zip(self.ee_heads.exit_layers, self.ee_checked, strict=True) if on]
+        return stats
+
+
+def format_stats(stats: dict) -> str:
+    exited = sum(stats["exit_tokens"].values())
+    total = max(stats["decode_tokens"], 1)
+    per = ", ".join(f"exit@{k} {n}" for k, n in stats["exit_tokens"].items())
+    return (f"{stats['decode_steps']} decode steps, {stats['decode_tokens']} tokens, {exited / total:.1%} left early "
+            f"({per}, full {stats['full_tokens']})")
+
+
+def _decode_only() -> bool:
+    """Whether this step is decode-only (every sequence brings one new token)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # micro-batches: decide on the first
+        metadata = metadata[0] if metadata else None
+    if not isinstance(metadata, dict) or not metadata:
+        return False
+    first = next(iter(metadata.values()))
+    return getattr(first, "max_query_len", None) == 1
+
+
+def _write_kv(layer: nn.Module, positions: Tensor, raw: Tensor) -> None:
+    """Write decoder `layer`'s keys and values for these tokens from its input `raw`, nothing else: its input norm,
+    qkv projection, key norm and rotary, then vLLM's cache-update op for its attention."""
+    from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+    attn = layer.self_attn
+    normed = layer.input_layernorm(raw)
+    qkv, _ = attn.qkv_proj(normed)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim))).flatten(-2, -1)
+    q, k = attn.rotary_emb(positions, q, k)
+    heads, size = attn.attn.num_kv_heads, attn.attn.head_size
+    unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attn.attn.layer_name)
+
+
+def _load_block(model: nn.Module, block: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Load HF-named decoder-layer weights into a vLLM decoder layer (stacked projections through the model's own
+    weight mapper)."""
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    holder = nn.Module()
+    holder.block = block
+    dtype = model.model.norm.weight.dtype
+    loaded = AutoWeightsLoader(holder).load_weights(
+        ((f"block.{name}", tensor.to(dtype)) for name, tensor in weights.items()), mapper=model.hf_to_vllm_mapper)
+    missing = {f"block.{n}" for n, _ in block.named_parameters()} - set(loaded)
+    if missing:
+        raise HeadsFolderError(f"a context block's weights {sorted(missing)} were not in the heads folder or base")
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
+class _FingerprintStream:
+    """hf-earlyexit's base-weight fingerprint (`fingerprint.py`), computed from the HF-named checkpoint tensors as
+    vLLM streams them; the parts (embedding, each decoder layer, final norm, LM head) and the order of tensors within
+    a part come from the transformers class, built on the meta device."""
+
+    def __init__(self, hf_config) -> None:
+        self.slots: dict[str, list[tuple[int, int]]] = {}
+        self.terms: list[list] = []
+        try:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
+            body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+            parts = [model.get_input_embeddings(), *body.layers, body.norm, model.get_output_embeddings()]
+            names: dict[int, list[str]] = {}  # a tied weight has several names; the checkpoint may hold any one
+            for n, p in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(n)
+        except Exception as error:  # a family transformers cannot build on meta here: skip the check, say so
+            logger.warning("hf-earlyexit: no HF layout for the fingerprint (%s)", error)
+            self.terms = None
+            return
+        for p, module in enumerate(parts):
+            self.terms.append([])
+            for t, param in enumerate(module.parameters()):
+                for n in names[id(param)]:
+                    self.slots.setdefault(n, []).append((p, t))
+        self.filled: set[tuple[int, int]] = set()
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if self.terms is not None:
+            for p, t in self.slots.get(name, ()):
+                if (p, t) not in self.filled:
+                    self.filled.add((p, t))
+                    self.terms[p].append(tensor_terms(tensor.cpu(), t))
+
+    def result(self) -> list[list[float]] | None:
+        return None if self.terms is None else [part_entry(terms) for terms in self.terms]

@@ -1,0 +1,1 @@
+../../hf_earlyexit/modeling/storage_earlyexit.py
