@@ -26,8 +26,10 @@ class Gemma3EarlyExitForCausalLM(EarlyExitMixin, Gemma3ForCausalLM):
         return self._ee_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        logits = self._ee_logits(hidden_states) if self.ee_active else None
-        return logits if logits is not None else super().compute_logits(hidden_states)
+        if not self.ee_active:
+            return super().compute_logits(hidden_states)
+        return self._ee_logits(hidden_states, lambda: super(Gemma3EarlyExitForCausalLM, self).compute_logits(
+            hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return self._ee_load_weights(weights, super().load_weights)

@@ -81,7 +81,7 @@ class EarlyExitMixin:
         self.ee_vocab = config.vocab_size
         self.ee_stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_steps": 0,
                          "exit_tokens": {k: 0 for k in heads.exit_layers}, "full_tokens": 0}
-        self._ee_exit: int | None = None
+        self._ee_out: tuple[Tensor, Tensor] | None = None  # a decode step's exit logits and exits, for compute_logits
         # a context block per checked exit: a decoder layer of the model's own class with its own KV cache; its
         # name holds one integer, the layer it copies (vLLM reads the attention type from it)
         self.ee_blocks = nn.ModuleDict()
@@ -173,24 +173,42 @@ class EarlyExitMixin:
     # -- forward -------------------------------------------------------------------------------------------------
 
     def _ee_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
+        """The model's layers, trying the checked exits on the way at a decode-only step: a sequence leaves at the
+        first exit where its head fires, and rides along with the others (its layers computed in full) until every
+        sequence has left; the step stops there, or runs to the end when some sequence never fires."""
         model = self.model
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         residual = None
         decode = _decode_only()
-        self._ee_exit = None
+        self._ee_out = None
         starts = {k: j for j, k in enumerate(self.ee_heads.exit_layers) if self.ee_checked[j]}
+        left = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
+        chosen = None  # (n, vocab) logits of the sequences that left
         for i, layer in enumerate(model.layers):
             j = starts.get(i)
             if j is not None:
                 raw = h if residual is None else h + residual
                 features = self._ee_block(j, positions, raw)
-                if decode and self._ee_fires(j, features):
-                    self._ee_fill_kv(i, j, positions, raw)
-                    self._ee_count(j, raw.shape[0])
-                    return features
+                if decode:
+                    going = (left < 0).nonzero().squeeze(1)
+                    logits = self._ee_head_logits(j, features[going])
+                    fires = self._ee_fires(j, logits)
+                    if bool(fires.any()):
+                        rows = going[fires]
+                        left[rows] = j
+                        if chosen is None:
+                            chosen = logits.new_full((h.shape[0], self.ee_vocab), -math.inf, dtype=torch.float32)
+                        chosen[rows] = self._ee_vocab_logits(j, logits[fires])
+                    if bool((left >= 0).all()):
+                        self._ee_fill_kv(i, j, positions, raw)
+                        self._ee_count(left)
+                        self._ee_out = (chosen, left)
+                        return features
             h, residual = layer(positions, h, residual, **kwargs)
         if decode:
-            self._ee_count(None, h.shape[0])
+            self._ee_count(left)
+            if chosen is not None:
+                self._ee_out = (chosen, left)
         else:
             self.ee_stats["prefill_steps"] += 1
         h, _ = model.norm(h, residual)
@@ -220,12 +238,19 @@ class EarlyExitMixin:
             logits = torch.tanh(logits / self.ee_softcap) * self.ee_softcap
         return logits
 
-    def _ee_fires(self, j: int, features: Tensor) -> bool:
-        logits = self._ee_head_logits(j, features)
-        part = self.ee_parts[j]
-        real = logits.argmax(dim=-1) < (logits.shape[-1] - 1 if "other" in part else logits.shape[-1])
-        fires = (confidence(self.ee_heads.metric, logits) >= self.ee_thresholds[j]) & real
-        return bool(fires.all())
+    def _ee_fires(self, j: int, logits: Tensor) -> Tensor:
+        """`(n,)` bool: exit `j` fires (its confidence reaches τ_j(ε) and its top class is a real token)."""
+        real = logits.argmax(dim=-1) < (logits.shape[-1] - 1 if "other" in self.ee_parts[j] else logits.shape[-1])
+        return (confidence(self.ee_heads.metric, logits) >= self.ee_thresholds[j]) & real
+
+    def _ee_vocab_logits(self, j: int, logits: Tensor) -> Tensor:
+        """Head classes -> `(n, vocab)` float32 logits over the model vocabulary (-inf outside the draft one)."""
+        ids = self.ee_parts[j]["ids"]
+        if ids is None:
+            return logits.float()
+        full = logits.new_full((logits.shape[0], self.ee_vocab), -math.inf, dtype=torch.float32)
+        full[:, ids] = logits[:, : ids.numel()].float()
+        return full
 
     def _ee_fill_kv(self, i: int, j: int, positions: Tensor, raw: Tensor) -> None:
         """Keys and values of the skipped layers `i..L-1` and of deeper exits' blocks, from the exit state `raw`."""
@@ -235,30 +260,34 @@ class EarlyExitMixin:
             if str(m) in self.ee_blocks:
                 _write_kv(self.ee_blocks[str(m)], positions, raw)
 
-    def _ee_count(self, j: int | None, tokens: int) -> None:
+    def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats
         stats["decode_steps"] += 1
-        stats["decode_tokens"] += tokens
-        if j is None:
-            stats["full_tokens"] += tokens
-        else:
-            stats["exit_tokens"][self.ee_heads.exit_layers[j]] += tokens
-            self._ee_exit = j
+        stats["decode_tokens"] += left.numel()
+        stats["full_tokens"] += int((left < 0).sum())
+        for j in left[left >= 0].tolist():
+            stats["exit_tokens"][self.ee_heads.exit_layers[j]] += 1
         if self.ee_log_every and stats["decode_steps"] % self.ee_log_every == 0:
             logger.info("hf-earlyexit: %s", format_stats(stats))
 
-    def _ee_logits(self, hidden_states: Tensor) -> Tensor | None:
-        """The logits of a step that left at an exit (None: the step ran the full model)."""
-        j = self._ee_exit
-        if j is None:
-            return None
-        logits = self._ee_head_logits(j, hidden_states).float()
-        ids = self.ee_parts[j]["ids"]
-        if ids is None:
-            return logits
-        full = logits.new_full((logits.shape[0], self.ee_vocab), -math.inf)
-        full[:, ids] = logits[:, : ids.numel()]
-        return full
+    def _ee_logits(self, hidden_states: Tensor, full_logits) -> Tensor:
+        """The step's logits: a sequence that left takes its exit head's, the others the model's (`full_logits()`,
+        computed only when some sequence ran every layer)."""
+        out = self._ee_out
+        self._ee_out = None
+        if out is None:
+            return full_logits()
+        chosen, left = out
+        if chosen.shape[0] != hidden_states.shape[0]:
+            raise RuntimeError(f"hf-earlyexit: a decode step gave {chosen.shape[0]} tokens but "
+                               f"{hidden_states.shape[0]} logits rows were asked for (speculative decoding is not "
+                               f"supported with exits)")
+        if bool((left >= 0).all()):
+            return chosen
+        logits = full_logits().float()
+        rows = left >= 0
+        logits[rows] = chosen[rows]
+        return logits
 
     def earlyexit_stats(self) -> dict:
         """Decode steps and tokens so far, and where they left (`exit_tokens` per exit layer, `full_tokens`)."""
