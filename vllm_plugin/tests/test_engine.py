@@ -1,0 +1,151 @@
+"""The plugin inside a real vLLM engine (run in the vLLM venv; see README "Serving with vLLM"), on the embedded Gemma 3
+270M and the shipped heads. Oracles: vLLM's own Gemma 3 (ε = 1 must give its tokens exactly) and hf-earlyexit's own
+early-exit decoding (`hf_oracle.py`, run with `HF_EARLYEXIT_PYTHON`: a Python that has hf-earlyexit installed), which
+the plugin must reproduce token for token in float32, one sequence at a time and as a batch.
+
+    HF_EARLYEXIT_PYTHON=/path/to/venv/bin/python python -m pytest vllm_plugin/tests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: errors surface here
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+vllm = pytest.importorskip("vllm", reason="the plugin's engine tests run in a vLLM environment")
+
+import hf_earlyexit_vllm  # noqa: E402
+from hf_earlyexit_vllm.heads import HeadsFolderError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = Path(os.environ.get("HF_EARLYEXIT_VLLM_BASE", "~/.cache/hf_earlyexit/gemma-3-270m-dense-1.0.0")).expanduser()
+HEADS = Path(os.environ.get("HF_EARLYEXIT_VLLM_HEADS", REPO / "hf_earlyexit" / "shipped_heads" / "gemma3-270m"))
+ORACLE = os.environ.get("HF_EARLYEXIT_PYTHON")
+TEXTS = [
+    "The history of the printing press begins",
+    "A good recipe for bread needs flour, water and",
+    "In the mountains, the weather changes quickly because",
+    "She opened the old letter and read the first line:",
+]
+NEW = 40
+
+pytestmark = pytest.mark.skipif(not (BASE / "config.json").is_file() or not (HEADS / "config.json").is_file(),
+                                reason=f"needs the embedded model's dense folder at {BASE} (run hf-earlyexit once; "
+                                       f"or set HF_EARLYEXIT_VLLM_BASE) and the heads at {HEADS}")
+
+
+def _engine(earlyexit: dict | None):
+    kwargs = {}
+    if earlyexit is not None:
+        kwargs = {"hf_overrides": {"architectures": ["Gemma3EarlyExitForCausalLM"],
+                                   "earlyexit": {"heads": str(HEADS), **earlyexit}},
+                  "worker_extension_cls": hf_earlyexit_vllm.WORKER_EXTENSION}
+    return vllm.LLM(model=str(BASE), dtype="float32", enforce_eager=True, max_model_len=512, seed=0, **kwargs)
+
+
+def _close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _prompts(llm) -> list[list[int]]:
+    tokenizer = llm.get_tokenizer()
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+def _generate(llm, prompts: list[list[int]], batched: bool) -> list[list[int]]:
+    params = vllm.SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    groups = [prompts] if batched else [[p] for p in prompts]
+    out = []
+    for group in groups:
+        results = llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in group], params, use_tqdm=False)
+        out += [list(r.outputs[0].token_ids) for r in results]
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_tokens():
+    llm = _engine(None)
+    try:
+        prompts = _prompts(llm)
+        return prompts, _generate(llm, prompts, batched=True)
+    finally:
+        _close(llm)
+
+
+def test_eps_1_is_vllms_own_model(plain_tokens):
+    prompts, expected = plain_tokens
+    llm = _engine({"eps": 1.0})
+    try:
+        assert _generate(llm, prompts, batched=True) == expected
+        assert _generate(llm, prompts, batched=False) == expected
+        (stats,) = hf_earlyexit_vllm.exit_stats(llm)
+        assert stats["exits_checked"] == [] and stats["decode_tokens"] == 0  # vLLM's own forward ran
+    finally:
+        _close(llm)
+
+
+@pytest.mark.skipif(not ORACLE, reason="set HF_EARLYEXIT_PYTHON to a Python with hf-earlyexit for the oracle")
+@pytest.mark.parametrize("eps", [0.9, 0.7])
+def test_exits_reproduce_hf_earlyexit(plain_tokens, eps):
+    """Token for token what hf-earlyexit's own early exit (KV of skipped layers propagated, every exit checked)
+    decodes, per sequence and as one batch (the iteration-level rule); most tokens leave early, and the exit counts
+    add up."""
+    prompts, plain = plain_tokens
+    llm = _engine({"eps": eps})
+    try:
+        for batched in (False, True):
+            expected = json.loads(subprocess.run(
+                [ORACLE, str(Path(__file__).with_name("hf_oracle.py")), str(HEADS), str(eps), str(NEW),
+                 "1" if batched else "0"], input=json.dumps(prompts), capture_output=True, text=True,
+                check=True).stdout)
+            before = hf_earlyexit_vllm.exit_stats(llm)[0]
+            got = _generate(llm, prompts, batched)
+            after = hf_earlyexit_vllm.exit_stats(llm)[0]
+            assert got == expected, batched
+            exited = sum(after["exit_tokens"].values()) - sum(before["exit_tokens"].values())
+            decoded = after["decode_tokens"] - before["decode_tokens"]
+            assert decoded == len(prompts) * (NEW - 1)  # the first token of each comes from its prefill
+            assert after["full_tokens"] - before["full_tokens"] + exited == decoded
+            assert exited > 0.3 * decoded, after
+        assert got != plain  # lossy: the exits changed some tokens
+    finally:
+        _close(llm)
+
+
+def test_sampling_and_a_chosen_exit_subset_run():
+    llm = _engine({"eps": 0.9, "exits": [12, 15], "log_every": 5})
+    try:
+        params = vllm.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=1, ignore_eos=True)
+        results = llm.generate(TEXTS, params, use_tqdm=False)
+        assert all(len(r.outputs[0].token_ids) == 24 for r in results)
+        (stats,) = hf_earlyexit_vllm.exit_stats(llm)
+        assert stats["exits_checked"] == [12, 15] and stats["exit_tokens"][4] == stats["exit_tokens"][8] == 0
+        assert stats["exit_tokens"][12] + stats["exit_tokens"][15] > 0
+    finally:
+        _close(llm)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"eps": 0.75}, "eps=0.75 is not calibrated in .*: expected one of 0.5, 0.6"),
+    ({"eps": 0.9, "exits": [5]}, r"exits=\[5\]: expected a list of these heads' exit layers \[4, 8, 12, 15\]"),
+    ({"eps": 0.9, "speed": 2}, r"earlyexit settings \['speed'\] are unknown"),
+])
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(Exception, match=message) as caught:
+        _engine(settings)
+    assert isinstance(caught.value, HeadsFolderError) or message.split()[0] in str(caught.value)
+
+
+def test_tools_importable_without_hf_earlyexit():
+    """The plugin runs beside vLLM alone: hf-earlyexit (which needs a newer transformers) is not importable here."""
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hf_earlyexit') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
