@@ -15,18 +15,30 @@
 
 from __future__ import annotations
 
-ARCHITECTURES = {
-    "Gemma3EarlyExitForCausalLM": "hf_earlyexit_vllm.families:Gemma3EarlyExitForCausalLM",
+import os
+
+ARCHITECTURES = {  # our class -> (where it lives, the vLLM architecture it extends)
+    "Gemma3EarlyExitForCausalLM": ("hf_earlyexit_vllm.families:Gemma3EarlyExitForCausalLM", "Gemma3ForCausalLM"),
 }
+HEADS_ENV = "HF_EARLYEXIT_VLLM_HEADS"  # set: the plugin takes the place of the base architectures it extends
 
 
 def register() -> None:
-    """Register the early-exit model classes with vLLM (called by vLLM in every process through the entry point)."""
+    """Register the early-exit model classes with vLLM (called by vLLM in every process through the entry point).
+
+    With `HF_EARLYEXIT_VLLM_HEADS` set, they also replace the vLLM classes they extend, so any front end that builds
+    an engine from a plain base folder (`vllm serve`, `lm_eval --model vllm`) runs with exits; the other settings
+    then come from `HF_EARLYEXIT_VLLM_EPS`, `HF_EARLYEXIT_VLLM_EXITS` (comma-separated exit layers) and
+    `HF_EARLYEXIT_VLLM_LOG_EVERY`.
+    """
     from vllm import ModelRegistry
 
-    for name, target in ARCHITECTURES.items():
+    replace = bool(os.environ.get(HEADS_ENV))
+    for name, (target, base) in ARCHITECTURES.items():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, target)
+        if replace:
+            ModelRegistry.register_model(base, target)
 
 
 WORKER_EXTENSION = "hf_earlyexit_vllm.EarlyExitWorker"

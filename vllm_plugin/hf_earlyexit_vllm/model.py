@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -26,15 +27,28 @@ from torch.nn import functional as F
 from .fingerprint import fingerprint_mismatch, part_entry, tensor_terms
 from .heads import HeadsFolderError, confidence, read_heads_folder
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.hf_earlyexit")  # under vLLM's logger: its handlers print INFO
 
 CONFIG_KEY = "earlyexit"  # hf_overrides={"earlyexit": {...}} carries the plugin's settings
 SETTINGS = ("heads", "eps", "exits", "log_every", "ignore_base_mismatch")
 
 
 def settings_of(hf_config) -> dict:
-    """The plugin's settings from the model config (`hf_overrides={"earlyexit": {"heads": ..., "eps": ...}}`)."""
+    """The plugin's settings from the model config (`hf_overrides={"earlyexit": {"heads": ..., "eps": ...}}`), or
+    else from the environment (`HF_EARLYEXIT_VLLM_HEADS`, `_EPS`, `_EXITS`, `_LOG_EVERY`)."""
     raw = getattr(hf_config, CONFIG_KEY, None)
+    if raw is None and os.environ.get("HF_EARLYEXIT_VLLM_HEADS"):
+        raw = {"heads": os.environ["HF_EARLYEXIT_VLLM_HEADS"], "log_every": 100}
+        for key, name, parse in (("eps", "EPS", float), ("exits", "EXITS", lambda v: [int(x) for x in v.split(",")]),
+                                 ("log_every", "LOG_EVERY", int)):
+            value = os.environ.get(f"HF_EARLYEXIT_VLLM_{name}")
+            if value:
+                try:
+                    raw[key] = parse(value)
+                except ValueError:
+                    raise HeadsFolderError(f"HF_EARLYEXIT_VLLM_{name}={value!r} is not valid (expected "
+                                           f"{'comma-separated layer numbers' if key == 'exits' else 'a number'})"
+                                           ) from None
     if not isinstance(raw, dict) or "heads" not in raw:
         raise HeadsFolderError(f"{CONFIG_KEY}={raw!r}: expected hf_overrides={{'{CONFIG_KEY}': {{'heads': "
                                f"'<heads folder>', 'eps': 0.9}}, ...}}")
@@ -92,6 +106,8 @@ class EarlyExitMixin:
                     self.ee_blocks[str(j)] = layer_class(config, vllm_config.cache_config, vllm_config.quant_config,
                                                          prefix=f"earlyexit_block_e{j}.{heads.block_source[j]}")
         self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(self.model.norm) for j, on in enumerate(checked) if on})
+        logger.info("hf-earlyexit: heads %s at eps=%g, checking exits %s", heads.path, self.ee_eps,
+                    [k for k, on in zip(heads.exit_layers, checked, strict=True) if on])
 
     @property
     def ee_active(self) -> bool:
