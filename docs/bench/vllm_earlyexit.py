@@ -60,6 +60,9 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
                 exits = {k: after["exit_tokens"][k] - before["exit_tokens"][k] for k in after["exit_tokens"]}
                 result[f"batch_{batch}"]["exit_share"] = sum(exits.values()) / max(decoded, 1)
                 result[f"batch_{batch}"]["exits"] = exits
+                steps = after["decode_steps"] - before["decode_steps"]
+                result[f"batch_{batch}"]["early_step_share"] = (after["early_steps"] - before["early_steps"]) / max(
+                    steps, 1)
                 before = after
         result["tokens"] = tokens
         return result
@@ -99,7 +102,7 @@ def main() -> None:
           f"{plain['torch_cpu_capability']}, {plain['threads']} threads")
     print()
     n = len(prompts)
-    print(f"| run | batch 1 tok/s | vs vLLM | batch {n} tok/s | vs vLLM | left early (b1 / b{n}) "
+    print(f"| run | batch 1 tok/s | vs vLLM | batch {n} tok/s | vs vLLM | tokens (steps) that left early, b1 / b{n} "
           f"| identical to vLLM (b1 / b{n}) |")
     print("|---|---|---|---|---|---|---|")
     for r in runs:
@@ -109,6 +112,8 @@ def main() -> None:
             cells += [f"{speed:.1f}", f"{speed / plain[f'batch_{batch}']['tokens_per_s']:.2f}x"]
         share = " / ".join(f"{r[f'batch_{b}']['exit_share']:.0%}" if "exit_share" in r[f"batch_{b}"] else "–"
                            for b in ("1", "all"))
+        if "early_step_share" in r["batch_1"]:
+            share += " (" + " / ".join(f"{r[f'batch_{b}']['early_step_share']:.0%}" for b in ("1", "all")) + ")"
         same = " / ".join(f"{sum(a == b for a, b in zip(r['tokens'][k], plain['tokens'][k], strict=True))}/{n}"
                           for k in ("1", "all"))
         print(f"| {r['name']} | {' | '.join(cells)} | {share} | {same} |")

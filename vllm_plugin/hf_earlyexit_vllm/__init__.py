@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 
 ARCHITECTURES = {  # our class -> (where it lives, the vLLM architecture it extends)
-    "Gemma3EarlyExitForCausalLM": ("hf_earlyexit_vllm.families:Gemma3EarlyExitForCausalLM", "Gemma3ForCausalLM"),
+    f"{family}EarlyExitForCausalLM": (f"hf_earlyexit_vllm.families:{family}EarlyExitForCausalLM",
+                                      f"{family}ForCausalLM")
+    for family in ("Gemma3", "Llama", "Qwen2", "Qwen3")
 }
 HEADS_ENV = "HF_EARLYEXIT_VLLM_HEADS"  # set: the plugin takes the place of the base architectures it extends
 

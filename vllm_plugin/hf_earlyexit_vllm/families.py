@@ -1,5 +1,6 @@
-"""The early-exit model classes, one per vLLM family class: the shared mechanism (`model.EarlyExitMixin`) in front of
-vLLM's own class."""
+"""The early-exit model classes, one per vLLM family class, all the same mechanism (`model.EarlyExitMixin`) in front
+of vLLM's own class: families whose decoder layers take `(positions, hidden, residual)` and whose attention has
+`qkv_proj` and `rotary_emb` (Gemma 3, Llama, Qwen 2, Qwen 3)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,41 @@ from collections.abc import Iterable
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .model import EarlyExitMixin
 
 
-class Gemma3EarlyExitForCausalLM(EarlyExitMixin, Gemma3ForCausalLM):
-    """vLLM's Gemma 3 with hf-earlyexit heads (`hf_overrides={"architectures": ["Gemma3EarlyExitForCausalLM"],
-    "earlyexit": {"heads": ..., "eps": ...}}`)."""
+def early_exit_class(base: type, name: str) -> type:
+    """`base` (a vLLM `*ForCausalLM`) with hf-earlyexit heads, selected by `hf_overrides={"architectures": [name],
+    "earlyexit": {...}}`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self._ee_init(vllm_config, prefix)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if not self.ee_active:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            return base.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         return self._ee_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if not self.ee_active:
-            return super().compute_logits(hidden_states)
-        return self._ee_logits(hidden_states, lambda: super(Gemma3EarlyExitForCausalLM, self).compute_logits(
-            hidden_states))
+            return base.compute_logits(self, hidden_states)
+        return self._ee_logits(hidden_states, lambda: base.compute_logits(self, hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return self._ee_load_weights(weights, super().load_weights)
+        return self._ee_load_weights(weights, lambda stream: base.load_weights(self, stream))
+
+    methods = {"__init__": __init__, "forward": forward, "compute_logits": compute_logits,
+               "load_weights": load_weights, "__module__": __name__,
+               "__doc__": f"vLLM's {base.__name__} with hf-earlyexit heads."}
+    return type(name, (EarlyExitMixin, base), methods)
+
+
+Gemma3EarlyExitForCausalLM = early_exit_class(Gemma3ForCausalLM, "Gemma3EarlyExitForCausalLM")
+LlamaEarlyExitForCausalLM = early_exit_class(LlamaForCausalLM, "LlamaEarlyExitForCausalLM")
+Qwen2EarlyExitForCausalLM = early_exit_class(Qwen2ForCausalLM, "Qwen2EarlyExitForCausalLM")
+Qwen3EarlyExitForCausalLM = early_exit_class(Qwen3ForCausalLM, "Qwen3EarlyExitForCausalLM")

@@ -15,6 +15,7 @@ With ε = 1 (or no exit checked) the model is vLLM's own class, unchanged.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -93,7 +94,7 @@ class EarlyExitMixin:
         self.ee_ignore_base_mismatch = bool(settings["ignore_base_mismatch"])
         self.ee_softcap = getattr(config, "final_logit_softcapping", None)
         self.ee_vocab = config.vocab_size
-        self.ee_stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_steps": 0,
+        self.ee_stats = {"decode_steps": 0, "early_steps": 0, "decode_tokens": 0, "prefill_steps": 0,
                          "exit_tokens": {k: 0 for k in heads.exit_layers}, "full_tokens": 0}
         self._ee_out: tuple[Tensor, Tensor] | None = None  # a decode step's exit logits and exits, for compute_logits
         # a context block per checked exit: a decoder layer of the model's own class with its own KV cache; its
@@ -103,8 +104,8 @@ class EarlyExitMixin:
             layer_class = type(self.model.layers[0])
             for j, on in enumerate(checked):
                 if on:
-                    self.ee_blocks[str(j)] = layer_class(config, vllm_config.cache_config, vllm_config.quant_config,
-                                                         prefix=f"earlyexit_block_e{j}.{heads.block_source[j]}")
+                    self.ee_blocks[str(j)] = _new_layer(layer_class, vllm_config,
+                                                        f"earlyexit_block_e{j}.{heads.block_source[j]}")
         self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(self.model.norm) for j, on in enumerate(checked) if on})
         logger.info("hf-earlyexit: heads %s at eps=%g, checking exits %s", heads.path, self.ee_eps,
                     [k for k, on in zip(heads.exit_layers, checked, strict=True) if on])
@@ -280,6 +281,7 @@ class EarlyExitMixin:
         stats = self.ee_stats
         stats["decode_steps"] += 1
         stats["decode_tokens"] += left.numel()
+        stats["early_steps"] += bool((left >= 0).all())  # steps that stopped before the last layer
         stats["full_tokens"] += int((left < 0).sum())
         for j in left[left >= 0].tolist():
             stats["exit_tokens"][self.ee_heads.exit_layers[j]] += 1
@@ -336,6 +338,14 @@ def _decode_only() -> bool:
         return False
     first = next(iter(metadata.values()))
     return getattr(first, "max_query_len", None) == 1
+
+
+def _new_layer(layer_class: type, vllm_config, prefix: str) -> nn.Module:
+    """A decoder layer of the model's own vLLM class, built as the family's model builds its layers."""
+    if "vllm_config" in inspect.signature(layer_class.__init__).parameters:  # Llama
+        return layer_class(vllm_config=vllm_config, prefix=prefix)
+    return layer_class(config=vllm_config.model_config.hf_config, cache_config=vllm_config.cache_config,
+                       quant_config=vllm_config.quant_config, prefix=prefix)  # Gemma 3, Qwen 2/3
 
 
 def _write_kv(layer: nn.Module, positions: Tensor, raw: Tensor) -> None:

@@ -18,7 +18,7 @@ import hf_earlyexit
 def main() -> None:
     heads, eps, max_new, batched = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     prompts = json.load(sys.stdin)
-    model, _ = hf_earlyexit.load(heads, dtype=torch.float32)
+    model = hf_earlyexit.EarlyExitForCausalLM.from_pretrained(heads).float()  # a folder: no tokenizer needed
     options = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, mode="early_exit", eps=eps,
                    kv_fill="propagate", exit_policy="all", pad_token_id=0)
     groups = [prompts] if batched else [[p] for p in prompts]

@@ -145,6 +145,56 @@ def test_bad_settings_are_named(settings, message):
     assert isinstance(caught.value, HeadsFolderError) or message.split()[0] in str(caught.value)
 
 
+@pytest.mark.skipif(not ORACLE, reason="set HF_EARLYEXIT_PYTHON to a Python with hf-earlyexit for the oracle")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
+    """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 classes, with a tiny random base and context heads
+    written by hf-earlyexit (`hf_tiny.py`): ε = 1 is vLLM's own class; at ε 0.5 (about half the tokens exit) the
+    tokens equal hf-earlyexit's own early exit, one sequence at a time and as a batch."""
+    here = Path(__file__).parent
+    made = json.loads(subprocess.run([ORACLE, str(here / "hf_tiny.py"), family, str(tmp_path)], capture_output=True,
+                                     text=True, check=True).stdout)
+    prompts = [[1, 5, 9, 200, 33, 7, 140], [2, 8, 120, 130, 5], [3, 300, 301, 302, 110, 111, 112, 113, 9]]
+    params = vllm.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+
+    def engine(earlyexit):
+        kwargs = {} if earlyexit is None else {
+            "hf_overrides": {"architectures": [f"{arch}EarlyExitForCausalLM"],
+                             "earlyexit": {"heads": made["heads"], **earlyexit}},
+            "worker_extension_cls": hf_earlyexit_vllm.WORKER_EXTENSION}
+        return vllm.LLM(model=made["base"], dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+                        skip_tokenizer_init=True, **kwargs)
+
+    def decode(llm, batched):
+        groups = [prompts] if batched else [[p] for p in prompts]
+        return [list(r.outputs[0].token_ids) for g in groups
+                for r in llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in g], params,
+                                      use_tqdm=False)]
+
+    llm = engine(None)
+    try:
+        plain = decode(llm, True)
+    finally:
+        _close(llm)
+    llm = engine({"eps": 1.0})
+    try:
+        assert decode(llm, True) == plain
+    finally:
+        _close(llm)
+    llm = engine({"eps": 0.5})
+    try:
+        for batched in (False, True):
+            expected = json.loads(subprocess.run(
+                [ORACLE, str(here / "hf_oracle.py"), made["heads"], "0.5", "16", "1" if batched else "0"],
+                input=json.dumps(prompts), capture_output=True, text=True, check=True).stdout)
+            assert decode(llm, batched) == expected, batched
+        (stats,) = hf_earlyexit_vllm.exit_stats(llm)
+        assert sum(stats["exit_tokens"].values()) > 0.2 * stats["decode_tokens"], stats
+    finally:
+        _close(llm)
+
+
 def test_tools_importable_without_hf_earlyexit():
     """The plugin runs beside vLLM alone: hf-earlyexit (which needs a newer transformers) is not importable here."""
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hf_earlyexit') is not None)"

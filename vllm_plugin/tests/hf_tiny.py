@@ -1,0 +1,51 @@
+"""A tiny random base model of one family and trained-looking heads for it, written by hf-earlyexit (run where it is
+installed, not in the vLLM venv): the plugin's family tests load both in vLLM and compare with hf-earlyexit's own
+decoding (`hf_oracle.py`).
+
+    python hf_tiny.py FAMILY OUT_DIR      # FAMILY: llama | qwen2 | qwen3; prints {"base": ..., "heads": ...}
+
+The base has head size 64 (vLLM's CPU attention needs one of its sizes) and no tokenizer (prompts are token ids).
+The heads are context heads over a 64-token draft vocabulary with their weights moved off their start, and
+thresholds at ε 0.5 set to the median confidence of each exit on random text, so about half the tokens exit.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.modeling.metrics_earlyexit import confidence
+
+SIZES = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=512)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SIZES),
+    "qwen2": lambda: Qwen2Config(**SIZES, tie_word_embeddings=True),
+    "qwen3": lambda: Qwen3Config(**SIZES, head_dim=64),
+}
+
+
+def main() -> None:
+    family, out = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    base.save_pretrained(out / "base")
+    base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    model = EarlyExitForCausalLM.from_base(base, exit_layers=[1, 2], head="context", adapter_rank=8,
+                                           draft_token_ids=list(range(100, 164)), metric="max_prob")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        ids = torch.randint(0, 512, (4, 48), generator=gen)
+        scores = [confidence("max_prob", logits=x[:, 8:].flatten(0, 1)) for x in model(ids).exit_logits]
+    model.config.thresholds = {"0.5": [float(s.median()) for s in scores]}
+    model.save_pretrained(out / "heads")
+    json.dump({"base": str(out / "base"), "heads": str(out / "heads")}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
