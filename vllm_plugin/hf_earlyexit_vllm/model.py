@@ -186,6 +186,11 @@ class EarlyExitMixin:
                 source = heads.block_source[j]
                 block = heads.block_weights(j, kept[source])
                 _load_block(self, self.ee_blocks[str(j)], block)
+        # key/value rows of the layers an early step can skip (and of the blocks): filling their cache then needs
+        # no query projection (taken now, before vLLM repacks the fused weights for its kernels)
+        first = min(k for k, on in zip(heads.exit_layers, self.ee_checked, strict=True) if on)
+        self.ee_kv_rows = {id(layer): _kv_rows(layer) for layer in list(self.model.layers)[first:]}
+        self.ee_kv_rows.update({id(block): _kv_rows(block) for block in self.ee_blocks.values()})
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -272,10 +277,11 @@ class EarlyExitMixin:
     def _ee_fill_kv(self, i: int, j: int, positions: Tensor, raw: Tensor) -> None:
         """Keys and values of the skipped layers `i..L-1` and of deeper exits' blocks, from the exit state `raw`."""
         for layer in list(self.model.layers)[i:]:
-            _write_kv(layer, positions, raw)
+            _write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
         for m in range(j + 1, len(self.ee_checked)):
             if str(m) in self.ee_blocks:
-                _write_kv(self.ee_blocks[str(m)], positions, raw)
+                block = self.ee_blocks[str(m)]
+                _write_kv(block, positions, raw, self.ee_kv_rows[id(block)])
 
     def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats
@@ -348,18 +354,26 @@ def _new_layer(layer_class: type, vllm_config, prefix: str) -> nn.Module:
                        quant_config=vllm_config.quant_config, prefix=prefix)  # Gemma 3, Qwen 2/3
 
 
-def _write_kv(layer: nn.Module, positions: Tensor, raw: Tensor) -> None:
+def _kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The key and value rows of a decoder layer's fused qkv projection (weight, bias), copied."""
+    attn = layer.self_attn
+    rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
+    bias = attn.qkv_proj.bias
+    return attn.qkv_proj.weight[rows].detach().clone(), None if bias is None else bias[rows].detach().clone()
+
+
+def _write_kv(layer: nn.Module, positions: Tensor, raw: Tensor, kv_rows: tuple[Tensor, Tensor | None]) -> None:
     """Write decoder `layer`'s keys and values for these tokens from its input `raw`, nothing else: its input norm,
-    qkv projection, key norm and rotary, then vLLM's cache-update op for its attention."""
+    key/value projection (`kv_rows`: no queries), key norm and rotary, then vLLM's cache-update op."""
     from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 
     attn = layer.self_attn
     normed = layer.input_layernorm(raw)
-    qkv, _ = attn.qkv_proj(normed)
-    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    k, v = F.linear(normed, *kv_rows).split([attn.kv_size, attn.kv_size], dim=-1)
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim))).flatten(-2, -1)
-    q, k = attn.rotary_emb(positions, q, k)
+    k = k.contiguous()
+    _, k = attn.rotary_emb(positions, k.clone(), k)  # the rotary op also turns a query: a throwaway copy
     heads, size = attn.attn.num_kv_heads, attn.attn.head_size
     unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attn.attn.layer_name)
 
