@@ -90,6 +90,7 @@ class EarlyExitMixin:
         self.ee_eps = float(settings["eps"])
         self.ee_thresholds = thresholds
         self.ee_checked = checked
+        self.ee_starts = {k: j for j, k in enumerate(heads.exit_layers) if checked[j]}  # layer -> checked exit there
         self.ee_log_every = settings["log_every"]
         self.ee_ignore_base_mismatch = bool(settings["ignore_base_mismatch"])
         self.ee_softcap = getattr(config, "final_logit_softcapping", None)
@@ -189,7 +190,7 @@ class EarlyExitMixin:
         # key/value rows of the layers an early step can skip (and of the blocks): filling their cache then needs
         # no query projection (taken now, before vLLM repacks the fused weights for its kernels)
         first = min(k for k, on in zip(heads.exit_layers, self.ee_checked, strict=True) if on)
-        self.ee_kv_rows = {id(layer): _kv_rows(layer) for layer in list(self.model.layers)[first:]}
+        self.ee_kv_rows = {id(layer): _kv_rows(layer) for layer in self.model.layers[first:]}
         self.ee_kv_rows.update({id(block): _kv_rows(block) for block in self.ee_blocks.values()})
 
     # -- forward -------------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class EarlyExitMixin:
         residual = None
         decode = _decode_only()
         self._ee_out = None
-        starts = {k: j for j, k in enumerate(self.ee_heads.exit_layers) if self.ee_checked[j]}
+        starts = self.ee_starts
         left = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
         chosen = None  # (n, vocab) logits of the sequences that left
         for i, layer in enumerate(model.layers):
@@ -276,7 +277,7 @@ class EarlyExitMixin:
 
     def _ee_fill_kv(self, i: int, j: int, positions: Tensor, raw: Tensor) -> None:
         """Keys and values of the skipped layers `i..L-1` and of deeper exits' blocks, from the exit state `raw`."""
-        for layer in list(self.model.layers)[i:]:
+        for layer in self.model.layers[i:]:
             _write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
         for m in range(j + 1, len(self.ee_checked)):
             if str(m) in self.ee_blocks:
