@@ -38,16 +38,23 @@ def test_a_shared_context_runs_once_and_scores_as_each_request_alone(arch, head)
     kw = {"head": "context", "adapter_rank": 4} if head == "context" else {}
     model = ee_model(arch, exits=[1, 2], **kw).eval()
     inps, lengths, contlens = requests()
-    seen = []
+    seen, whole = [], []
     layer = model.engine.parts.layers[0]
-    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0] * args[0].shape[1]))
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0] * args[0].shape[1]))]
+    for exit_head in model.exit_heads:  # a context block's whole layer (a keys-and-values-only call never returns)
+        if exit_head.has_context:
+            hooks.append(exit_head.block.register_forward_hook(
+                lambda m, args, out: whole.append(args[0].shape[0] * args[0].shape[1])))
     try:
         with torch.no_grad():
             log_probs, heads, spans = forward_scored(model, inps, lengths, contlens, [True, True])
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     # the three contexts once (left-padded to the longest), then every request's own tokens after them
     assert sum(seen) == 3 * 12 + len(lengths) * (max(contlens) - 1) < inps.numel()
+    # a context block runs whole only at the scored positions (each row padded to the longest continuation)
+    assert whole == ([len(lengths) * max(contlens)] * 2 if head == "context" else [])
     base = model.get_base_model()
     for r, span in enumerate(spans):
         alone = inps[r:r + 1, :lengths[r]]

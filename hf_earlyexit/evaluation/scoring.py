@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling.engine_earlyexit import split_shared_prefixes
 from ..modeling.exits_earlyexit import ExitRule, take_first
 from ..modeling.stats_earlyexit import ExitStats
 
@@ -113,31 +114,22 @@ def _shared_prefix_states(model, backbone, inps: Tensor, lengths: Sequence[int],
     rows, width = inps.shape
     prefix = [n - c + 1 for n, c in zip(lengths, contlens, strict=True)]  # up to and including the first scored one
     suffix = [n - p for n, p in zip(lengths, prefix, strict=True)]
-    groups: dict[tuple[int, ...], int] = {}
-    group_of = [groups.setdefault(tuple(inps[r, :p].tolist()), len(groups)) for r, p in enumerate(prefix)]
-    prefix_width, suffix_width = max(prefix), max(suffix)
-    if len(groups) * prefix_width + rows * suffix_width > SHARED_PREFIX_GAIN * rows * width:
+    parts = split_shared_prefixes(inps, [tuple(inps[r, :p].tolist()) for r, p in enumerate(prefix)], prefix,
+                                  list(lengths))
+    starts, starts_mask, index = parts.prefix, parts.prefix_mask, parts.group_of
+    groups, prefix_width, suffix_width = starts.shape[0], starts.shape[1], max(suffix)
+    if groups * prefix_width + rows * suffix_width > SHARED_PREFIX_GAIN * rows * width:
         return None
     device = inps.device
-    first_row = {g: r for r, g in reversed(list(enumerate(group_of)))}
-    starts = inps.new_zeros((len(groups), prefix_width))
-    starts_mask = torch.zeros_like(starts)
-    for g, r in first_row.items():  # left-padded: every prefix ends where the rows' own tokens go on
-        starts[g, prefix_width - prefix[r]:] = inps[r, :prefix[r]]
-        starts_mask[g, prefix_width - prefix[r]:] = 1
     # transformers renamed `past_key_values` to `cache` (5.2x): pass and read whichever this backbone uses
     cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     out = backbone(starts, attention_mask=starts_mask, position_ids=(starts_mask.cumsum(-1) - 1).clamp(min=0),
                    use_cache=True, output_hidden_states=hidden)
     layers = list(model.config.exit_layers) if hidden else []
     first = [out.last_hidden_state] + [out.hidden_states[layer] for layer in layers]
-    index = torch.tensor(group_of, dtype=torch.long, device=device)
+    group_of = index.tolist()
     if suffix_width:
-        tails = inps.new_zeros((rows, suffix_width))
-        tails_mask = torch.zeros_like(tails)
-        for r in range(rows):
-            tails[r, :suffix[r]] = inps[r, prefix[r]:lengths[r]]
-            tails_mask[r, :suffix[r]] = 1
+        tails, tails_mask = parts.tail, parts.tail_mask
         cache = getattr(out, cache_name)
         cache.batch_select_indices(index)
         positions = torch.tensor(prefix, device=device).unsqueeze(1) + torch.arange(suffix_width, device=device)
@@ -160,13 +152,13 @@ def _shared_prefix_states(model, backbone, inps: Tensor, lengths: Sequence[int],
 def head_outputs(model, hidden_states: Sequence[Tensor] | dict[int, Tensor], inps: Tensor, wanted: Sequence[bool],
                  at: Positions) -> HeadOutputs:
     """Per exit `j` with `wanted[j]`: its head's logits, its hidden states and the previous exit's (the embeddings
-    before the first exit) at positions `at`, `(n, ...)`; `None` for the others. A context head's block runs over
-    the whole sequences; its norm and projections only at `at`."""
+    before the first exit) at positions `at`, `(n, ...)`; `None` for the others. A context head's block runs whole
+    only at `at`; earlier positions only write its keys and values, once per distinct prefix (`features_at`)."""
     previous = model.get_input_embeddings()(inps[at])
     outputs: HeadOutputs = []
     for j, (layer, head) in enumerate(zip(model.config.exit_layers, model.exit_heads, strict=True)):
         hidden = hidden_states[layer][at]  # raw output of decoder layer `layer - 1`
-        outputs.append((head.logits_from(head.features(hidden_states[layer])[at]), hidden, previous)
+        outputs.append((head.logits_from(head.features_at(hidden_states[layer], at, inps)), hidden, previous)
                        if wanted[j] else None)
         previous = hidden
     return outputs
@@ -266,16 +258,21 @@ def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
     stats.macs_full += int(macs[-1]) * len(exits)
 
 
-def answer(log_probs: Tensor, cont_toks: list[int], greedy: Tensor | None = None) -> tuple[float, bool]:
+def answer(log_probs: Tensor, cont_toks: list[int], top: Tensor | None = None) -> tuple[float, bool]:
     """lm-eval's answer for one continuation from the `(contlen, vocab)` log-probabilities of its scored positions:
     `(sum of the continuation's log-probabilities, every token greedy)`, in HFLM's own steps (its one-token-
-    continuation groups share the longest member's positions)."""
-    logits = log_probs.unsqueeze(0)  # (1, contlen, vocab)
-    greedy = logits.argmax(dim=-1) if greedy is None else greedy.unsqueeze(0)  # `greedy`: the argmax, if known
-    cont = torch.tensor(cont_toks, dtype=torch.long, device=logits.device).unsqueeze(0)  # (1, n)
-    max_equal = (greedy[:, -cont.shape[1]:] == cont).all()
-    picked = torch.gather(logits, 2, cont.unsqueeze(-1)).squeeze(-1)  # (1, n)
-    return float(picked.sum()), bool(max_equal)
+    continuation groups share the longest member's positions). `top` `(contlen,)`: each row's maximum, if known.
+
+    "Greedy" is HFLM's `argmax == token`, taken as: the token's log-probability is its row's maximum and no lower
+    token id reaches it (argmax's first-index tie rule). On a CPU a row's maximum costs a seventh of its argmax
+    (262k-token rows), and the ids below the token are read only where every position is at its maximum."""
+    rows = log_probs[-len(cont_toks):]  # (n, vocab)
+    cont = torch.tensor(cont_toks, dtype=torch.long, device=rows.device)
+    picked = rows.gather(1, cont.unsqueeze(1)).squeeze(1)  # (n,)
+    top = rows.amax(dim=-1) if top is None else top[-len(cont_toks):]
+    greedy = bool((picked == top).all()) and not any(
+        bool((rows[p, :token] == picked[p]).any()) for p, token in enumerate(cont_toks))
+    return float(picked.sum()), greedy
 
 
 @dataclass
@@ -315,7 +312,7 @@ class ScoringSweep:
         heads = heads_at(self.batch["heads"], span)
         full = len(model.exit_heads)
         tops = head_tops(model, heads)  # once per row, not per ε
-        full_greedy = full_log_probs.argmax(dim=-1)
+        full_top = full_log_probs.amax(dim=-1)
         answered: dict[bytes, list[tuple[float, bool]]] = {}  # ε points whose exits agree here share the answers
         for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
@@ -325,11 +322,11 @@ class ScoringSweep:
             key = exits.cpu().numpy().tobytes()
             if key not in answered:
                 log_probs, _ = score_row(model, full_log_probs, heads, exits)  # exits are final: no scored tokens
-                greedy, leave = full_greedy, exits != full
-                if bool(leave.any()):  # the greedy token changes only where a position left
-                    greedy = full_greedy.clone()
-                    greedy[leave] = log_probs[leave].argmax(dim=-1)
-                answered[key] = [answer(log_probs, list(continuation), greedy) for _, continuation in requests]
+                top, leave = full_top, exits != full
+                if bool(leave.any()):  # a row's maximum changes only where a position left
+                    top = full_top.clone()
+                    top[leave] = log_probs[leave].amax(dim=-1)
+                answered[key] = [answer(log_probs, list(continuation), top) for _, continuation in requests]
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
             for (context, continuation), value in zip(requests, answered[key], strict=True):

@@ -375,6 +375,34 @@ class LayerEngine:
         state.attention_mask, state.position_ids = mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
         return self._run_layer(state, self.num_layers + m, hidden, {}, {})
 
+    def run_context_tail(self, m: int, prefix: Tensor, prefix_mask: Tensor, select: Tensor, tail: Tensor,
+                         tail_mask: Tensor) -> Tensor:
+        """Context layer `m` where only the last positions' outputs are wanted (scoring), nothing kept: its keys and
+        values over left-padded prefixes `prefix` `(groups, p, hidden)` (the input of its source layer; padding
+        marked by `prefix_mask`), no attention or MLP there; then row `r` of `tail` `(rows, t, hidden)` (right-padded,
+        `tail_mask`) runs the whole layer on a copy of prefix `select[r]`'s cache. Returns the outputs at the tail
+        positions `(rows, t, hidden)` (padding slots: undefined), as `run_context` over each row's whole sequence
+        gives them."""
+        device = tail.device
+        prefix_mask = prefix_mask.to(dtype=torch.long, device=device)
+        tail_mask = tail_mask.to(dtype=torch.long, device=device)
+        j = self.num_layers + m
+        if prefix.shape[1]:
+            state = self._empty_state(prefix.shape[0], device, (m,))
+            state.attention_mask = prefix_mask
+            state.position_ids = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
+            self._run_layer(state, j, prefix, {}, {}, kv_only=True)
+            state.cache.layers[j].batch_select_indices(select)
+            seen = prefix_mask.sum(dim=1, keepdim=True)[select]
+            state.attention_mask = torch.cat([prefix_mask[select], tail_mask], dim=1)
+            state.position_ids = torch.cat([state.position_ids[select],
+                                            (seen + tail_mask.cumsum(dim=1) - 1).clamp(min=0)], dim=1)
+        else:
+            state = self._empty_state(tail.shape[0], device, (m,))
+            state.attention_mask = tail_mask
+            state.position_ids = (tail_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self._run_layer(state, j, tail, {}, {})
+
     def flush(self, state: EngineState) -> None:
         """Run every pending position through the remaining layers, so the cache is complete at every layer."""
         if any(j < self.num_layers for j in state.frontier):
@@ -494,6 +522,48 @@ class LayerEngine:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)
         return self.final_logits(self.run_to(state, self.num_layers))
+
+
+@dataclass
+class SharedPrefixes:
+    """Rows of a batch split into a prefix, shared by the rows whose `keys` agree, and each row's own tail.
+
+    Attributes:
+        prefix: `(groups, p, ...)` each distinct prefix once, left-padded (`prefix_mask` 0 on padding), so every
+            prefix ends where its rows go on.
+        group_of: `(rows,)` long: the prefix of each row.
+        tail: `(rows, t, ...)` each row's own values after its prefix, right-padded (`tail_mask`).
+    """
+
+    prefix: Tensor
+    prefix_mask: Tensor
+    group_of: Tensor
+    tail: Tensor
+    tail_mask: Tensor
+
+
+def split_shared_prefixes(values: Tensor, keys: list[tuple], splits: list[int], ends: list[int]) -> SharedPrefixes:
+    """Lay out rows `values[r, :ends[r]]` (`values` `(rows, width, ...)`) as prefixes `values[r, :splits[r]]`, one
+    per distinct `keys[r]` (rows with equal keys must have equal prefixes: the first such row's is taken), and tails
+    `values[r, splits[r]:ends[r]]`."""
+    groups: dict[tuple, int] = {}
+    group_of = [groups.setdefault(key, len(groups)) for key in keys]
+    first_row = {g: r for r, g in reversed(list(enumerate(group_of)))}
+    width = max(splits)
+    shape, device = values.shape[2:], values.device
+    prefix = values.new_zeros((len(groups), width, *shape))
+    prefix_mask = torch.zeros(len(groups), width, dtype=torch.long, device=device)
+    for g, r in first_row.items():
+        prefix[g, width - splits[r]:] = values[r, :splits[r]]
+        prefix_mask[g, width - splits[r]:] = 1
+    lengths = [end - split for split, end in zip(splits, ends, strict=True)]
+    tail = values.new_zeros((len(keys), max(lengths), *shape))
+    tail_mask = torch.zeros(len(keys), max(lengths), dtype=torch.long, device=device)
+    for r, (split, n) in enumerate(zip(splits, lengths, strict=True)):
+        tail[r, :n] = values[r, split: split + n]
+        tail_mask[r, :n] = 1
+    return SharedPrefixes(prefix, prefix_mask, torch.tensor(group_of, dtype=torch.long, device=device), tail,
+                          tail_mask)
 
 
 def _slice_layer(layer, stored: int, index: Tensor) -> None:

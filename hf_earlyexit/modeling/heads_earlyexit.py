@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .costs_earlyexit import Cost, module_cost
+from .engine_earlyexit import split_shared_prefixes
 
 
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
@@ -114,6 +115,12 @@ class ExitHead(nn.Module):
         """What `logits_from` reads at each position: the hidden states themselves (a context head: its block's
         output over whole sequences), so logits can be taken at chosen positions only."""
         return hidden
+
+    def features_at(self, hidden: Tensor, at: tuple[Tensor, Tensor], input_ids: Tensor | None = None) -> Tensor:
+        """`features(hidden)[at]` for a right-padded batch `hidden` `(batch, seq, hidden)`, where `at = (rows,
+        columns)` are flat positions, row after row, each row's columns consecutive (a scored continuation): `(n,
+        hidden)`. A context head runs its whole block only there (see `ContextHead.features_at`)."""
+        return hidden[at]
 
     def context_cost(self) -> Cost:
         """Per-token cost of the head's context block (none: the head reads one position)."""
@@ -247,6 +254,30 @@ class ContextHead(SharedHead):
         if hidden.dim() != 3:
             raise ValueError(f"a context head reads whole sequences (batch, seq, hidden); got {tuple(hidden.shape)}")
         return self._engine.run_context(self._slot, hidden, attention_mask)  # (batch, seq, hidden)
+
+    def features_at(self, hidden: Tensor, at: tuple[Tensor, Tensor], input_ids: Tensor | None = None) -> Tensor:
+        """The block's outputs only at positions `at` (see `ExitHead.features_at`): the positions before a row's first
+        one only write the block's keys and values (no attention, no MLP), and rows whose `input_ids` agree up to
+        their first position (a document's choices after one context) write them once for all. Equal to
+        `features(hidden)[at]` up to float rounding."""
+        if self._engine is None:
+            raise RuntimeError("a context head runs its block through the model's engine; build it with the model")
+        rows, columns = (t.tolist() for t in at)
+        spans: dict[int, list[int]] = {}
+        for row, column in zip(rows, columns, strict=True):
+            spans.setdefault(row, []).append(column)
+        order = list(spans)
+        if rows != sorted(rows) or any(cols != list(range(cols[0], cols[0] + len(cols))) for cols in spans.values()):
+            raise ValueError("features_at needs positions row after row, each row's columns consecutive")
+        starts = [spans[r][0] for r in order]
+        lengths = [len(spans[r]) for r in order]
+        keys = [tuple(input_ids[r, :start].tolist()) if input_ids is not None else (r,)
+                for r, start in zip(order, starts, strict=True)]
+        ends = [start + n for start, n in zip(starts, lengths, strict=True)]
+        parts = split_shared_prefixes(hidden[order], keys, starts, ends)
+        out = self._engine.run_context_tail(self._slot, parts.prefix, parts.prefix_mask, parts.group_of, parts.tail,
+                                            parts.tail_mask)
+        return torch.cat([out[i, :n] for i, n in enumerate(lengths)])
 
     def context_cost(self) -> Cost:
         return block_cost(self.block)
