@@ -1,15 +1,20 @@
-"""Decode speed inside vLLM: the hf-earlyexit plugin against vLLM's own model, side by side in one run.
+"""Decode speed inside vLLM: the hf-earlyexit plugin against vLLM's own model and plain HF `generate()`, side by side
+in one run.
 
 Runs in the vLLM venv (README "Serving with vLLM"). Every configuration is a fresh engine on the same base folder
-(float32 or bfloat16, eager, 2 CPU threads), warmed up once, then decodes the prompts greedily (EOS ignored) one at a
-time (batch 1) and all at once (batch = number of prompts). Prints a table and writes JSON: tokens/s, the ratio to
-vLLM's own model at the same batch, the share of decode tokens that left early and where, and how many sequences
-came out identical to vLLM's own.
+(float32 or bfloat16, eager, 2 CPU threads), warmed up once, then decodes prompts greedily (EOS ignored) at each
+batch size B of `--batch_sizes`: the first max(B, 8) prompts, B at a time (one `generate` call per group). Prints a
+table and writes JSON: tokens/s, the ratio to vLLM's own model at the same batch, the share of decode tokens (and
+decode steps) that left early, and how many sequences came out identical to vLLM's own. `--hf` adds plain HF
+`generate()` (the vLLM venv's transformers; left-padded batches) as a row.
 
     python -c "import json; from hf_earlyexit.evaluation.bench import BENCH_PROMPTS as P; print(json.dumps(P))" \
         > prompts.json                               # in the hf-earlyexit venv: the varied held-out prompts
     python docs/bench/vllm_earlyexit.py --base BASE_FOLDER --heads HEADS_FOLDER --prompts prompts.json \
         --dtype bfloat16 --output vllm_bf16.json     # in the vLLM venv
+
+Batch 32 needs 32 prompts: `docs/bench/vllm_prompts.py` writes the 8 varied bench prompts followed by the openings of
+held-out PIQA questions (../shared/data), which no shipped heads were trained on.
 """
 
 from __future__ import annotations
@@ -44,12 +49,12 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
         result = {"name": name, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                   "threads": torch.get_num_threads()}
         tokens = {}
-        for batch in ("1", "all"):
+        for size in args.batch_sizes:
+            batch = str(size)
+            group = prompts[:max(size, 8)]
             start = time.perf_counter()
-            if batch == "1":
-                outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-            else:
-                outs = llm.generate(prompts, params, use_tqdm=False)
+            outs = [o for i in range(0, len(group), size)
+                    for o in llm.generate(group[i:i + size], params, use_tqdm=False)]
             seconds = time.perf_counter() - start
             tokens[batch] = [list(o.outputs[0].token_ids) for o in outs]
             result[f"batch_{batch}"] = {"seconds": seconds,
@@ -70,6 +75,38 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
         llm.llm_engine.engine_core.shutdown()
 
 
+def run_hf(args, prompts: list[str]) -> dict:
+    """Plain HF `generate()` (greedy, EOS ignored, left-padded batches) on the same base folder, prompts and batches."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.base, padding_side="left")
+    result = {"name": f"HF generate() (transformers {transformers.__version__})",
+              "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+    def generate(group: list[str], new: int) -> list[list[int]]:
+        enc = tokenizer(group, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return out[:, enc["input_ids"].shape[1]:].tolist()
+
+    generate(prompts[:1], 8)  # warm-up
+    tokens = {}
+    for size in args.batch_sizes:
+        group = prompts[:max(size, 8)]
+        start = time.perf_counter()
+        tokens[str(size)] = [t for i in range(0, len(group), size)
+                             for t in generate(group[i:i + size], args.max_new_tokens)]
+        seconds = time.perf_counter() - start
+        result[f"batch_{size}"] = {"seconds": seconds, "tokens_per_s": sum(map(len, tokens[str(size)])) / seconds}
+    result["tokens"] = tokens
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the base model folder (HF layout) vLLM loads")
@@ -81,13 +118,21 @@ def main() -> None:
     parser.add_argument("--exits", type=int, nargs="*", default=None,
                         help="also run each ε with only these exit layers checked (e.g. 12 15)")
     parser.add_argument("--ngram", action="store_true", help="also run vLLM's own n-gram speculative decoding")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8],
+                        help="decode batch sizes (batch B decodes the first max(B, 8) prompts, B at a time)")
+    parser.add_argument("--hf", action="store_true", help="also time plain HF generate() on the same prompts")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise SystemExit(f"--prompts {args.prompts}: expected a JSON list of non-empty strings")
+    if len(prompts) < max(max(args.batch_sizes), 8):
+        raise SystemExit(f"--batch_sizes {args.batch_sizes} need {max(max(args.batch_sizes), 8)} prompts; "
+                         f"{args.prompts} has {len(prompts)}")
     runs = [run("vLLM Gemma3ForCausalLM", args, None, prompts)]
+    if args.hf:
+        runs.append(run_hf(args, prompts))
     if args.ngram:
         runs.append(run("vLLM n-gram speculative (4 tokens, lossless)", args, None, prompts,
                         {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
@@ -98,24 +143,26 @@ def main() -> None:
             runs.append(run(f"plugin ε={eps:g}, exits {args.exits}", args, {"eps": eps, "exits": args.exits},
                             prompts))
     plain = runs[0]
-    print(f"{args.dtype}, {len(prompts)} prompts x {args.max_new_tokens} new tokens, torch CPU capability "
+    print(f"{args.dtype}, batches {args.batch_sizes} of the first max(B, 8) of {len(prompts)} prompts x "
+          f"{args.max_new_tokens} new tokens, torch CPU capability "
           f"{plain['torch_cpu_capability']}, {plain['threads']} threads")
     print()
-    n = len(prompts)
-    print(f"| run | batch 1 tok/s | vs vLLM | batch {n} tok/s | vs vLLM | tokens (steps) that left early, b1 / b{n} "
-          f"| identical to vLLM (b1 / b{n}) |")
-    print("|---|---|---|---|---|---|---|")
+    sizes = [str(b) for b in args.batch_sizes]
+    head = " | ".join(f"batch {b} tok/s | vs vLLM" for b in sizes)
+    print(f"| run | {head} | tokens (steps) that left early, b{' / b'.join(sizes)} "
+          f"| identical to vLLM (b{' / b'.join(sizes)}) |")
+    print("|---|" + "---|" * (2 * len(sizes) + 2))
     for r in runs:
         cells = []
-        for batch in ("1", "all"):
+        for batch in sizes:
             speed = r[f"batch_{batch}"]["tokens_per_s"]
             cells += [f"{speed:.1f}", f"{speed / plain[f'batch_{batch}']['tokens_per_s']:.2f}x"]
         share = " / ".join(f"{r[f'batch_{b}']['exit_share']:.0%}" if "exit_share" in r[f"batch_{b}"] else "–"
-                           for b in ("1", "all"))
-        if "early_step_share" in r["batch_1"]:
-            share += " (" + " / ".join(f"{r[f'batch_{b}']['early_step_share']:.0%}" for b in ("1", "all")) + ")"
-        same = " / ".join(f"{sum(a == b for a, b in zip(r['tokens'][k], plain['tokens'][k], strict=True))}/{n}"
-                          for k in ("1", "all"))
+                           for b in sizes)
+        if "early_step_share" in r[f"batch_{sizes[0]}"]:
+            share += " (" + " / ".join(f"{r[f'batch_{b}']['early_step_share']:.0%}" for b in sizes) + ")"
+        same = " / ".join(f"{sum(a == b for a, b in zip(r['tokens'][k], plain['tokens'][k], strict=True))}/"
+                          f"{len(plain['tokens'][k])}" for k in sizes)
         print(f"| {r['name']} | {' | '.join(cells)} | {share} | {same} |")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -307,7 +307,7 @@ class EarlyExitLM(HFLM):
         for inp, span, scored in zip(inputs, spans, scored_rows, strict=True):
             requests = self._conts.get(inp, [])
             log_probs, exits = score_positions(model, full[span], heads, index, span,
-                                               scored if sweep is not None else None)
+                                               scored if sweep is not None else None, in_place=sweep is None)
             count_exits(self._task_stats(self.ee_scoring), model, exits)
             if sweep is not None:
                 sweep.record_row(model, self.ee_task or "all", span, full[span], requests, scored)

@@ -65,7 +65,8 @@ def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequen
     soft-capping), its log-softmax and the `wanted` exit heads only at the scored positions.
 
     `stays`, given the head outputs, names the positions that need the full model `(n,)` bool (`None`: all): the LM
-    head runs only there (positions that leave at an exit take their exit head's distribution), other rows are 0.
+    head runs only there (positions that leave at an exit take their exit head's distribution); the other rows are
+    left unset, for `score_row(..., in_place=True)` to fill from the heads.
 
     Returns `(log_probs (n, vocab), heads, spans)`: the full model's log-probabilities at the `n` scored positions
     (flattened row after row; `spans[r]` is row `r`'s slice) as `--model hf` computes them (logits in the model's
@@ -80,7 +81,7 @@ def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequen
     if needed is None or bool(needed.all()):
         return F.log_softmax(model.engine.lm_logits(normed), dim=-1, dtype=softmax_dtype), heads, spans
     part = F.log_softmax(model.engine.lm_logits(normed[needed]), dim=-1, dtype=softmax_dtype)
-    log_probs = part.new_zeros((normed.shape[0], part.shape[-1]))
+    log_probs = part.new_empty((normed.shape[0], part.shape[-1]))
     log_probs[needed] = part
     return log_probs, heads, spans
 
@@ -209,8 +210,8 @@ def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None,
     return exits
 
 
-def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None
-              ) -> tuple[Tensor, Tensor]:
+def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None,
+              in_place: bool = False) -> tuple[Tensor, Tensor]:
     """The log-probabilities of one row's scored positions and the exit each really left at.
 
     Args:
@@ -219,6 +220,8 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
         exits: `(contlen,)` the first exit whose confidence passes, per position (`len(exit_heads)`: none).
         scored: `(contlen,)` the token scored at each position (rule `"top_token"`: a position leaves only where its
             head's top token is that token), or `None` (rule `"confidence"`).
+        in_place: write the heads' rows into `full_log_probs` itself (its rows where a position leaves may be
+            unset: `forward_scored` with `stays`) instead of a copy.
 
     Returns:
         `(log_probs (contlen, vocab), exits (contlen,))`: the full model's rows where the position stays, else the
@@ -228,7 +231,7 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
     exits = exits_taken(model, heads, exits, scored)
     if bool((exits == full).all()):
         return full_log_probs, exits
-    mixed = full_log_probs.clone()
+    mixed = full_log_probs if in_place else full_log_probs.clone()
     for j, head in enumerate(model.exit_heads):
         leave = exits == j
         if bool(leave.any()):
@@ -237,12 +240,12 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
 
 
 def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, span: slice,
-                    scored: Tensor | None) -> tuple[Tensor, Tensor]:
+                    scored: Tensor | None, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """`score_row` for one row's `span` of a batch's flat scored positions, from the whole batch's head outputs and
     exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
     if index is None:
         return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored)
+    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored, in_place)
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
