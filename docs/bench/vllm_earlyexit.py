@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.9])
     parser.add_argument("--exits", type=int, nargs="*", default=None,
                         help="also run each ε with only these exit layers checked (e.g. 12 15)")
+    parser.add_argument("--max_batch", type=int, nargs="*", default=[],
+                        help="also run each ε with exits checked only at decode steps of at most this many sequences")
     parser.add_argument("--ngram", action="store_true", help="also run vLLM's own n-gram speculative decoding")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8],
                         help="decode batch sizes (batch B decodes the first max(B, 8) prompts, B at a time)")
@@ -138,10 +140,14 @@ def main() -> None:
                         {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                          "prompt_lookup_min": 2}))
     for eps in args.eps:
-        runs.append(run(f"plugin ε={eps:g}, every exit", args, {"eps": eps}, prompts))
+        runs.append(run(f"plugin ε={eps:g}, every exit", args, {"eps": eps, "max_batch": None}, prompts))
         if args.exits:
-            runs.append(run(f"plugin ε={eps:g}, exits {args.exits}", args, {"eps": eps, "exits": args.exits},
-                            prompts))
+            runs.append(run(f"plugin ε={eps:g}, exits {args.exits}", args,
+                            {"eps": eps, "exits": args.exits, "max_batch": None}, prompts))
+        for limit in args.max_batch:
+            chosen = {"exits": args.exits} if args.exits else {}
+            runs.append(run(f"plugin ε={eps:g}, {'exits ' + str(args.exits) if args.exits else 'every exit'}, "
+                            f"max_batch {limit}", args, {"eps": eps, **chosen, "max_batch": limit}, prompts))
     plain = runs[0]
     print(f"{args.dtype}, batches {args.batch_sizes} of the first max(B, 8) of {len(prompts)} prompts x "
           f"{args.max_new_tokens} new tokens, torch CPU capability "

@@ -10,7 +10,8 @@
 
 `earlyexit` settings: `heads` (a local hf-earlyexit heads folder for this base), `eps` (a calibrated accuracy target;
 1 = vLLM's own model), `exits` (the exit layers to check; default every exit with a threshold at `eps`), `log_every`
-(log exit counts every N decode steps; 0: never), `ignore_base_mismatch` (use heads trained on other base weights).
+(log exit counts every N decode steps; 0: never), `max_batch` (decode steps of more sequences check no exit and run
+every layer; `None`: no limit), `ignore_base_mismatch` (use heads trained on other base weights).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def register() -> None:
 
     With `HF_EARLYEXIT_VLLM_HEADS` set, they also replace the vLLM classes they extend, so any front end that builds
     an engine from a plain base folder (`vllm serve`, `lm_eval --model vllm`) runs with exits; the other settings
-    then come from `HF_EARLYEXIT_VLLM_EPS`, `HF_EARLYEXIT_VLLM_EXITS` (comma-separated exit layers) and
-    `HF_EARLYEXIT_VLLM_LOG_EVERY`.
+    then come from `HF_EARLYEXIT_VLLM_EPS`, `HF_EARLYEXIT_VLLM_EXITS` (comma-separated exit layers),
+    `HF_EARLYEXIT_VLLM_LOG_EVERY` and `HF_EARLYEXIT_VLLM_MAX_BATCH`.
     """
     from vllm import ModelRegistry
 

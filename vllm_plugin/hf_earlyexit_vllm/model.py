@@ -31,17 +31,20 @@ from .heads import HeadsFolderError, confidence, read_heads_folder
 logger = logging.getLogger("vllm.hf_earlyexit")  # under vLLM's logger: its handlers print INFO
 
 CONFIG_KEY = "earlyexit"  # hf_overrides={"earlyexit": {...}} carries the plugin's settings
-SETTINGS = ("heads", "eps", "exits", "log_every", "ignore_base_mismatch")
+SETTINGS = ("heads", "eps", "exits", "log_every", "max_batch", "ignore_base_mismatch")
+# decode steps of more sequences run every layer, no exit checked (measured: a step seldom has every one of many
+# sequences confident at once, and then pays the heads on top of the whole model); None: no limit
+MAX_BATCH: int | None = None
 
 
 def settings_of(hf_config) -> dict:
     """The plugin's settings from the model config (`hf_overrides={"earlyexit": {"heads": ..., "eps": ...}}`), or
-    else from the environment (`HF_EARLYEXIT_VLLM_HEADS`, `_EPS`, `_EXITS`, `_LOG_EVERY`)."""
+    else from the environment (`HF_EARLYEXIT_VLLM_HEADS`, `_EPS`, `_EXITS`, `_LOG_EVERY`, `_MAX_BATCH`)."""
     raw = getattr(hf_config, CONFIG_KEY, None)
     if raw is None and os.environ.get("HF_EARLYEXIT_VLLM_HEADS"):
         raw = {"heads": os.environ["HF_EARLYEXIT_VLLM_HEADS"], "log_every": 100}
         for key, name, parse in (("eps", "EPS", float), ("exits", "EXITS", lambda v: [int(x) for x in v.split(",")]),
-                                 ("log_every", "LOG_EVERY", int)):
+                                 ("log_every", "LOG_EVERY", int), ("max_batch", "MAX_BATCH", int)):
             value = os.environ.get(f"HF_EARLYEXIT_VLLM_{name}")
             if value:
                 try:
@@ -56,10 +59,15 @@ def settings_of(hf_config) -> dict:
     unknown = sorted(set(raw) - set(SETTINGS))
     if unknown:
         raise HeadsFolderError(f"{CONFIG_KEY} settings {unknown} are unknown (expected some of {', '.join(SETTINGS)})")
-    settings = {"eps": 0.9, "exits": None, "log_every": 0, "ignore_base_mismatch": False, **raw}
+    settings = {"eps": 0.9, "exits": None, "log_every": 0, "max_batch": MAX_BATCH, "ignore_base_mismatch": False,
+                **raw}
     log_every = settings["log_every"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise HeadsFolderError(f"log_every={log_every!r}: expected a whole number of decode steps >= 0 (0: never)")
+    max_batch = settings["max_batch"]
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise HeadsFolderError(f"max_batch={max_batch!r}: expected a whole number of sequences >= 1, or None (no "
+                               f"limit)")
     return settings
 
 
@@ -92,11 +100,12 @@ class EarlyExitMixin:
         self.ee_checked = checked
         self.ee_starts = {k: j for j, k in enumerate(heads.exit_layers) if checked[j]}  # layer -> checked exit there
         self.ee_log_every = settings["log_every"]
+        self.ee_max_batch = settings["max_batch"]
         self.ee_ignore_base_mismatch = bool(settings["ignore_base_mismatch"])
         self.ee_softcap = getattr(config, "final_logit_softcapping", None)
         self.ee_vocab = config.vocab_size
-        self.ee_stats = {"decode_steps": 0, "early_steps": 0, "decode_tokens": 0, "prefill_steps": 0,
-                         "exit_tokens": {k: 0 for k in heads.exit_layers}, "full_tokens": 0}
+        self.ee_stats = {"decode_steps": 0, "early_steps": 0, "unchecked_steps": 0, "decode_tokens": 0,
+                         "prefill_steps": 0, "exit_tokens": {k: 0 for k in heads.exit_layers}, "full_tokens": 0}
         self._ee_out: tuple[Tensor, Tensor] | None = None  # a decode step's exit logits and exits, for compute_logits
         # a context block per checked exit: a decoder layer of the model's own class with its own KV cache; its
         # name holds one integer, the layer it copies (vLLM reads the attention type from it)
@@ -196,13 +205,17 @@ class EarlyExitMixin:
     # -- forward -------------------------------------------------------------------------------------------------
 
     def _ee_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
-        """The model's layers, trying the checked exits on the way at a decode-only step: a sequence leaves at the
-        first exit where its head fires, and rides along with the others (its layers computed in full) until every
-        sequence has left; the step stops there, or runs to the end when some sequence never fires."""
+        """The model's layers, trying the checked exits on the way at a decode-only step of at most `max_batch`
+        sequences: a sequence leaves at the first exit where its head fires, and rides along with the others (its
+        layers computed in full) until every sequence has left; the step stops there, or runs to the end when some
+        sequence never fires. Other steps run every layer and only write the context blocks' keys and values."""
         model = self.model
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         residual = None
         decode = _decode_only()
+        check = decode and (self.ee_max_batch is None or h.shape[0] <= self.ee_max_batch)
+        if decode and not check:
+            self.ee_stats["unchecked_steps"] += 1
         self._ee_out = None
         starts = self.ee_starts
         left = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
@@ -211,8 +224,10 @@ class EarlyExitMixin:
             j = starts.get(i)
             if j is not None:
                 raw = h if residual is None else h + residual
-                features = self._ee_block(j, positions, raw)
-                if decode:
+                if not check:  # nothing reads the block's output: its keys and values are all it needs
+                    self._ee_feed_block(j, positions, raw)
+                else:
+                    features = self._ee_block(j, positions, raw)
                     going = (left < 0).nonzero().squeeze(1)
                     logits = self._ee_head_logits(j, features[going])
                     fires = self._ee_fires(j, logits)
@@ -244,6 +259,12 @@ class EarlyExitMixin:
             return raw
         out, residual = block(positions, raw, None)
         return out + residual
+
+    def _ee_feed_block(self, j: int, positions: Tensor, raw: Tensor) -> None:
+        """Write only exit `j`'s context block's keys and values for these tokens (none without a block)."""
+        block = self.ee_blocks[str(j)] if str(j) in self.ee_blocks else None
+        if block is not None:
+            _write_kv(block, positions, raw, self.ee_kv_rows[id(block)])
 
     def _ee_head_logits(self, j: int, features: Tensor) -> Tensor:
         """Exit `j`'s head: `(n, hidden)` -> `(n, head classes)` (a draft head's last class is OTHER)."""

@@ -121,6 +121,23 @@ def test_exits_reproduce_hf_earlyexit(plain_tokens, eps):
         _close(llm)
 
 
+def test_steps_above_max_batch_run_the_whole_model(plain_tokens):
+    """Decode steps of more sequences than `max_batch` check no exit: a batch of 4 decodes vLLM's own tokens exactly
+    (the context blocks' caches still written, keys and values only), while one sequence alone still leaves early."""
+    prompts, expected = plain_tokens
+    llm = _engine({"eps": 0.9, "max_batch": 2})
+    try:
+        assert _generate(llm, prompts, batched=True) == expected
+        (stats,) = hf_earlyexit_vllm.exit_stats(llm)
+        assert stats["unchecked_steps"] == stats["decode_steps"] == NEW - 1, stats
+        assert sum(stats["exit_tokens"].values()) == 0 and stats["full_tokens"] == len(prompts) * (NEW - 1)
+        _generate(llm, prompts[:1], batched=False)
+        (after,) = hf_earlyexit_vllm.exit_stats(llm)
+        assert after["unchecked_steps"] == NEW - 1 and sum(after["exit_tokens"].values()) > 0.3 * (NEW - 1), after
+    finally:
+        _close(llm)
+
+
 def test_sampling_and_a_chosen_exit_subset_run():
     llm = _engine({"eps": 0.9, "exits": [12, 15], "log_every": 5})
     try:
@@ -138,6 +155,7 @@ def test_sampling_and_a_chosen_exit_subset_run():
     ({"eps": 0.75}, "eps=0.75 is not calibrated in .*: expected one of 0.5, 0.6"),
     ({"eps": 0.9, "exits": [5]}, r"exits=\[5\]: expected a list of these heads' exit layers \[4, 8, 12, 15\]"),
     ({"eps": 0.9, "speed": 2}, r"earlyexit settings \['speed'\] are unknown"),
+    ({"eps": 0.9, "max_batch": 0}, r"max_batch=0: expected a whole number of sequences >= 1, or None"),
 ])
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(Exception, match=message) as caught:
