@@ -100,7 +100,7 @@ def test_exits_reproduce_hf_earlyexit(plain_tokens, eps):
     decodes, per sequence and as one batch (the iteration-level rule); most tokens leave early, and the exit counts
     add up."""
     prompts, plain = plain_tokens
-    llm = _engine({"eps": eps})
+    llm = _engine({"eps": eps, "max_batch": None})  # every step checks its exits, as hf-earlyexit's batch does
     try:
         for batched in (False, True):
             expected = json.loads(subprocess.run(
@@ -139,7 +139,7 @@ def test_steps_above_max_batch_run_the_whole_model(plain_tokens):
 
 
 def test_sampling_and_a_chosen_exit_subset_run():
-    llm = _engine({"eps": 0.9, "exits": [12, 15], "log_every": 5})
+    llm = _engine({"eps": 0.9, "exits": [12, 15], "log_every": 5, "max_batch": None})
     try:
         params = vllm.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=1, ignore_eos=True)
         results = llm.generate(TEXTS, params, use_tqdm=False)
@@ -200,7 +200,7 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
         assert decode(llm, True) == plain
     finally:
         _close(llm)
-    llm = engine({"eps": 0.5})
+    llm = engine({"eps": 0.5, "max_batch": None})
     try:
         for batched in (False, True):
             expected = json.loads(subprocess.run(
