@@ -29,6 +29,12 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+def batches(prompts: list[str], size: int) -> list[list[str]]:
+    """Batch `size`'s groups: the first max(size, 8) prompts, `size` at a time."""
+    chosen = prompts[:max(size, 8)]
+    return [chosen[i:i + size] for i in range(0, len(chosen), size)]
+
+
 def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative: dict | None = None) -> dict:
     import hf_earlyexit_vllm
     import torch
@@ -51,10 +57,8 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
         tokens = {}
         for size in args.batch_sizes:
             batch = str(size)
-            group = prompts[:max(size, 8)]
             start = time.perf_counter()
-            outs = [o for i in range(0, len(group), size)
-                    for o in llm.generate(group[i:i + size], params, use_tqdm=False)]
+            outs = [o for group in batches(prompts, size) for o in llm.generate(group, params, use_tqdm=False)]
             seconds = time.perf_counter() - start
             tokens[batch] = [list(o.outputs[0].token_ids) for o in outs]
             result[f"batch_{batch}"] = {"seconds": seconds,
@@ -97,10 +101,8 @@ def run_hf(args, prompts: list[str]) -> dict:
     generate(prompts[:1], 8)  # warm-up
     tokens = {}
     for size in args.batch_sizes:
-        group = prompts[:max(size, 8)]
         start = time.perf_counter()
-        tokens[str(size)] = [t for i in range(0, len(group), size)
-                             for t in generate(group[i:i + size], args.max_new_tokens)]
+        tokens[str(size)] = [t for group in batches(prompts, size) for t in generate(group, args.max_new_tokens)]
         seconds = time.perf_counter() - start
         result[f"batch_{size}"] = {"seconds": seconds, "tokens_per_s": sum(map(len, tokens[str(size)])) / seconds}
     result["tokens"] = tokens

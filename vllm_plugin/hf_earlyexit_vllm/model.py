@@ -303,9 +303,7 @@ class EarlyExitMixin:
         for layer in self.model.layers[i:]:
             _write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
         for m in range(j + 1, len(self.ee_checked)):
-            if str(m) in self.ee_blocks:
-                block = self.ee_blocks[str(m)]
-                _write_kv(block, positions, raw, self.ee_kv_rows[id(block)])
+            self._ee_feed_block(m, positions, raw)
 
     def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats
