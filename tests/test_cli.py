@@ -191,8 +191,7 @@ def test_generate_dssd_with_lookup_matches_plain(calibrated_folder, capsys):
 def test_agreement_reports_the_log_prob_error_where_scored_positions_would_leave(calibrated_folder, tmp_path):
     """`hf-earlyexit agreement` on a text file, against a by-hand oracle over each window alone: per ε, the positions
     that leave at the first exit whose breaking-ties score reaches τ with the text's next token as that head's top
-    token, and there the head's log-probability of that token minus the full model's, raw and at the folder's
-    scoring temperatures."""
+    token, and there the head's log-probability of that token minus the full model's."""
     import json
 
     import torch
@@ -200,20 +199,18 @@ def test_agreement_reports_the_log_prob_error_where_scored_positions_would_leave
     from hf_earlyexit.loading import load
 
     model, tokenizer = load(calibrated_folder, dtype="float32")
-    model.config.temperatures = [1.5, 0.8, 1.2]
-    model.save_pretrained(tmp_path / "heads")
     prompt = tokenizer("the capital of france is", return_tensors="pt")
     with torch.no_grad():  # the model's own greedy text: its next tokens are ones the heads can agree with
         written = model.generate(**prompt, mode="plain", max_new_tokens=90, do_sample=False, eos_token_id=None)
     text = tokenizer.decode(written[0], skip_special_tokens=True)
     (tmp_path / "text.txt").write_text(text)
     out = tmp_path / "agreement.json"
-    assert main(["agreement", "--model", str(tmp_path / "heads"), "--dtype", "float32", "--text_file",
+    assert main(["agreement", "--model", calibrated_folder, "--dtype", "float32", "--text_file",
                  str(tmp_path / "text.txt"), "--eps", "0.5", "--seq_len", "32", "--output", str(out)]) == 0
     [row] = json.loads(out.read_text())["text"]["rule"]
     ids = tokenizer(text)["input_ids"]
     taus = model.thresholds_for(0.5)
-    raw, tempered = [], []
+    errors = []
     for start in range(0, len(ids), 32):
         window = torch.tensor([ids[start: start + 32]])
         with torch.no_grad():
@@ -221,15 +218,12 @@ def test_agreement_reports_the_log_prob_error_where_scored_positions_would_leave
             heads = [h[0].float() for h in model(window, output_hidden_states=True).exit_logits]
         for pos in range(window.shape[1] - 1):
             token = int(window[0, pos + 1])
-            for tau, logits, t in zip(taus, heads, model.config.temperatures, strict=True):
+            for tau, logits in zip(taus, heads, strict=True):
                 top2 = torch.softmax(logits[pos], dim=-1).topk(2)
                 if float(top2.values[0] - top2.values[1]) >= tau:
                     if int(top2.indices[0]) == token:
-                        raw.append(float(torch.log_softmax(logits[pos], -1)[token] - full[pos, token]))
-                        tempered.append(float(torch.log_softmax(logits[pos] / t, -1)[token] - full[pos, token]))
+                        errors.append(float(torch.log_softmax(logits[pos], -1)[token] - full[pos, token]))
                     break
-    assert raw and row["scored_exits"] == len(raw)
-    assert row["log_prob_error_raw"] == pytest.approx(sum(raw) / len(raw), abs=1e-4)
-    assert row["log_prob_error_tempered"] == pytest.approx(sum(tempered) / len(tempered), abs=1e-4)
-    assert row["log_prob_abs_error_tempered"] == pytest.approx(sum(map(abs, tempered)) / len(tempered), abs=1e-4)
-    assert row["log_prob_error_raw"] != pytest.approx(row["log_prob_error_tempered"], abs=1e-3)
+    assert errors and row["scored_exits"] == len(errors)
+    assert row["log_prob_error"] == pytest.approx(sum(errors) / len(errors), abs=1e-4)
+    assert row["log_prob_abs_error"] == pytest.approx(sum(map(abs, errors)) / len(errors), abs=1e-4)

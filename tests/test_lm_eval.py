@@ -356,20 +356,20 @@ def sweep_points(heads: str, include: Path, out: Path, eps: list[str], *extra: s
 
 
 @pytest.fixture(scope="module")
-def separate_sweep(tempered_heads, tmp_path_factory):
-    """The reference: one full evaluation per ε (heads with scoring temperatures)."""
-    heads = tempered_heads
+def separate_sweep(folders, tmp_path_factory):
+    """The reference: one full evaluation per ε."""
+    _, heads = folders
     root = tmp_path_factory.mktemp("separate_sweep")
     include = tasks_with_rolling(root / "tasks")
     return include, sweep_points(heads, include, root / "sweep", ["0.5", "0.7", "1"], "--no_one_pass")
 
 
 @pytest.mark.parametrize("order", [["0.5", "0.7", "1"], ["1", "0.7", "0.5"]])
-def test_one_pass_sweep_equals_a_separate_run_at_each_eps(tempered_heads, separate_sweep, tmp_path, order):
+def test_one_pass_sweep_equals_a_separate_run_at_each_eps(folders, separate_sweep, tmp_path, order):
     """Scored requests of every ε come from the first point's forward passes, exactly: the same metrics (accuracy,
     perplexity), per-task exit counts and layers saved as an evaluation per ε; generation still decodes per ε.
     Either the full model (ε = 1) or an exiting ε may be the point that records."""
-    heads = tempered_heads
+    _, heads = folders
     include, expected = separate_sweep
     got = sweep_points(heads, include, tmp_path / "sweep", order)
     assert got.keys() == expected.keys() == {0.5, 0.7, 1.0}
@@ -426,69 +426,45 @@ def test_one_pass_sweep_of_generation_alone_decodes_at_each_eps(folders, tmp_pat
     assert points[1.0]["exit_fractions"]["full"] == 1.0 > points[0.5]["exit_fractions"]["full"]
 
 
-def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: str, shared_last: bool = False,
-                          temperatures: list[float] | None = None) -> float:
+def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: str, shared_last: bool = False
+                          ) -> float:
     """The log-likelihood of the last `contlen` tokens of `ids`, written out by hand from the base model and the
     heads: a position leaves at the first exit whose breaking-ties score (top-1 minus top-2 probability) reaches τ,
     under `top_token` only where that head's top token is the scored token (never at a last position that other
-    requests score with another token, `shared_last`), and then reads the head's log-probability (its logits divided
-    by its `temperatures` entry); else the base model's."""
+    requests score with another token, `shared_last`), and then reads the head's log-probability; else the base
+    model's."""
     model = lm.model
     taus = model.thresholds_for(eps)
     x = torch.tensor([ids[:-1]])
     with torch.no_grad():
         full = torch.log_softmax(model.get_base_model()(x).logits[0].float(), dim=-1)
-        exit_logits = model(x, output_hidden_states=True).exit_logits
-        heads = [torch.log_softmax(h[0].float(), dim=-1) for h in exit_logits]
-        tempered = [torch.log_softmax(h[0].float() / t, dim=-1)  # what a position that leaves reads
-                    for h, t in zip(exit_logits, temperatures or [1.0] * len(exit_logits), strict=True)]
+        heads = [torch.log_softmax(h[0].float(), dim=-1) for h in model(x, output_hidden_states=True).exit_logits]
     total = 0.0
     for pos in range(len(ids) - 1 - contlen, len(ids) - 1):
         token, value = ids[pos + 1], full[pos, ids[pos + 1]]
-        for tau, log_probs, read in zip(taus, heads, tempered, strict=True):
+        for tau, log_probs in zip(taus, heads, strict=True):
             top2 = log_probs[pos].exp().topk(2)
             if tau is not None and float(top2.values[0] - top2.values[1]) >= tau:
                 shared = shared_last and pos == len(ids) - 2
                 if rule == "confidence" or (int(top2.indices[0]) == token and not shared):
-                    value = read[pos, token]
+                    value = log_probs[pos, token]
                 break
         total += float(value)
     return total
 
 
-TEMPERATURES = [1.7, 0.6, 1.3]
-
-
-@pytest.fixture(scope="module")
-def tempered_heads(folders, tmp_path_factory):
-    """The heads folder with scoring temperatures in its config (as `calibrate` fits them)."""
-    from hf_earlyexit import EarlyExitForCausalLM
-
-    model = EarlyExitForCausalLM.from_pretrained(folders[1])
-    model.config.temperatures = list(TEMPERATURES)
-    path = tmp_path_factory.mktemp("tempered") / "heads"
-    model.save_pretrained(path)
-    return str(path)
-
-
-@pytest.mark.parametrize("rule,tempered,flag", [("top_token", False, None), ("confidence", False, None),
-                                                ("top_token", True, None), ("confidence", True, None),
-                                                ("top_token", True, False)])
-def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, tempered_heads, rule, tempered, flag):
+@pytest.mark.parametrize("rule", ["top_token", "confidence"])
+def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, rule):
     """Log-likelihoods at ε = 0.5 equal a hand-written oracle of the rule (base model + heads), on a continuation
     the first head would write itself (so top-token exits happen) and on one-token continuations of one context
     (HFLM scores them from one input; its last position differs between them, so under `top_token` it stays with
-    the full model and both choices are scored by the same distribution). Heads with calibrated temperatures give
-    their tempered probabilities where a position leaves, unless `temperatures=False`."""
+    the full model and both choices are scored by the same distribution)."""
     from lm_eval.api.instance import Instance
 
     from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
 
-    heads = tempered_heads if tempered else folders[1]
-    extra = {} if flag is None else {"temperatures": flag}
-    lm = EarlyExitLM(pretrained=heads, eps=0.5, scoring_rule=rule, dtype="float32", batch_size=4, **extra)
-    temperatures = TEMPERATURES if tempered and flag is not False else None
-    assert lm.model.config.temperatures == (TEMPERATURES if tempered else None)
+    _, heads = folders
+    lm = EarlyExitLM(pretrained=heads, eps=0.5, scoring_rule=rule, dtype="float32", batch_size=4)
     context = "the capital of france is"
     ids = lm.tok_encode(context)
     letters = set(lm.tok_encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
@@ -510,8 +486,7 @@ def test_scored_positions_take_the_head_only_where_the_rule_lets_them(folders, t
     for (ctx, cont), (value, _) in zip(requests, got, strict=True):
         whole = lm.tok_encode(ctx + cont)
         contlen = len(whole) - len(lm.tok_encode(ctx))
-        expected = _oracle_loglikelihood(lm, whole, contlen, 0.5, rule, shared_last=contlen == 1,
-                                         temperatures=temperatures)
+        expected = _oracle_loglikelihood(lm, whole, contlen, 0.5, rule, shared_last=contlen == 1)
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
     scoring = lm.early_exit_report()["tasks"]["all"]["scoring"]
     assert scoring["exit_fractions"]["full"] < 1  # exits happened on scored positions

@@ -422,12 +422,6 @@ def test_config_validates_itself():
     with pytest.raises(ValueError, match="thresholds.*has 1 values but there are 2 exits"):
         EarlyExitConfig(text_config=text, exit_layers=[1, 2], thresholds={"0.9": [0.5]})
     assert EarlyExitConfig(text_config=text).exit_layers == [1, 2, 3]
-    with pytest.raises(ValueError, match=r"temperatures=\[1.2\] has 1 values but there are 2 exits"):
-        EarlyExitConfig(text_config=text, exit_layers=[1, 2], temperatures=[1.2])
-    for bad in ([1.2, -1.0], [1.2, 0], [1.2, "hot"], 1.5):
-        with pytest.raises(ValueError, match="temperatures=.* must be a list of positive numbers"):
-            EarlyExitConfig(text_config=text, exit_layers=[1, 2], temperatures=bad)
-    assert EarlyExitConfig(text_config=text, exit_layers=[1, 2], temperatures=[1.2, 0.9]).temperatures == [1.2, 0.9]
 
 
 def test_default_exits_are_regular_intervals():

@@ -9,15 +9,7 @@ import torch
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM
-from hf_earlyexit.training.calibrate import (
-    TEMPERATURE_GRID,
-    CalibrateConfig,
-    fit_temperatures,
-    run_calibration,
-    save_calibrated,
-    temperature_check,
-    top_log_probs,
-)
+from hf_earlyexit.training.calibrate import CalibrateConfig, run_calibration, save_calibrated
 from hf_earlyexit.training.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
 from hf_earlyexit.training.teacher import CachedTeacher, OnlineTeacher
 from hf_earlyexit.training.train import TrainConfig, evaluate_heads, train_heads
@@ -148,45 +140,11 @@ def test_calibration_sets_thresholds_that_hold_on_held_out_tokens(base_path, cor
     for row in check_rows:  # on held-out tokens, exited tokens agree at about ε (small data: generous margin)
         if row["threshold"] is not None and row["coverage"] * 2000 > 50 and row["eps"] < 1:
             assert row["agreement"] >= row["eps"] - 0.15, row
-    temperatures = model.config.temperatures  # per head, fitted on the tokens passing its threshold at ε = 0.9
-    assert len(temperatures) == 3 and all(TEMPERATURE_GRID[0] <= t <= TEMPERATURE_GRID[-1] for t in temperatures)
-    check = model.config.calibration["temperature"]["check"]
-    assert [row["exit"] for row in check] == [1, 2, 3] and all(row["tokens"] > 0 for row in check)
     save_calibrated(model, tmp_path / "heads", check_rows, cascade)
     loaded = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads")
     assert loaded.config.thresholds == thresholds
     assert loaded.thresholds_for(0.85) == model.thresholds_for(0.85)
-    assert loaded.config.temperatures == temperatures
     assert (tmp_path / "heads" / "calibration.png").exists()
-    # a folder calibrated before temperatures existed gets the same ones alone, its thresholds and statistics kept
-    loaded.config.temperatures = None
-    loaded.config.thresholds = {key: list(values) for key, values in thresholds.items()}
-    stats = {k: v.clone() for k, v in loaded.calibration_stats.items()}
-    run_calibration(loaded, CalibrateConfig(min_tokens=200, eps_grid=[0.3], temperatures_only=True), calib)
-    assert loaded.config.temperatures == temperatures and loaded.config.thresholds == thresholds
-    assert all(torch.equal(stats[k], loaded.calibration_stats[k]) for k in stats)
-    with pytest.raises(ValueError, match="temperatures_only=True needs calibrated heads"):
-        run_calibration(fresh(base_path), CalibrateConfig(temperatures_only=True), calib)
-
-
-def test_fitted_temperature_undoes_an_over_confident_head(base_path):
-    """A head whose logits are the full model's times 2 (over-confident) is unbiased at temperature 2; one equal to
-    the full model at 1; a head with too few passing tokens keeps 1. The fit reads `top_log_probs`, the same record
-    calibration keeps."""
-    head = fresh(base_path).exit_heads[0]  # a full-vocabulary head: its classes are the token ids
-    torch.manual_seed(0)
-    full = torch.randn(1, 400, 96) * 2
-    norm = torch.logsumexp(full, dim=-1)
-    records = []
-    for scale in (2.0, 1.0, 0.5, 2.0):
-        top_lp, full_lp = top_log_probs(head, full * scale, full, norm)
-        records.append({"score": torch.rand(400), "top_log_probs": top_lp[0], "full_log_prob": full_lp[0]})
-    records[3]["score"][:] = 0.0  # nothing passes 0.5 here
-    fitted = fit_temperatures(records, [0.5, 0.5, 0.5, 0.5])
-    assert fitted[0] == pytest.approx(2.0, abs=0.01) and fitted[1] == pytest.approx(1.0, abs=0.01)
-    assert fitted[2] == pytest.approx(0.5, abs=0.01) and fitted[3] == 1.0
-    check = temperature_check(records[:1], [0.5], fitted[:1], [1])[0]
-    assert check["bias_t1"] > 0.1 and abs(check["bias"]) < 0.01 and check["abs"] < check["abs_t1"]
 
 
 def test_calibration_needs_enough_tokens_and_warns_on_untrained_heads(base_path, corpus, caplog):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -47,12 +45,6 @@ def _calibrate(job: CalibrateJob, config: CalibrateConfig) -> None:
     print(print_table(check_rows, ["eps", "exit", "threshold", "coverage", "agreement"]))
     print("whole rule (a token leaves at the first exit that passes):")
     print(print_table(cascade_rows, ["eps", "exited", "agreement_exited", "agreement_all"]))
-    calibration = json.loads((Path(job.model) / "config.json").read_text()).get("calibration") or {}
-    check = calibration.get("temperature", {}).get("check")
-    if check:
-        print("scoring temperatures: the heads' log-probability of their top token minus the full model's, on "
-              "held-out tokens passing each threshold (mean and mean absolute, at temperature 1 and fitted):")
-        print(print_table(check, ["exit", "temperature", "tokens", "bias_t1", "bias", "abs_t1", "abs"]))
 
 
 def _sweep(args: SweepArgs) -> None:

@@ -6,7 +6,7 @@ predicts it), and the model's own greedy continuations of prompts (what decoding
 agreement with the full model and the AUROC of the calibrated metric; per ε: the fraction of tokens the whole rule
 lets leave (a token takes the first exit that fires) and their agreement, and what a log-likelihood would read there:
 on the positions that leave with the text's next token as their head's top token (`scoring_rule="top_token"`), the
-head's log-probability of that token minus the full model's, raw and at the folder's scoring temperatures.
+head's log-probability of that token minus the full model's (mean and mean absolute).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ..loading import ModelArgs
 from ..modeling.exits_earlyexit import ExitRule, first_exit
 from ..modeling.metrics_earlyexit import auroc, confidence
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
-from ..training.calibrate import row_logsumexp
 from ..training.data import Corpus, read_prompt_file, read_text_files, text_corpus
 from ..training.teacher import trim
 from ..training.train import agreement
@@ -54,8 +53,7 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
     """Agreement per exit and the whole rule per ε over the real tokens of `corpus` (or only where `positions`
     `(rows, width)` is true)."""
     scores, agrees, real_tokens = [[] for _ in model.exit_heads], [[] for _ in model.exit_heads], 0
-    errors = [{"raw": [], "tempered": [], "top_is_next": []} for _ in model.exit_heads]
-    temperatures = model.config.temperatures or [1.0] * len(model.exit_heads)
+    errors = [{"error": [], "top_is_next": []} for _ in model.exit_heads]
     embed = model.get_input_embeddings()
     for start in range(0, len(corpus), batch_size):
         rows = slice(start, start + batch_size)
@@ -79,9 +77,8 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
             scores[j].append(score.masked_fill(~real_token, -math.inf)[keep].float().cpu())
             agrees[j].append(agreement(head, logits, out.logits)[keep].cpu())
             classes = head.classes_of(following.clamp(min=0)).unsqueeze(-1)
-            for name, t in (("raw", 1.0), ("tempered", temperatures[j])):
-                head_next = torch.log_softmax(logits.float() / t, dim=-1).gather(-1, classes).squeeze(-1)
-                errors[j][name].append((head_next - full_next)[keep].double().cpu())
+            head_next = torch.log_softmax(logits.float(), dim=-1).gather(-1, classes).squeeze(-1)
+            errors[j]["error"].append((head_next - full_next)[keep].double().cpu())
             errors[j]["top_is_next"].append(((top == following) & (following >= 0))[keep].cpu())
             previous = hidden
         real_tokens += int(keep.sum())
@@ -103,27 +100,28 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
         rule_rows.append({"eps": eps, "exited": exited / max(n, 1),
                           "agreement_exited": int(hit.sum()) / exited if exited else math.nan,
                           "exits": torch.bincount(index, minlength=len(agree) + 1).tolist(),
-                          **scored_errors(errors, index, temperatures)})
+                          **scored_errors(errors, index)})
     return {"tokens": real_tokens, "per_exit": per_exit, "rule": rule_rows}
 
 
-def scored_errors(errors: list[dict[str, list[torch.Tensor]]], index: torch.Tensor, temperatures: list[float]
-                  ) -> dict:
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq, vocab)` -> `(batch, seq)` float32 log-sum-exp, a row at a time (no second full-size tensor)."""
+    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+
+
+def scored_errors(errors: list[dict[str, list[torch.Tensor]]], index: torch.Tensor) -> dict:
     """Where a position leaves (`index`: its exit, `len(errors)`: none) with the text's next token as its head's top
-    token: their number, and the mean and mean absolute error of the head's log-probability of that token against
-    the full model's, raw and at `temperatures`."""
+    token (where a log-likelihood would read the head under `scoring_rule="top_token"`): their number, and the mean
+    and mean absolute error of the head's log-probability of that token against the full model's."""
     n = len(errors)
     rows = torch.arange(len(index))
     stacked = {name: torch.stack([torch.cat(e[name]) for e in errors] + [torch.zeros(len(index), dtype=dtype)], 1)
-               for name, dtype in (("raw", torch.float64), ("tempered", torch.float64), ("top_is_next", torch.bool))}
+               for name, dtype in (("error", torch.float64), ("top_is_next", torch.bool))}
     scored = (index < n) & stacked["top_is_next"][rows, index]
-    out = {"scored_exits": int(scored.sum())}
-    for name in ("raw", "tempered"):
-        error = stacked[name][rows, index][scored]
-        out[f"log_prob_error_{name}"] = float(error.mean()) if len(error) else math.nan
-        out[f"log_prob_abs_error_{name}"] = float(error.abs().mean()) if len(error) else math.nan
-    out["temperatures"] = list(temperatures)
-    return out
+    error = stacked["error"][rows, index][scored]
+    return {"scored_exits": int(scored.sum()),
+            "log_prob_error": float(error.mean()) if len(error) else math.nan,
+            "log_prob_abs_error": float(error.abs().mean()) if len(error) else math.nan}
 
 
 @torch.no_grad()
@@ -186,8 +184,6 @@ def agreement_table(result: dict) -> str:
             lines.append(f"  ε={row['eps']:g}: {row['exited']:.3f} of tokens exit, agreeing at {agree}")
             if row.get("scored_exits"):
                 lines.append(f"    {row['scored_exits']} leave with the text's next token as their top token; the "
-                             f"head's log-probability of it minus the full model's: "
-                             f"{row['log_prob_error_raw']:+.3f} (|{row['log_prob_abs_error_raw']:.3f}|) raw, "
-                             f"{row['log_prob_error_tempered']:+.3f} (|{row['log_prob_abs_error_tempered']:.3f}|) at "
-                             "temperatures " + " / ".join(f"{t:g}" for t in row["temperatures"]))
+                             f"head's log-probability of it minus the full model's: {row['log_prob_error']:+.3f} on "
+                             f"average, {row['log_prob_abs_error']:.3f} in absolute value")
     return "\n".join(lines)

@@ -6,8 +6,7 @@
 - `_loglikelihood_tokens` (loglikelihood, loglikelihood_rolling): HFLM's steps, with one pass of the base model's
   layers per batch and the LM head, exit heads and confidence metrics only at scored positions; each scored position
   takes its distribution from the first exit whose confidence passes τ_k(ε) (with the default
-  `scoring_rule="top_token"`, only where that head's top token is the token scored there, at the head's calibrated
-  temperature), else the full model's;
+  `scoring_rule="top_token"`, only where that head's top token is the token scored there), else the full model's;
 - `_model_generate` (generate_until): our `generate()` in the chosen mode.
 
 Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
@@ -51,7 +50,6 @@ from .scoring import (
     forward_scored,
     score_positions,
     scored_tokens,
-    scoring_temperatures,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,9 +92,6 @@ class EarlyExitLM(HFLM):
             where the head's top token is the scored token) or `confidence` (every one, the paper's way).
         kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
             (`DecodingOptions`); one that does not apply to the mode is refused.
-        temperatures: scored positions that leave take their head's probabilities at the folder's calibrated
-            temperatures (`EarlyExitConfig.temperatures`; default `True`), `False`: the heads' raw probabilities.
-            Decoding (which token, which exit) is the same either way.
         continuous: generation tasks decode with continuous batching (`continuous_generate`: up to `batch_size`
             requests at once, a finished request's place taken by the next at the next step); early exit (or the
             same loop without exits at ε = 1), greedy requests only (others decode as without it).
@@ -105,11 +100,10 @@ class EarlyExitLM(HFLM):
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
                  lookup: int | None = None, batch_exit: str | None = None, scoring_rule: str = "top_token",
-                 continuous: bool | str = False, temperatures: bool | str = True, **kwargs) -> None:
+                 continuous: bool | str = False, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         self.ee_continuous = _as_bool("continuous", continuous)
-        self.ee_calibrated_temperatures = _as_bool("temperatures", temperatures)
         if self.ee_continuous and (mode == "dssd" or batch_exit == "row"):
             raise ValueError(f"continuous=True decodes by early exit with the step rule; got mode={mode!r}, "
                              f"batch_exit={batch_exit!r}")
@@ -137,7 +131,6 @@ class EarlyExitLM(HFLM):
         if metric is not None and metric != self._model.config.metric:
             self._use_metric(metric)
         self._model.thresholds_for(self.ee_eps)  # fails early, naming ε, when the heads are not calibrated
-        self.ee_temperatures = scoring_temperatures(self._model, self.ee_calibrated_temperatures)
         if self.rank == 0:
             atexit.register(self._print_report)  # after lm-eval's own results table
 
@@ -197,8 +190,8 @@ class EarlyExitLM(HFLM):
         unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
         if unknown:
             raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
-                            "scoring_rule, temperatures, kv_fill, batch_exit, max_draft, exit_policy, lookup, "
-                            "continuous (besides those of --model hf)")
+                            "scoring_rule, kv_fill, batch_exit, max_draft, exit_policy, lookup (besides those of "
+                            "--model hf)")
         model = self._ee_loaded[0]
         self._model = model.to(self._device) if str(self._device) != "cpu" else model
 
@@ -314,8 +307,7 @@ class EarlyExitLM(HFLM):
         for inp, span, scored in zip(inputs, spans, scored_rows, strict=True):
             requests = self._conts.get(inp, [])
             log_probs, exits = score_positions(model, full[span], heads, index, span,
-                                               scored if sweep is not None else None, in_place=sweep is None,
-                                               temperatures=self.ee_temperatures)
+                                               scored if sweep is not None else None, in_place=sweep is None)
             count_exits(self._task_stats(self.ee_scoring), model, exits)
             if sweep is not None:
                 sweep.record_row(model, self.ee_task or "all", span, full[span], requests, scored)
@@ -334,8 +326,7 @@ class EarlyExitLM(HFLM):
         forward pass per batch serves them all. Later, `replay_scoring(ε)` answers scored requests from the record."""
         for eps in grid:
             self._model.thresholds_for(check_eps(eps))  # fails early, naming ε, for an uncalibrated one
-        self.ee_sweep = ScoringSweep(grid=[float(e) for e in grid], rule_of=self._exit_rule,
-                                     temperatures=self.ee_temperatures)
+        self.ee_sweep = ScoringSweep(grid=[float(e) for e in grid], rule_of=self._exit_rule)
 
     def replay_scoring(self, eps) -> None:
         """Move to `eps` (one of the recorded grid) and answer scored requests from the record, exit counts too;
@@ -507,8 +498,7 @@ class EarlyExitLM(HFLM):
         and DSSD acceptance."""
         names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
         report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric,
-                  "scoring_rule": self.ee_scoring_rule, "temperatures": self.ee_temperatures, "tasks": {},
-                  "ranks": self.world_size}
+                  "scoring_rule": self.ee_scoring_rule, "tasks": {}, "ranks": self.world_size}
         scoring, generation, seconds = getattr(self, "_ee_global", None) or (
             self.ee_scoring, self.ee_generation, self.ee_seconds)
         for kind, table in (("scoring", scoring), ("generation", generation)):
@@ -583,7 +573,7 @@ def merge_rank_tables(tables: list[tuple[dict, dict, dict]]) -> tuple[dict, dict
 def report_table(report: dict) -> str:
     """The exit report as a small Markdown table (printed after lm-eval's own)."""
     lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']} "
-             f"scoring_rule={report.get('scoring_rule')} temperatures={report.get('temperatures')}",
+             f"scoring_rule={report.get('scoring_rule')}",
              "(scoring rows: the layers / MACs token-by-token decoding would save on the scored positions; the "
              "scoring pass itself runs every layer, and the LM head where a position stays)", "",
              "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",

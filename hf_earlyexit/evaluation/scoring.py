@@ -210,14 +210,8 @@ def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None,
     return exits
 
 
-def scoring_temperatures(model, calibrated: bool = True) -> list[float] | None:
-    """Per exit, what its logits are divided by where a scored position takes that head's probabilities: the
-    folder's calibrated `temperatures` (`calibrated`; `None` where it has none or not `calibrated`: 1)."""
-    return list(model.config.temperatures) if calibrated and model.config.temperatures else None
-
-
 def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None,
-              in_place: bool = False, temperatures: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+              in_place: bool = False) -> tuple[Tensor, Tensor]:
     """The log-probabilities of one row's scored positions and the exit each really left at.
 
     Args:
@@ -228,7 +222,6 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
             head's top token is that token), or `None` (rule `"confidence"`).
         in_place: write the heads' rows into `full_log_probs` itself (its rows where a position leaves may be
             unset: `forward_scored` with `stays`) instead of a copy.
-        temperatures: per exit, the temperature of its head's probabilities (`scoring_temperatures`; `None`: 1).
 
     Returns:
         `(log_probs (contlen, vocab), exits (contlen,))`: the full model's rows where the position stays, else the
@@ -242,21 +235,17 @@ def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, 
     for j, head in enumerate(model.exit_heads):
         leave = exits == j
         if bool(leave.any()):
-            logits = heads[j][0][leave]
-            if temperatures is not None and temperatures[j] != 1.0:
-                logits = logits.float() / temperatures[j]
-            mixed[leave] = head.vocab_scores(logits, mixed.shape[-1], other="spread").to(mixed.dtype)
+            mixed[leave] = head.vocab_scores(heads[j][0][leave], mixed.shape[-1], other="spread").to(mixed.dtype)
     return mixed, exits
 
 
 def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, span: slice,
-                    scored: Tensor | None, in_place: bool = False, temperatures: Sequence[float] | None = None
-                    ) -> tuple[Tensor, Tensor]:
+                    scored: Tensor | None, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """`score_row` for one row's `span` of a batch's flat scored positions, from the whole batch's head outputs and
     exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
     if index is None:
         return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored, in_place, temperatures)
+    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored, in_place)
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
@@ -299,7 +288,6 @@ class ScoringSweep:
 
     grid: list[float]
     rule_of: Callable[[float], ExitRule] | None = None  # the exit rule at an ε (default: every calibrated exit)
-    temperatures: Sequence[float] | None = None  # per exit, of its head's probabilities (`scoring_temperatures`)
     answers: dict[float, dict[tuple, tuple[float, bool]]] = field(default_factory=dict)
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
@@ -336,8 +324,7 @@ class ScoringSweep:
                      if index is None else exits_taken(model, heads, index[span], scored, tops))
             key = exits.cpu().numpy().tobytes()
             if key not in answered:
-                log_probs, _ = score_row(model, full_log_probs, heads, exits,  # exits are final: no scored tokens
-                                         temperatures=self.temperatures)
+                log_probs, _ = score_row(model, full_log_probs, heads, exits)  # exits are final: no scored tokens
                 top, leave = full_top, exits != full
                 if bool(leave.any()):  # a row's maximum changes only where a position left
                     top = full_top.clone()

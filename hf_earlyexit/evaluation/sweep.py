@@ -38,9 +38,6 @@ class SweepArgs:
     scoring_rule: str = field(default="top_token", metadata={
         "help": "which confident scored positions leave: top_token (only where the head's top token is the scored "
                 "token) or confidence (every one, the paper's way)", "choices": list(SCORING_RULES)})
-    temperatures: bool = field(default=True, metadata={
-        "help": "scored positions that leave take their head's probabilities at the folder's calibrated temperatures "
-                "(--no_temperatures: the heads' raw probabilities)"})
     dtype: str = field(default="float32", metadata={"help": "base model dtype"})
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
     limit: float | None = field(default=None, metadata={"help": "lm-eval --limit (documents per task)"})
@@ -62,15 +59,12 @@ def _point_path(out: Path, eps: float) -> Path:
     return out / "points" / f"eps_{eps:g}.json"
 
 
-def _finished(out: Path, eps: float, scoring_rule: str, temperatures: bool) -> bool:
-    """A point an earlier run wrote with the same scoring rule and temperature setting (points written before
-    temperatures existed used none)."""
+def _finished(out: Path, eps: float, scoring_rule: str) -> bool:
+    """A point an earlier run wrote with the same scoring rule."""
     path = _point_path(out, eps)
     if not path.exists():
         return False
-    point = json.loads(path.read_text())
-    return (point["early_exit"].get("scoring_rule", "confidence") == scoring_rule
-            and point.get("calibrated_temperatures", False) == temperatures)
+    return json.loads(path.read_text())["early_exit"].get("scoring_rule", "confidence") == scoring_rule
 
 
 def run_sweep(args: SweepArgs) -> dict:
@@ -84,15 +78,14 @@ def run_sweep(args: SweepArgs) -> dict:
     out = Path(args.output_dir)
     include = args.include_path or ("lm_eval_tasks" if Path("lm_eval_tasks").is_dir() else None)
     manager = TaskManager(include_path=include) if include else TaskManager()
-    todo = [e for e in args.eps if not _finished(out, e, args.scoring_rule, args.temperatures)]
+    todo = [e for e in args.eps if not _finished(out, e, args.scoring_rule)]
     lm = None
     for eps in tqdm(args.eps, desc="ε sweep", unit="point"):
         if eps not in todo:
             continue  # finished in an earlier run
         if lm is None:
             lm = EarlyExitLM(pretrained=args.model, eps=eps, mode=args.mode, scoring_rule=args.scoring_rule,
-                             temperatures=args.temperatures, dtype=args.dtype, batch_size=args.batch_size,
-                             device=args.device)
+                             dtype=args.dtype, batch_size=args.batch_size, device=args.device)
         if not args.one_pass:
             lm.set_eps(eps)
         elif eps == todo[0]:  # this point's evaluation records the scored answers of every point still to do
@@ -103,8 +96,7 @@ def run_sweep(args: SweepArgs) -> dict:
         results = lm_eval.simple_evaluate(model=lm, tasks=list(args.tasks), limit=args.limit, task_manager=manager)
         metrics = {task: {k: v for k, v in values.items() if "," in k and "stderr" not in k}
                    for task, values in results["results"].items()}
-        write_json(_point_path(out, eps), {"eps": eps, "metrics": metrics, "early_exit": lm.early_exit_report(),
-                                           "calibrated_temperatures": args.temperatures})
+        write_json(_point_path(out, eps), {"eps": eps, "metrics": metrics, "early_exit": lm.early_exit_report()})
     points = [json.loads(_point_path(out, e).read_text()) for e in sorted(args.eps)]
     rows = _rows(points)
     with (out / "sweep.csv").open("w", newline="") as f:

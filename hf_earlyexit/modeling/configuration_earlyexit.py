@@ -66,10 +66,6 @@ class EarlyExitConfig(PreTrainedConfig):
         metric (`str`): confidence metric used by calibration and early exit.
         thresholds (`dict[str, list[float]]`, *optional*): calibrated thresholds, `f"{eps:g}"` -> one per exit.
         eps (`float`): default accuracy target ε in (0, 1].
-        temperatures (`list[float]`, *optional*): per exit, the temperature its logits are divided by where a
-            scored position (a log-likelihood) takes that head's probabilities, fitted by calibration so that the
-            head's log-probability of its own top token is unbiased on the tokens that leave there (`None`: 1).
-            Only probabilities change: a head's top token, its confidence and every decoding rule stay as they are.
         base_fingerprint (`list[list[float]]`, *optional*): per part of the base the heads were built on, its weight
             norm and projections (`weight_fingerprint`); configs written before hold one mean |w| per part.
         training (`dict`, *optional*): provenance of head training (steps, loss, λ, data); `None` = untrained.
@@ -103,7 +99,6 @@ class EarlyExitConfig(PreTrainedConfig):
     metric: str = "breaking_ties"
     thresholds: dict[str, list[float]] | None = None
     eps: float = 0.9
-    temperatures: list[float] | None = None
     base_fingerprint: list[list[float]] | list[float] | None = None
     training: dict | None = None
     calibration: dict | None = None
@@ -147,9 +142,6 @@ class EarlyExitConfig(PreTrainedConfig):
             rank = getattr(self, name)
             if rank is not None and not 0 < rank <= hidden:
                 raise ValueError(f"{name}={rank!r} must lie in 1..{hidden} (the hidden size)")
-        if self.temperatures is not None and len(self.temperatures) != len(self.exit_layers):
-            raise ValueError(f"temperatures={self.temperatures!r} has {len(self.temperatures)} values but there are "
-                             f"{len(self.exit_layers)} exits (one per exit)")
         for key, values in (self.thresholds or {}).items():
             if len(values) != len(self.exit_layers):
                 raise ValueError(
@@ -187,11 +179,6 @@ class EarlyExitConfig(PreTrainedConfig):
                     v is None or (_is_number(v) and not math.isnan(v)) for v in values
                 ):
                     raise ValueError(f"thresholds[{key!r}]={values!r} must be a list of numbers (null: never exits)")
-        if self.temperatures is not None and (not isinstance(self.temperatures, list | tuple) or not all(
-            _is_number(t) and 0.0 < t < math.inf for t in self.temperatures
-        )):
-            raise ValueError(f"temperatures={self.temperatures!r} must be a list of positive numbers, one per exit, "
-                             "or null")
         fingerprint = self.base_fingerprint
         if fingerprint is not None and (not isinstance(fingerprint, list) or not (
             all(_is_number(v) for v in fingerprint)

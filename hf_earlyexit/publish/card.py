@@ -154,11 +154,6 @@ def calibration_context(config: dict, layers: list[int]) -> dict | None:
         "sequences": calibration.get("sequences"), "tokens": calibration.get("tokens"),
         "check_tokens": calibration.get("check_tokens"), "date": calibration.get("date"),
         "num_prompts": len(calibration.get("prompts") or []),
-        "temperature_eps": (calibration.get("temperature") or {}).get("eps"),
-        "temperatures": [{"exit": r.get("exit"), "temperature": num(r.get("temperature")), "tokens": r.get("tokens"),
-                          **{k: num(r.get(k)) for k in ("bias_t1", "abs_t1", "bias", "abs")}}
-                         for r in (calibration.get("temperature") or {}).get("check") or []
-                         if config.get("temperatures")],
     }
 
 

@@ -34,7 +34,6 @@ from .train import agreement
 
 logger = logging.getLogger(__name__)
 AUTO_METRIC = "auto"
-RECORD_KEYS = ("agree", "top_log_probs", "full_log_prob")  # per head and token, besides the confidence score
 
 
 @dataclass
@@ -48,9 +47,6 @@ class CalibrateConfig:
     min_tokens: int = field(default=1000, metadata={"help": "fewest calibration tokens per head"})
     check_fraction: float = field(default=0.5, metadata={"help": "sequences kept to check thresholds"})
     batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
-    temperatures_only: bool = field(default=False, metadata={
-        "help": "keep the folder's metric and thresholds and fit only the heads' scoring temperatures (for folders "
-                "calibrated before temperatures existed)"})
 
     def __post_init__(self) -> None:
         if self.metric is not None and self.metric not in (*METRICS, AUTO_METRIC):
@@ -73,7 +69,7 @@ def calibration_spec() -> GenerationSpec:
 def collect(model: EarlyExitForCausalLM, corpus: Corpus, metric: str, batch_size: int = 4) -> list[dict[str, Tensor]]:
     """Per head: `score` `(N,)` (higher = more confident) and `agree` `(N,)` over the corpus's real tokens."""
     records = collect_metrics(model, corpus, [metric], batch_size)
-    return [{"score": r[metric], **{k: r[k] for k in RECORD_KEYS}} for r in records]
+    return [{"score": r[metric], "agree": r["agree"]} for r in records]
 
 
 @torch.no_grad()
@@ -84,7 +80,6 @@ def collect_metrics(
     the corpus's real tokens, from a single forward pass per batch (entry `i` is the same token for every key)."""
     scores = [{m: [] for m in metrics} for _ in model.exit_heads]
     agrees = [[] for _ in model.exit_heads]
-    tops = [{"top_log_probs": [], "full_log_prob": []} for _ in model.exit_heads]
     embed = model.get_input_embeddings()
     for start in tqdm(range(0, len(corpus), batch_size), desc="Calibration forward", unit="batch"):
         rows = slice(start, start + batch_size)
@@ -92,7 +87,6 @@ def collect_metrics(
         ids, mask = ids.to(model.device), mask.to(model.device)
         out = model(ids, attention_mask=mask, output_hidden_states=True)
         real = mask.bool()
-        full_norm = row_logsumexp(out.logits)  # (batch, seq): the full model's log-softmax denominators
         previous = embed(ids)  # (batch, seq, hidden): what the first exit's similarity compares against
         for j, head in enumerate(model.exit_heads):
             hidden, logits = out.exit_hidden_states[j], out.exit_logits[j]
@@ -103,97 +97,9 @@ def collect_metrics(
                 score = score.float().masked_fill(~real_token, -math.inf)
                 scores[j][metric].append(score[real].cpu())
             agrees[j].append(agreement(head, logits, out.logits)[real].cpu())
-            top_lp, full_lp = top_log_probs(head, logits, out.logits, full_norm)
-            tops[j]["top_log_probs"].append(top_lp[real].cpu())
-            tops[j]["full_log_prob"].append(full_lp[real].cpu())
             previous = hidden
-    return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a),
-             **{name: torch.cat(v) for name, v in t.items()}}
-            for s, a, t in zip(scores, agrees, tops, strict=True)]
-
-
-# temperatures a head's log-probability of its top token is recorded at (log-spaced, 1 included), for `fit_temperatures`
-TEMPERATURE_GRID = tuple(float(t) for t in torch.logspace(-1, 3, 41, base=2.0, dtype=torch.float64))
-MIN_TEMPERATURE_TOKENS = 32  # fewer tokens leaving at a head: its temperature stays 1
-
-
-def row_logsumexp(logits: Tensor) -> Tensor:
-    """`(batch, seq, vocab)` -> `(batch, seq)` float32 log-sum-exp, a row at a time (no second full-size tensor)."""
-    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-
-
-def top_log_probs(head, logits: Tensor, model_logits: Tensor, model_norm: Tensor) -> tuple[Tensor, Tensor]:
-    """The head's log-probability of its top class at every `TEMPERATURE_GRID` temperature `(batch, seq, G)`, and the
-    full model's log-probability of that token `(batch, seq)` (0 where the top class is `OTHER`, which never exits),
-    from the head's `logits` and the full model's `model_logits` (log-softmax denominators `model_norm`)."""
-    logits = logits.float()
-    top = logits.argmax(dim=-1)
-    top_logit = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1)
-    per_t = torch.stack([top_logit / t - torch.logsumexp(logits / t, dim=-1) for t in TEMPERATURE_GRID], dim=-1)
-    token = head.to_token_ids(top)
-    full = model_logits.gather(-1, token.clamp(min=0).unsqueeze(-1)).squeeze(-1).float() - model_norm
-    return per_t, full.masked_fill(token < 0, 0.0)
-
-
-def temperature_bias(record: dict[str, Tensor], tokens: Tensor) -> Tensor:
-    """`(G,)` the mean over `tokens` (bool `(N,)`) of the head's log-probability of its top token at each grid
-    temperature minus the full model's log-probability of that token (positive: the head is over-confident)."""
-    return (record["top_log_probs"][tokens].double() - record["full_log_prob"][tokens].double().unsqueeze(1)).mean(0)
-
-
-def at_temperature(values: Tensor, temperature: float) -> float:
-    """`values` `(G,)` over `TEMPERATURE_GRID`, interpolated linearly in log-temperature at `temperature`."""
-    grid = torch.tensor(TEMPERATURE_GRID, dtype=torch.float64).log()
-    x = min(max(math.log(temperature), float(grid[0])), float(grid[-1]))
-    i = min(int(torch.searchsorted(grid, torch.tensor(x, dtype=torch.float64))), len(grid) - 1)
-    if i == 0:
-        return float(values[0])
-    w = (x - float(grid[i - 1])) / float(grid[i] - grid[i - 1])
-    return float((1 - w) * values[i - 1] + w * values[i])
-
-
-def fit_temperatures(records: list[dict[str, Tensor]], thresholds: Sequence[float | None]) -> list[float]:
-    """Per head, the temperature at which its log-probability of its own top token is unbiased (mean error 0 against
-    the full model's) on the calibration tokens that pass its threshold (`thresholds`, the folder's ε): the tokens
-    whose probabilities a scored position takes from that head. The top class's log-probability falls as the
-    temperature rises, so the mean error crosses 0 once; it is found on `TEMPERATURE_GRID` (clamped to its ends) and
-    interpolated. A head with fewer than `MIN_TEMPERATURE_TOKENS` such tokens, or no threshold, keeps 1."""
-    out = []
-    grid = torch.tensor(TEMPERATURE_GRID, dtype=torch.float64).log()
-    for record, tau in zip(records, thresholds, strict=True):
-        passing = record["score"] >= tau if tau is not None else None
-        if passing is None or int(passing.sum()) < MIN_TEMPERATURE_TOKENS:
-            out.append(1.0)
-            continue
-        bias = temperature_bias(record, passing)  # decreasing in the temperature
-        if bias[0] <= 0:
-            out.append(TEMPERATURE_GRID[0])
-            continue
-        if bias[-1] >= 0:
-            out.append(TEMPERATURE_GRID[-1])
-            continue
-        i = int((bias <= 0).nonzero()[0])  # first grid point at or below 0
-        w = float(bias[i - 1] / (bias[i - 1] - bias[i]))
-        out.append(round(math.exp(float(grid[i - 1] + w * (grid[i] - grid[i - 1]))), 4))
-    return out
-
-
-def temperature_check(records: list[dict[str, Tensor]], thresholds: Sequence[float | None],
-                      temperatures: Sequence[float], exit_layers: Sequence[int]) -> list[dict]:
-    """Per head, on held-out tokens passing its threshold: their number, and the mean and mean absolute error of the
-    head's log-probability of its top token against the full model's, at temperature 1 and at the fitted one."""
-    rows = []
-    for layer, record, tau, t in zip(exit_layers, records, thresholds, temperatures, strict=True):
-        passing = record["score"] >= tau if tau is not None else torch.zeros_like(record["score"], dtype=torch.bool)
-        n = int(passing.sum())
-        row = {"exit": layer, "temperature": t, "tokens": n}
-        if n:
-            error = record["top_log_probs"][passing].double() - record["full_log_prob"][passing].double().unsqueeze(1)
-            mean, size = error.mean(0), error.abs().mean(0)
-            row.update({"bias_t1": at_temperature(mean, 1.0), "abs_t1": at_temperature(size, 1.0),
-                        "bias": at_temperature(mean, t), "abs": at_temperature(size, t)})
-        rows.append(row)
-    return rows
+    return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a)}
+            for s, a in zip(scores, agrees, strict=True)]
 
 
 def check_enough(records: list[dict[str, Tensor]], exit_layers: list[int], min_tokens: int) -> None:
@@ -255,8 +161,6 @@ def run_calibration(
         name = model.config.base_model_name_or_path
         corpus = generate_corpus(model.backbone, model.tokenizer, calibration_spec(), name)
     check, fit = corpus.split(config.check_fraction)
-    if config.temperatures_only:
-        return _fit_temperatures_only(model, config, fit, check)
     selection = None
     if metric == AUTO_METRIC:
         metric, records, selection = choose_metric(model, fit, model.config.eps, config.batch_size)
@@ -264,15 +168,11 @@ def run_calibration(
         records = collect(model, fit, metric, config.batch_size)
     check_enough(records, model.config.exit_layers, config.min_tokens)
     thresholds = grid_thresholds(records, config.eps_grid)
-    at_eps = thresholds.get(f"{float(model.config.eps):g}") or fit_thresholds(
-        [r["score"] for r in records], [r["agree"] for r in records], float(model.config.eps))
-    temperatures = fit_temperatures(records, at_eps)
     held = collect(model, check, metric, config.batch_size)
     check_rows = eps_table(held, thresholds, model.config.exit_layers)
     cascade_rows = cascade_table(held, thresholds)
     model.config.metric = metric
     model.config.thresholds = thresholds
-    model.config.temperatures = temperatures
     model.calibration_stats = _stats_tensors(records)
     model.config.calibration = {
         "metric": metric, "fit": "cascade", "prompts": list(CALIBRATION_PROMPTS), "sequences": len(fit),
@@ -280,38 +180,10 @@ def run_calibration(
         "check_sequences": len(check), "check_tokens": check.num_tokens, "config": asdict(config),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "check": check_rows,
         "cascade": cascade_rows,
-        "temperature": {"eps": float(model.config.eps), "fit": "unbiased top-token log-probability",
-                        "sequences": len(fit), "check_sequences": len(check),
-                        "check": temperature_check(held, at_eps, temperatures, model.config.exit_layers)},
     }
     if selection is not None:
         model.config.calibration["metric_selection"] = selection
     return thresholds, check_rows, cascade_rows
-
-
-def _fit_temperatures_only(model: EarlyExitForCausalLM, config: CalibrateConfig, fit: Corpus, check: Corpus
-                           ) -> tuple[dict[str, list], list[dict], list[dict]]:
-    """`run_calibration` with the folder's metric and thresholds kept: only `temperatures` are fitted (on `fit`) and
-    checked (on `check`); the per-head and whole-rule tables of the kept thresholds on `check` are returned."""
-    thresholds = model.config.thresholds
-    if not thresholds:
-        raise ValueError("temperatures_only=True needs calibrated heads (this folder has no thresholds); calibrate "
-                         "them without it")
-    if config.metric not in (None, model.config.metric):
-        raise ValueError(f"metric={config.metric!r} with temperatures_only=True: the folder's thresholds are for "
-                         f"{model.config.metric!r}; leave metric out")
-    metric = model.config.metric
-    at_eps = model.thresholds_for(float(model.config.eps))
-    records = collect(model, fit, metric, config.batch_size)
-    check_enough(records, model.config.exit_layers, config.min_tokens)
-    temperatures = fit_temperatures(records, at_eps)
-    held = collect(model, check, metric, config.batch_size)
-    model.config.temperatures = temperatures
-    model.config.calibration = {**(model.config.calibration or {}), "temperature": {
-        "eps": float(model.config.eps), "fit": "unbiased top-token log-probability", "sequences": len(fit),
-        "check_sequences": len(check), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "check": temperature_check(held, at_eps, temperatures, model.config.exit_layers)}}
-    return thresholds, eps_table(held, thresholds, model.config.exit_layers), cascade_table(held, thresholds)
 
 
 def choose_metric(
@@ -331,7 +203,7 @@ def choose_metric(
     best = max(METRICS, key=lambda m: exited[m])
     logger.info("Confidence metric at ε=%g: %s (fraction of calibration tokens that exit: %s)", eps, best,
                 ", ".join(f"{m} {v:.3f}" for m, v in exited.items()))
-    return best, [{"score": r[best], **{k: r[k] for k in RECORD_KEYS}} for r in every], {"eps": eps, "exited": exited}
+    return best, [{"score": r[best], "agree": r["agree"]} for r in every], {"eps": eps, "exited": exited}
 
 
 def _stats_tensors(records: list[dict]) -> dict[str, Tensor]:
