@@ -443,13 +443,14 @@ def test_one_pass_sweep_of_generation_alone_decodes_at_each_eps(folders, tmp_pat
     assert points[1.0]["exit_fractions"]["full"] == 1.0 > points[0.5]["exit_fractions"]["full"]
 
 
-def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: str, shared_last: bool = False
-                          ) -> float:
+def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: str, shared_last: bool = False,
+                          gates: list[float] | None = None, reads: list[list[float]] | None = None) -> float:
     """The log-likelihood of the last `contlen` tokens of `ids`, written out by hand from the base model and the
     heads: a position leaves at the first exit whose breaking-ties score (top-1 minus top-2 probability) reaches τ,
     under `top_token` only where that head's top token is the scored token (never at a last position that other
-    requests score with another token, `shared_last`), and then reads the head's log-probability; else the base
-    model's."""
+    requests score with another token, `shared_last`) and its score reaches the head's gate (`gates`), and then
+    reads the head's log-probability; else the base model's. `reads[j]` collects the scores of the positions that
+    would read head `j` without gates."""
     model = lm.model
     taus = model.thresholds_for(eps)
     x = torch.tensor([ids[:-1]])
@@ -459,11 +460,15 @@ def _oracle_loglikelihood(lm, ids: list[int], contlen: int, eps: float, rule: st
     total = 0.0
     for pos in range(len(ids) - 1 - contlen, len(ids) - 1):
         token, value = ids[pos + 1], full[pos, ids[pos + 1]]
-        for tau, log_probs in zip(taus, heads, strict=True):
+        for j, (tau, log_probs) in enumerate(zip(taus, heads, strict=True)):
             top2 = log_probs[pos].exp().topk(2)
-            if tau is not None and float(top2.values[0] - top2.values[1]) >= tau:
+            score = float(top2.values[0] - top2.values[1])
+            if tau is not None and score >= tau:
                 shared = shared_last and pos == len(ids) - 2
-                if rule == "confidence" or (int(top2.indices[0]) == token and not shared):
+                if rule == "top_token" and int(top2.indices[0]) == token and not shared and reads is not None:
+                    reads[j].append(score)
+                if rule == "confidence" or (int(top2.indices[0]) == token and not shared
+                                            and (gates is None or score >= gates[j])):
                     value = log_probs[pos, token]
                 break
         total += float(value)
@@ -543,3 +548,68 @@ def test_scoring_reads_the_lm_head_only_at_scored_positions(folders):
         with torch.no_grad():
             log_probs = torch.log_softmax(base(ids).logits[0, -len(cont):], dim=-1)
         assert value == pytest.approx(float(log_probs[torch.arange(len(cont)), cont].sum()), rel=1e-6, abs=1e-5)
+
+
+def test_scoring_gates_send_positions_below_a_heads_gate_to_the_full_model(folders, tmp_path):
+    """With `scoring_delta`, a scored position that would read its exit head (`top_token`) reads it only where the
+    head's confidence also reaches that head's gate (fitted from the calibration statistics: here one recorded token
+    per head at a chosen confidence, within δ), else the full model scores it — it does not move on to a later exit.
+    Log-likelihoods equal the by-hand oracle with those gates and differ from the ungated ones; a one-pass sweep
+    records and replays the same answers; `scoring_delta=inf` removes the gates."""
+    from lm_eval.api.instance import Instance
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+    from hf_earlyexit.modeling.modeling_earlyexit import EarlyExitForCausalLM
+
+    _, heads = folders
+    plain = EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", batch_size=4)
+    context = "the capital of france is"
+    ids = lm_ids = plain.tok_encode(context)
+    letters = set(plain.tok_encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    for _ in range(16):  # the last head's own top tokens (letters only: the text round-trips), so heads are read
+        with torch.no_grad():
+            logits = plain.model(torch.tensor([ids]), output_hidden_states=True).exit_logits[-1][0, -1]
+        top = int(plain.model.exit_heads[-1].to_token_ids(logits.argmax()))
+        ids = ids + [top if top in letters else plain.tok_encode("e")[0]]
+    continuation = plain.tokenizer.decode(ids[len(lm_ids):])
+    contlen = len(ids) - len(lm_ids)
+    reads = [[] for _ in plain.model.exit_heads]
+    ungated = _oracle_loglikelihood(plain, ids, contlen, 0.5, "top_token", reads=reads)
+    assert sum(map(len, reads)) >= 2, reads
+    gates = []  # per head: between its two middle read scores (so some reads pass and some do not), else never
+    for scores in reads:
+        scores = sorted(scores)
+        gates.append((scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2 if len(scores) >= 2
+                     else (scores[0] + 1e-3 if scores else 2.0))
+    model = EarlyExitForCausalLM.from_pretrained(heads)
+    model.calibration_stats = {}
+    for j, gate in enumerate(gates):  # one calibration token per head, read at `gate` within δ: its gate is `gate`
+        model.calibration_stats |= {f"score.{j}": torch.tensor([gate]), f"agree.{j}": torch.ones(1, dtype=torch.uint8),
+                                    f"error.{j}": torch.tensor([0.05])}
+    model.save_pretrained(tmp_path / "gated")
+    lm = EarlyExitLM(pretrained=str(tmp_path / "gated"), eps=0.5, scoring_delta="0.1", dtype="float32",
+                     batch_size=4)
+    assert lm.model.scoring_gates_for(0.5, 0.1) == pytest.approx(tuple(gates))
+    gated = _oracle_loglikelihood(lm, ids, contlen, 0.5, "top_token", gates=gates)
+    assert abs(gated - ungated) > 1e-4  # the gates change what is read
+    request = [Instance("loglikelihood", {}, (context, continuation), 0)]
+    [(value, _)] = lm.loglikelihood(request)
+    assert value == pytest.approx(gated, rel=1e-5, abs=1e-4)
+    assert lm.early_exit_report()["scoring_delta"] == 0.1
+    lm.start_scoring_sweep([0.5, 1.0])
+    [(recorded, _)] = lm.loglikelihood(request)
+    lm.replay_scoring(0.5)
+    assert recorded == lm.loglikelihood(request)[0][0] == pytest.approx(gated, rel=1e-5, abs=1e-4)
+    loose = EarlyExitLM(pretrained=str(tmp_path / "gated"), eps=0.5, scoring_delta="inf", dtype="float32",
+                        batch_size=4)
+    assert loose.loglikelihood(request)[0][0] == pytest.approx(ungated, rel=1e-5, abs=1e-4)
+    assert loose.early_exit_report()["scoring_delta"] is None
+
+
+@pytest.mark.parametrize("value", ["abc", 0, -0.5, "nan", True])
+def test_bad_scoring_delta_is_named(value):
+    from hf_earlyexit.evaluation.scoring import check_scoring_delta
+
+    with pytest.raises(ValueError, match=f"scoring_delta={value!r} must be a positive number"):
+        check_scoring_delta(value)
+    assert check_scoring_delta("0.2") == 0.2 and check_scoring_delta("none") == math.inf

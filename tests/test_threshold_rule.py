@@ -12,6 +12,7 @@ from hf_earlyexit.modeling.metrics_earlyexit import (
     confidence,
     entropy,
     exit_rate_and_agreement,
+    gate_for_eps,
     max_prob,
     threshold_for_eps,
 )
@@ -98,3 +99,47 @@ def test_bad_inputs():
         threshold_for_eps(torch.tensor([0.1, 0.2]), torch.tensor([True]), 0.5)
     with pytest.raises(ValueError, match="empty"):
         threshold_for_eps(torch.tensor([]), torch.tensor([], dtype=torch.bool), 0.5)
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_scoring_gate_matches_brute_force_over_the_tokens_a_head_would_be_read_at(case):
+    """The gate is the lowest confidence whose tail, among tokens whose error is recorded (the head's top token is
+    the next token: finite; elsewhere NaN), has |error| <= δ at rate >= ε; no such tail: the head is never read."""
+    gen = torch.Generator().manual_seed(case)
+    n = int(torch.randint(1, 50, (1,), generator=gen))
+    scores = torch.rand(n, generator=gen)
+    errors = (torch.randn(n, generator=gen) * (1.2 - scores)).float()  # confident tokens err less
+    errors[torch.rand(n, generator=gen) < 0.3] = math.nan
+    for eps in (0.5, 0.8, 0.9):
+        for delta in (0.05, 0.3):
+            read = [i for i in range(n) if not math.isnan(float(errors[i]))]
+            expected = brute_force([float(scores[i]) for i in read], [abs(float(errors[i])) <= delta for i in read],
+                                   eps) if read else None
+            got = gate_for_eps(scores, errors, eps, delta)
+            assert got == (math.inf if expected is None else pytest.approx(expected)), (eps, delta)
+
+
+def test_scoring_gate_edge_cases_and_bad_delta():
+    scores = torch.tensor([0.2, 0.5, 0.9, 0.95])
+    errors = torch.tensor([0.5, math.nan, 0.05, -0.02])
+    assert gate_for_eps(scores, errors, 0.9, 0.1) == pytest.approx(0.9)  # 0.2's error is too large; 0.5 is not read
+    assert gate_for_eps(scores, errors, 0.6, 0.1) == pytest.approx(0.2)  # 2 of 3 read tokens within δ
+    assert gate_for_eps(scores, errors, 0.9, 0.01) == math.inf  # no tail stays within 0.01
+    assert gate_for_eps(scores, errors, 1.0, 0.1) == -math.inf  # ε = 1 never exits: no gate
+    assert gate_for_eps(scores, errors, 0.9, math.inf) == -math.inf
+    assert gate_for_eps(scores, torch.full((4,), math.nan), 0.9, 0.1) == math.inf  # never read on calibration
+    for bad in (0, -0.1, "0.1", None):
+        with pytest.raises(ValueError, match=f"scoring_delta={bad!r} must be a positive number"):
+            gate_for_eps(scores, errors, 0.9, bad)
+
+
+def test_gates_send_a_position_below_its_exits_gate_to_the_full_model_not_to_a_later_exit():
+    from hf_earlyexit.modeling.exits_earlyexit import ExitRule, first_exit
+
+    rule = ExitRule((0.5, 0.5), (True, True), "breaking_ties", gates=(0.8, -math.inf))
+    scores = [torch.tensor([0.9, 0.6, 0.1, 0.6]), torch.tensor([0.9, 0.9, 0.9, 0.1])]
+    index = first_exit(rule.fires_from_scores(scores))
+    assert index.tolist() == [0, 0, 1, 0]
+    # position 1 fires at exit 0 below its gate: the full model scores it, although exit 1 would fire there
+    assert rule.gated(index, scores).tolist() == [0, 2, 1, 2]
+    assert ExitRule((0.5, 0.5), (True, True), "breaking_ties").gated(index, scores).tolist() == [0, 0, 1, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -145,6 +146,52 @@ def test_calibration_sets_thresholds_that_hold_on_held_out_tokens(base_path, cor
     assert loaded.config.thresholds == thresholds
     assert loaded.thresholds_for(0.85) == model.thresholds_for(0.85)
     assert (tmp_path / "heads" / "calibration.png").exists()
+
+
+def test_calibration_records_the_log_prob_error_where_a_scored_position_would_read_a_head(base_path, corpus,
+                                                                                          tmp_path):
+    """Per head and calibration token (aligned with its score): the head's log-probability of the next token minus
+    the full model's, recorded exactly where the head's top token is the next token (NaN elsewhere and at a
+    sequence's last token) — against a by-hand oracle over each sequence alone; the scoring gates derived from them
+    survive saving and loading, and a file whose errors do not line up with its scores is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = fresh(base_path)
+    train_heads(model, corpus, TrainConfig(steps=30, learning_rate=1e-2), tmp_path / "work")
+    config = CalibrateConfig(min_tokens=100, eps_grid=[0.5, 1.0])
+    _, check_rows, cascade = run_calibration(model, config, corpus)
+    stats = model.calibration_stats
+    _, fit = corpus.split(config.check_fraction)
+    expected = [[] for _ in model.exit_heads]
+    for ids, mask in zip(fit.input_ids, fit.attention_mask, strict=True):
+        x = ids[mask.bool()][None]
+        with torch.no_grad():
+            full = torch.log_softmax(model.get_base_model()(x).logits[0].float(), dim=-1)
+            heads = model(x, output_hidden_states=True).exit_logits
+        for j, head in enumerate(model.exit_heads):
+            log_probs = torch.log_softmax(heads[j][0].float(), dim=-1)
+            for pos in range(x.shape[1]):
+                token = int(x[0, pos + 1]) if pos + 1 < x.shape[1] else -1
+                top = int(head.to_token_ids(log_probs[pos].argmax()))
+                expected[j].append(float(log_probs[pos, token] - full[pos, token]) if top == token else math.nan)
+    read = 0
+    for j in range(len(model.exit_heads)):
+        got = stats[f"error.{j}"]
+        assert got.shape == stats[f"score.{j}"].shape == (len(expected[j]),)
+        want = torch.tensor(expected[j])
+        assert torch.equal(got.isnan(), want.isnan()), j
+        torch.testing.assert_close(got[~got.isnan()], want[~want.isnan()], atol=2e-4, rtol=0)
+        read += int((~got.isnan()).sum())
+    assert read > 20  # the heads name the next token often enough for the check to mean something
+    gates = model.scoring_gates_for(0.5, 0.1)
+    assert gates is not None and len(gates) == 3 and model.scoring_gates_for(0.5, math.inf) is None
+    save_calibrated(model, tmp_path / "heads", check_rows, cascade)
+    assert EarlyExitForCausalLM.from_pretrained(tmp_path / "heads").scoring_gates_for(0.5, 0.1) == gates
+    broken = load_file(tmp_path / "heads" / "calibration.safetensors")
+    broken["error.1"] = broken["error.1"][:-1].contiguous()
+    save_file(broken, tmp_path / "heads" / "calibration.safetensors")
+    with pytest.raises(ValueError, match=r"error\.1 \(\d+,\) must have the shape of score\.1"):
+        EarlyExitForCausalLM.from_pretrained(tmp_path / "heads")
 
 
 def test_calibration_needs_enough_tokens_and_warns_on_untrained_heads(base_path, corpus, caplog):

@@ -20,7 +20,7 @@ import torch
 
 from ..loading import ModelArgs
 from ..modeling.exits_earlyexit import ExitRule, first_exit
-from ..modeling.metrics_earlyexit import auroc, confidence
+from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA, auroc, confidence, next_token_errors
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from ..training.data import Corpus, read_prompt_file, read_text_files, text_corpus
 from ..training.teacher import trim
@@ -40,6 +40,9 @@ class AgreementArgs(ModelArgs):
     seq_len: int = field(default=128, metadata={"help": "window length for teacher forcing"})
     eps: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9, 0.95], metadata={"help": "ε of the rule"})
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
+    scoring_delta: float = field(default=DEFAULT_SCORING_DELTA, metadata={
+        "help": "also report the scored exits that pass the scoring gates fitted for this log-probability error "
+                "bound (nats; ee-hf's scoring_delta)"})
     output: str | None = field(default=None, metadata={"help": "also write the result as JSON here"})
 
     def __post_init__(self) -> None:
@@ -49,9 +52,9 @@ class AgreementArgs(ModelArgs):
 
 @torch.no_grad()
 def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], batch_size: int = 8,
-            positions: torch.Tensor | None = None) -> dict:
+            positions: torch.Tensor | None = None, scoring_delta: float | None = None) -> dict:
     """Agreement per exit and the whole rule per ε over the real tokens of `corpus` (or only where `positions`
-    `(rows, width)` is true)."""
+    `(rows, width)` is true); with `scoring_delta`, the scored exits also once the scoring gates apply."""
     scores, agrees, real_tokens = [[] for _ in model.exit_heads], [[] for _ in model.exit_heads], 0
     errors = [{"error": [], "top_is_next": []} for _ in model.exit_heads]
     embed = model.get_input_embeddings()
@@ -66,8 +69,6 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
         ids = ids.to(model.device)
         # the token each position predicts in the text (the last column predicts none: it never counts as scored)
         following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
-        full_next = (out.logits.gather(-1, following.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
-                     - row_logsumexp(out.logits))
         previous = embed(ids)
         for j, head in enumerate(model.exit_heads):
             hidden, logits = out.exit_hidden_states[j], out.exit_logits[j]
@@ -76,10 +77,9 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
             real_token = top >= 0
             scores[j].append(score.masked_fill(~real_token, -math.inf)[keep].float().cpu())
             agrees[j].append(agreement(head, logits, out.logits)[keep].cpu())
-            classes = head.classes_of(following.clamp(min=0)).unsqueeze(-1)
-            head_next = torch.log_softmax(logits.float(), dim=-1).gather(-1, classes).squeeze(-1)
-            errors[j]["error"].append((head_next - full_next)[keep].double().cpu())
-            errors[j]["top_is_next"].append(((top == following) & (following >= 0))[keep].cpu())
+            error, top_is_next = next_token_errors(head, logits, out.logits, following)
+            errors[j]["error"].append(error[keep].double().cpu())
+            errors[j]["top_is_next"].append(top_is_next[keep].cpu())
             previous = hidden
         real_tokens += int(keep.sum())
     score = [torch.cat(s) for s in scores]
@@ -101,12 +101,11 @@ def measure(model: EarlyExitForCausalLM, corpus: Corpus, eps_grid: list[float], 
                           "agreement_exited": int(hit.sum()) / exited if exited else math.nan,
                           "exits": torch.bincount(index, minlength=len(agree) + 1).tolist(),
                           **scored_errors(errors, index)})
+        gates = model.scoring_gates_for(eps, scoring_delta) if scoring_delta is not None else None
+        if gates is not None:  # where a log-likelihood reads a head once the scoring gates apply
+            gated = ExitRule(rule.thresholds, rule.checked, rule.metric, gates).gated(index, score)
+            rule_rows[-1]["gated"] = {"scoring_delta": scoring_delta, **scored_errors(errors, gated)}
     return {"tokens": real_tokens, "per_exit": per_exit, "rule": rule_rows}
-
-
-def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """`(batch, seq, vocab)` -> `(batch, seq)` float32 log-sum-exp, a row at a time (no second full-size tensor)."""
-    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
 
 
 def scored_errors(errors: list[dict[str, list[torch.Tensor]]], index: torch.Tensor) -> dict:
@@ -158,11 +157,12 @@ def run_agreement(args: AgreementArgs) -> dict:
         corpus = text_corpus(tokenizer, passages, seq_len=args.seq_len, source=",".join(args.text_file))
         limit = max(1, args.max_tokens // args.seq_len)
         corpus = Corpus(corpus.input_ids[:limit], corpus.attention_mask[:limit], corpus.source)
-        result["text"] = measure(model, corpus, args.eps, args.batch_size)
+        result["text"] = measure(model, corpus, args.eps, args.batch_size, scoring_delta=args.scoring_delta)
     if args.prompt_file:
         prompts = list(read_prompt_file(args.prompt_file))
         corpus, positions = continuations(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        result["continuations"] = measure(model, corpus, args.eps, args.batch_size, positions)
+        result["continuations"] = measure(model, corpus, args.eps, args.batch_size, positions,
+                                          args.scoring_delta)
     print(agreement_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
@@ -186,4 +186,10 @@ def agreement_table(result: dict) -> str:
                 lines.append(f"    {row['scored_exits']} leave with the text's next token as their top token; the "
                              f"head's log-probability of it minus the full model's: {row['log_prob_error']:+.3f} on "
                              f"average, {row['log_prob_abs_error']:.3f} in absolute value")
+            gated = row.get("gated")
+            if gated:
+                error = ("" if not gated["scored_exits"] else f"; error {gated['log_prob_error']:+.3f} on average, "
+                         f"{gated['log_prob_abs_error']:.3f} in absolute value")
+                lines.append(f"    with the scoring gates of scoring_delta={gated['scoring_delta']:g}: "
+                             f"{gated['scored_exits']} of them{error}")
     return "\n".join(lines)

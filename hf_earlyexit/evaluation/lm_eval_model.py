@@ -6,7 +6,8 @@
 - `_loglikelihood_tokens` (loglikelihood, loglikelihood_rolling): HFLM's steps, with one pass of the base model's
   layers per batch and the LM head, exit heads and confidence metrics only at scored positions; each scored position
   takes its distribution from the first exit whose confidence passes τ_k(ε) (with the default
-  `scoring_rule="top_token"`, only where that head's top token is the token scored there), else the full model's;
+  `scoring_rule="top_token"`, only where that head's top token is the token scored there and its confidence passes
+  the head's scoring gate for `scoring_delta`), else the full model's;
 - `_model_generate` (generate_until): our `generate()` in the chosen mode.
 
 Exits are counted only on scored positions, per task, and land in `results["config"]["early_exit"]` through
@@ -24,6 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -37,12 +39,14 @@ from ..modeling.base_earlyexit import parse_dtype
 from ..modeling.configuration_earlyexit import METRICS
 from ..modeling.continuous_earlyexit import continuous_generate
 from ..modeling.exits_earlyexit import ExitRule
+from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
 from .scoring import (
     NO_TOKEN,
     ScoringSweep,
     answer,
+    check_scoring_delta,
     check_scoring_rule,
     count_exits,
     exit_index,
@@ -90,6 +94,10 @@ class EarlyExitLM(HFLM):
             thresholds were calibrated for).
         scoring_rule: which confident scored positions leave (`scoring.SCORING_RULES`): `top_token` (default; only
             where the head's top token is the scored token) or `confidence` (every one, the paper's way).
+        scoring_delta: under `top_token`, a scored position reads its head only where the head's confidence also
+            passes that head's scoring gate: the lowest confidence above which, on the calibration tokens, the head's
+            log-probability of the token it names lies within this many nats of the full model's at rate ≥ ε
+            (default 0.1; `inf`: no gates; heads calibrated before these errors were recorded have none).
         kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
             (`DecodingOptions`); one that does not apply to the mode is refused.
         continuous: generation tasks decode with continuous batching (`continuous_generate`: up to `batch_size`
@@ -100,7 +108,7 @@ class EarlyExitLM(HFLM):
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
                  lookup: int | None = None, batch_exit: str | None = None, scoring_rule: str = "top_token",
-                 continuous: bool | str = False, **kwargs) -> None:
+                 scoring_delta=DEFAULT_SCORING_DELTA, continuous: bool | str = False, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         self.ee_continuous = _as_bool("continuous", continuous)
@@ -117,6 +125,7 @@ class EarlyExitLM(HFLM):
             max_draft=max_draft, exit_policy=exit_policy, lookup=lookup, batch_exit=batch_exit)
         self.ee_metric = metric
         self.ee_scoring_rule = check_scoring_rule(scoring_rule)
+        self.ee_scoring_delta = check_scoring_delta(scoring_delta)
         self.ee_task = None
         self.ee_scoring: dict[str, ExitStats] = {}
         self.ee_generation: dict[str, ExitStats] = {}
@@ -190,8 +199,8 @@ class EarlyExitLM(HFLM):
         unknown = sorted(set(kwargs) - _HFLM_MODEL_ARGS)
         if unknown:
             raise TypeError(f"--model_args {unknown} are not arguments of ee-hf; its own are eps, mode, metric, "
-                            "scoring_rule, kv_fill, batch_exit, max_draft, exit_policy, lookup (besides those of "
-                            "--model hf)")
+                            "scoring_rule, scoring_delta, kv_fill, batch_exit, max_draft, exit_policy, lookup, "
+                            "continuous (besides those of --model hf)")
         model = self._ee_loaded[0]
         self._model = model.to(self._device) if str(self._device) != "cpu" else model
 
@@ -318,8 +327,20 @@ class EarlyExitLM(HFLM):
 
     def _exit_rule(self, eps: float) -> ExitRule:
         """The exits scored positions may leave at, at `eps`: those decoding checks (`exit_policy`, `"auto"` by
-        default: an exit that seldom pays at this ε is not run)."""
-        return ExitRule.for_model(self.model, eps, self.ee_options.exit_policy, self.ee_options.kv_fill)
+        default: an exit that seldom pays at this ε is not run), under `top_token` with the scoring gates of
+        `scoring_delta` (none where the calibration statistics hold no log-probability errors)."""
+        rule = ExitRule.for_model(self.model, eps, self.ee_options.exit_policy, self.ee_options.kv_fill)
+        if self.ee_scoring_rule != "top_token" or not any(rule.checked):
+            return rule
+        gates = self.model.scoring_gates_for(eps, self.ee_scoring_delta)
+        return rule if gates is None else replace(rule, gates=gates)
+
+    def _reported_delta(self) -> float | None:
+        """The scoring gates' error bound in effect (`None`: no gates: rule `confidence`, an infinite bound, or heads
+        calibrated before log-probability errors were recorded)."""
+        if self.ee_scoring_rule != "top_token" or self.model.scoring_gates_for(0.5, self.ee_scoring_delta) is None:
+            return None
+        return self.ee_scoring_delta
 
     def start_scoring_sweep(self, grid: list[float]) -> None:
         """Record the scoring answers of every ε in `grid` during the next evaluation (run at the current ε): one
@@ -498,7 +519,8 @@ class EarlyExitLM(HFLM):
         and DSSD acceptance."""
         names = [f"exit@{k}" for k in self.model.config.exit_layers] + ["full"]
         report = {"eps": self.ee_eps, "mode": self.ee_mode, "metric": self.model.config.metric,
-                  "scoring_rule": self.ee_scoring_rule, "tasks": {}, "ranks": self.world_size}
+                  "scoring_rule": self.ee_scoring_rule, "scoring_delta": self._reported_delta(),
+                  "tasks": {}, "ranks": self.world_size}
         scoring, generation, seconds = getattr(self, "_ee_global", None) or (
             self.ee_scoring, self.ee_generation, self.ee_seconds)
         for kind, table in (("scoring", scoring), ("generation", generation)):
@@ -573,7 +595,7 @@ def merge_rank_tables(tables: list[tuple[dict, dict, dict]]) -> tuple[dict, dict
 def report_table(report: dict) -> str:
     """The exit report as a small Markdown table (printed after lm-eval's own)."""
     lines = [f"early exit: eps={report['eps']} mode={report['mode']} metric={report['metric']} "
-             f"scoring_rule={report.get('scoring_rule')}",
+             f"scoring_rule={report.get('scoring_rule')} scoring_delta={report.get('scoring_delta')}",
              "(scoring rows: the layers / MACs token-by-token decoding would save on the scored positions; the "
              "scoring pass itself runs every layer, and the LM head where a position stays)", "",
              "| task | kind | tokens | exits | layers saved | MACs saved | tok/s | acceptance |",

@@ -16,11 +16,18 @@ which a head estimates well only where it would have produced that token itself.
 a position leave at its exit only where that head's top token is the token scored there, so every exited position
 is one token-by-token decoding would also have left at (and emitted this token); elsewhere the full model scores
 it. `"confidence"` lets every confident position leave (the paper's way), whatever the scored token is.
+
+Under `"top_token"` a head's top-1 agreement is not enough: a log-likelihood reads the *size* of its log-probability.
+`scoring_delta` (δ nats) adds per exit a scoring gate (`ExitRule.gates`, fitted from the calibration statistics by
+`gate_for_eps`): a position leaving at an exit reads the head only where its confidence also reaches the lowest
+value above which, on calibration tokens whose next token is the head's top token, the head's log-probability of it
+lies within δ of the full model's at rate ≥ ε; below the gate the full model scores it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +49,19 @@ def check_scoring_rule(rule: str) -> str:
     if rule not in SCORING_RULES:
         raise ValueError(f"scoring_rule={rule!r} is not one of {', '.join(SCORING_RULES)}")
     return rule
+
+
+def check_scoring_delta(value) -> float:
+    """`scoring_delta` as a positive float (lm-eval passes model args as text; `inf` / `none`: no gates)."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "inf"):
+        return math.inf
+    try:
+        delta = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        delta = math.nan
+    if not delta > 0:  # NaN fails too
+        raise ValueError(f"scoring_delta={value!r} must be a positive number of nats (or inf: no scoring gates)")
+    return delta
 
 
 def scored_positions(inplens: Sequence[int], contlens: Sequence[int]) -> tuple[Positions, list[slice]]:
@@ -172,13 +192,16 @@ def heads_at(heads: HeadOutputs, span: slice) -> HeadOutputs:
 
 def exit_index(model, rule: ExitRule, heads: HeadOutputs, shape: torch.Size, device) -> Tensor:
     """`shape` long (the heads' positions): the first exit of `rule` that fires at each position (`rule.num_exits`:
-    the full model)."""
+    the full model), and where that exit has a scoring gate (`rule.gates`) the position's confidence passes it, else
+    the full model."""
     index = torch.full(shape, rule.num_exits, dtype=torch.long, device=device)
+    scores: list[Tensor | None] = [None] * rule.num_exits
     for j, head in enumerate(model.exit_heads):
-        if rule.checked[j]:
+        if rule.checked[j] and rule.thresholds[j] is not None:
             head_logits, hidden, previous = heads[j]
-            index = take_first(index, j, rule.fires(j, head, head_logits, hidden, previous), rule.num_exits)
-    return index
+            scores[j] = rule.score(head_logits, hidden, previous)
+            index = take_first(index, j, rule.fires_at(j, head, scores[j], head_logits), rule.num_exits)
+    return rule.gated(index, scores)
 
 
 def scored_tokens(continuations: Sequence[Sequence[int]], contlen: int) -> Tensor:

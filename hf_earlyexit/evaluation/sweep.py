@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ..files import write_json
+from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA
 from ..modeling.options_earlyexit import check_eps
 from .lm_eval_plugin import register
 from .scoring import SCORING_RULES
@@ -38,6 +39,9 @@ class SweepArgs:
     scoring_rule: str = field(default="top_token", metadata={
         "help": "which confident scored positions leave: top_token (only where the head's top token is the scored "
                 "token) or confidence (every one, the paper's way)", "choices": list(SCORING_RULES)})
+    scoring_delta: float = field(default=DEFAULT_SCORING_DELTA, metadata={
+        "help": "top_token: a scored position reads its head only where the head's log-probability error is within "
+                "this many nats at rate >= ε on the calibration tokens (scoring gates; inf: none)"})
     dtype: str = field(default="float32", metadata={"help": "base model dtype"})
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
     limit: float | None = field(default=None, metadata={"help": "lm-eval --limit (documents per task)"})
@@ -59,12 +63,14 @@ def _point_path(out: Path, eps: float) -> Path:
     return out / "points" / f"eps_{eps:g}.json"
 
 
-def _finished(out: Path, eps: float, scoring_rule: str) -> bool:
-    """A point an earlier run wrote with the same scoring rule."""
+def _finished(out: Path, eps: float, scoring_rule: str, scoring_delta: float | None) -> bool:
+    """A point an earlier run wrote with the same scoring rule and scoring gates (`scoring_delta` in effect)."""
     path = _point_path(out, eps)
     if not path.exists():
         return False
-    return json.loads(path.read_text())["early_exit"].get("scoring_rule", "confidence") == scoring_rule
+    report = json.loads(path.read_text())["early_exit"]
+    return (report.get("scoring_rule", "confidence") == scoring_rule
+            and report.get("scoring_delta") == scoring_delta)
 
 
 def run_sweep(args: SweepArgs) -> dict:
@@ -78,14 +84,14 @@ def run_sweep(args: SweepArgs) -> dict:
     out = Path(args.output_dir)
     include = args.include_path or ("lm_eval_tasks" if Path("lm_eval_tasks").is_dir() else None)
     manager = TaskManager(include_path=include) if include else TaskManager()
-    todo = [e for e in args.eps if not _finished(out, e, args.scoring_rule)]
-    lm = None
+    lm = EarlyExitLM(pretrained=args.model, eps=args.eps[0], mode=args.mode, scoring_rule=args.scoring_rule,
+                     scoring_delta=args.scoring_delta, dtype=args.dtype, batch_size=args.batch_size,
+                     device=args.device)
+    delta = lm.early_exit_report()["scoring_delta"]  # the gates in effect for these heads
+    todo = [e for e in args.eps if not _finished(out, e, args.scoring_rule, delta)]
     for eps in tqdm(args.eps, desc="ε sweep", unit="point"):
         if eps not in todo:
             continue  # finished in an earlier run
-        if lm is None:
-            lm = EarlyExitLM(pretrained=args.model, eps=eps, mode=args.mode, scoring_rule=args.scoring_rule,
-                             dtype=args.dtype, batch_size=args.batch_size, device=args.device)
         if not args.one_pass:
             lm.set_eps(eps)
         elif eps == todo[0]:  # this point's evaluation records the scored answers of every point still to do

@@ -13,6 +13,7 @@ this ε does not cost a head evaluation on every token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,11 +49,17 @@ def first_exit(fires: Sequence[Tensor | None]) -> Tensor:
 
 @dataclass(frozen=True)
 class ExitRule:
-    """The exit rule of one ε: per exit its threshold, whether it is checked, and the confidence metric."""
+    """The exit rule of one ε: per exit its threshold, whether it is checked, and the confidence metric.
+
+    `gates` (scored positions only, `scoring_delta`): per exit a second, higher confidence a position that leaves
+    there must also reach for a log-likelihood to read the head; one below it is scored by the full model (it does
+    not move on to a later exit: the first exit that fires still decides, as in decoding). `None`: no gates.
+    """
 
     thresholds: tuple[float | None, ...]
     checked: tuple[bool, ...]
     metric: str
+    gates: tuple[float, ...] | None = None
 
     @classmethod
     def for_model(cls, model, eps: float, policy: str = "all", kv_fill: str = "recompute") -> ExitRule:
@@ -88,9 +95,28 @@ class ExitRule:
         tau = self.thresholds[j]
         if not self.checked[j] or tau is None:
             return torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-        score = confidence(self.metric, logits=logits, hidden=hidden, previous_hidden=previous)
-        real_token = head.to_token_ids(logits.argmax(dim=-1)) >= 0
-        return (score >= tau) & real_token
+        return self.fires_at(j, head, self.score(logits, hidden, previous), logits)
+
+    def score(self, logits: Tensor, hidden: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
+        """`(...)` the confidence of head logits `(..., head_vocab)` under this rule's metric."""
+        return confidence(self.metric, logits=logits, hidden=hidden, previous_hidden=previous)
+
+    def fires_at(self, j: int, head, score: Tensor, logits: Tensor) -> Tensor:
+        """`fires` from a head's confidence `score` `(...)` already taken."""
+        tau = self.thresholds[j]
+        if not self.checked[j] or tau is None:
+            return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        return (score >= tau) & (head.to_token_ids(logits.argmax(dim=-1)) >= 0)
+
+    def gated(self, index: Tensor, scores: Sequence[Tensor | None]) -> Tensor:
+        """The first-exit `index` `(...)` with the positions that leave at an exit but score below its gate sent to
+        the full model (`scores[j]` `(...)`: exit `j`'s confidence, `None` where not checked)."""
+        if self.gates is None:
+            return index
+        for j, (gate, score) in enumerate(zip(self.gates, scores, strict=True)):
+            if score is not None and gate > -math.inf:
+                index = torch.where((index == j) & (score < gate), self.num_exits, index)
+        return index
 
     def fires_from_scores(self, scores: Sequence[Tensor]) -> list[Tensor | None]:
         """Per exit, `(N,)` bool from precomputed confidence scores (calibration tokens): `score >= τ`."""

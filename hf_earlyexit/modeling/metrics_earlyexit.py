@@ -16,6 +16,9 @@ from torch.nn import functional as F
 from .configuration_earlyexit import METRICS
 
 DEFAULT_EPS_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+# nats: a scored position reads a head only where, at rate >= ε on the calibration tokens, the head's log-probability
+# of the scored token lies this close to the full model's (`gate_for_eps`); chosen before measuring any task
+DEFAULT_SCORING_DELTA = 0.1
 
 
 def breaking_ties(logits: Tensor) -> Tensor:
@@ -124,3 +127,45 @@ def coverage_at_agreement(scores: Tensor, agree: Tensor, target: float) -> float
     """The largest fraction of samples one threshold can let exit while those agree at rate >= `target` (the most
     confident first): the exit rate at `threshold_for_eps(scores, agree, target)`; 0 when no threshold reaches it."""
     return exit_rate_and_agreement(scores, agree, threshold_for_eps(scores, agree, target))[0]
+
+
+def row_logsumexp(logits: Tensor) -> Tensor:
+    """`(batch, seq, vocab)` -> `(batch, seq)` float32 log-sum-exp, a row at a time (no second full-size tensor)."""
+    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+
+
+def next_token_errors(head, logits: Tensor, full_logits: Tensor, following: Tensor) -> tuple[Tensor, Tensor]:
+    """Where a log-likelihood would read a head: its log-probability of the text's next token minus the full model's.
+
+    Args:
+        head: the exit head (maps its classes to token ids).
+        logits: `(batch, seq, head_vocab)` the head's logits.
+        full_logits: `(batch, seq, vocab)` the full model's logits.
+        following: `(batch, seq)` long, the token each position predicts in the text (`-1`: none).
+
+    Returns:
+        `(error, top_is_next)`, both `(batch, seq)`: the head's log-probability of the next token (its class; where
+        that is a real token, the same number scoring reads) minus the full model's, float32; and whether the head's
+        top token is that next token (where `scoring_rule="top_token"` lets a position leave).
+    """
+    nxt = following.clamp(min=0)
+    full_next = full_logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).float() - row_logsumexp(full_logits)
+    head_next = F.log_softmax(logits.float(), dim=-1).gather(-1, head.classes_of(nxt).unsqueeze(-1)).squeeze(-1)
+    top_is_next = (head.to_token_ids(logits.argmax(-1)) == following) & (following >= 0)
+    return head_next - full_next, top_is_next
+
+
+def gate_for_eps(scores: Tensor, errors: Tensor, eps: float, delta: float) -> float:
+    """The scoring gate of one head at `eps`: the lowest confidence whose tail, among calibration tokens where the
+    head's top token is the text's next token (`errors` finite there, NaN elsewhere), has the head's log-probability
+    of that token within `delta` nats of the full model's at rate >= `eps`. `inf`: no score reaches it (the head
+    never scores); `-inf`: no gate (`eps == 1` or `delta` infinite)."""
+    if not (isinstance(delta, int | float) and delta > 0):
+        raise ValueError(f"scoring_delta={delta!r} must be a positive number of nats")
+    if eps >= 1.0 or math.isinf(delta):
+        return -math.inf
+    read = errors.isfinite() & scores.isfinite()
+    if not bool(read.any()):
+        return math.inf
+    tau = threshold_for_eps(scores[read].double(), errors[read].abs() <= delta, eps)
+    return math.inf if tau is None else tau

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from .folder_earlyexit import (
 )
 from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
+from .metrics_earlyexit import gate_for_eps
 from .options_earlyexit import OPTION_NAMES, DecodingOptions, check_eps
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
@@ -521,6 +523,18 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return fit_thresholds([stats[f"score.{j}"] for j in exits], [stats[f"agree.{j}"] for j in exits],
                               float(eps), fit)
 
+    def scoring_gates_for(self, eps: float, delta: float) -> tuple[float, ...] | None:
+        """Per exit, the confidence a scored position leaving there must also reach for a log-likelihood to read the
+        head (`gate_for_eps`): the head's log-probability of the scored token within `delta` nats of the full
+        model's at rate ≥ `eps` on the calibration tokens. `None`: the calibration statistics hold no log-probability
+        errors (calibrated before they were recorded) or `delta` is infinite, so no gates."""
+        eps = check_eps(eps)
+        stats = self.calibration_stats or {}
+        if math.isinf(delta) or f"error.{self.config.num_exits - 1}" not in stats:
+            return None
+        return tuple(gate_for_eps(stats[f"score.{j}"], stats[f"error.{j}"], float(eps), delta)
+                     for j in range(self.config.num_exits))
+
     @property
     def costs(self) -> CostModel:
         """The per-token cost model of this model's layers, heads and LM head (built again when dtype or device
@@ -566,6 +580,11 @@ def check_calibration(stats: dict[str, Tensor] | None, num_exits: int, source: s
         if len(score) != 1 or score != agree:
             raise ValueError(f"calibration file {CALIBRATION_FILE} in {source}: score.{j} {score} and agree.{j} "
                              f"{agree} must be 1-D of equal length")
+    for j in range(num_exits):
+        if f"error.{j}" in stats and tuple(stats[f"error.{j}"].shape) != lengths[f"score.{j}"]:
+            raise ValueError(f"calibration file {CALIBRATION_FILE} in {source}: error.{j} "
+                             f"{tuple(stats[f'error.{j}'].shape)} must have the shape of score.{j} "
+                             f"{lengths[f'score.{j}']}")
     if "aligned" in stats and len({lengths[f"score.{j}"] for j in range(num_exits)}) > 1:
         raise ValueError(f"calibration file {CALIBRATION_FILE} in {source} is marked aligned but its exits hold "
                          f"different token counts {[lengths[f'score.{j}'][0] for j in range(num_exits)]}")

@@ -1,8 +1,10 @@
 """ε-calibration (paper §3.3.1): per head, the lowest confidence whose tail agrees with the full model at rate ≥ ε.
 
 Data: text the model writes from the calibration prompts (disjoint from the training prompts). For every head and
-real token we record the confidence score and whether the head's top token equals the model's. Half the sequences
-set the thresholds, the other half checks them on fresh tokens.
+real token we record the confidence score, whether the head's top token equals the model's, and, where the head's top
+token is the text's next token, its log-probability of that token minus the full model's (what a log-likelihood reads
+from a head under `scoring_rule="top_token"`; the scoring gates of `scoring_delta` are fitted on it). Half the
+sequences set the thresholds, the other half checks them on fresh tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..modeling.metrics_earlyexit import (
     DEFAULT_EPS_GRID,
     confidence,
     exit_rate_and_agreement,
+    next_token_errors,
 )
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import CALIBRATION_PROMPTS, Corpus, GenerationSpec, generate_corpus
@@ -67,19 +70,23 @@ def calibration_spec() -> GenerationSpec:
 
 
 def collect(model: EarlyExitForCausalLM, corpus: Corpus, metric: str, batch_size: int = 4) -> list[dict[str, Tensor]]:
-    """Per head: `score` `(N,)` (higher = more confident) and `agree` `(N,)` over the corpus's real tokens."""
+    """Per head: `score` `(N,)` (higher = more confident), `agree` `(N,)` and `error` `(N,)` (NaN where the head's top
+    token is not the next token) over the corpus's real tokens."""
     records = collect_metrics(model, corpus, [metric], batch_size)
-    return [{"score": r[metric], "agree": r["agree"]} for r in records]
+    return [{"score": r[metric], "agree": r["agree"], "error": r["error"]} for r in records]
 
 
 @torch.no_grad()
 def collect_metrics(
     model: EarlyExitForCausalLM, corpus: Corpus, metrics: Sequence[str], batch_size: int = 4
 ) -> list[dict[str, Tensor]]:
-    """Per head: one score `(N,)` per metric (keyed by its name, higher = more confident) and `agree` `(N,)` over
-    the corpus's real tokens, from a single forward pass per batch (entry `i` is the same token for every key)."""
+    """Per head: one score `(N,)` per metric (keyed by its name, higher = more confident), `agree` `(N,)` and
+    `error` `(N,)` over the corpus's real tokens, from a single forward pass per batch (entry `i` is the same token for
+    every key). `error`: the head's log-probability of the text's next token minus the full model's where the head's
+    top token is that token, NaN elsewhere (and at a sequence's last token)."""
     scores = [{m: [] for m in metrics} for _ in model.exit_heads]
     agrees = [[] for _ in model.exit_heads]
+    errors = [[] for _ in model.exit_heads]
     embed = model.get_input_embeddings()
     for start in tqdm(range(0, len(corpus), batch_size), desc="Calibration forward", unit="batch"):
         rows = slice(start, start + batch_size)
@@ -87,6 +94,7 @@ def collect_metrics(
         ids, mask = ids.to(model.device), mask.to(model.device)
         out = model(ids, attention_mask=mask, output_hidden_states=True)
         real = mask.bool()
+        following = torch.cat([ids[:, 1:].masked_fill(~real[:, 1:], -1), torch.full_like(ids[:, :1], -1)], dim=1)
         previous = embed(ids)  # (batch, seq, hidden): what the first exit's similarity compares against
         for j, head in enumerate(model.exit_heads):
             hidden, logits = out.exit_hidden_states[j], out.exit_logits[j]
@@ -97,9 +105,11 @@ def collect_metrics(
                 score = score.float().masked_fill(~real_token, -math.inf)
                 scores[j][metric].append(score[real].cpu())
             agrees[j].append(agreement(head, logits, out.logits)[real].cpu())
+            error, top_is_next = next_token_errors(head, logits, out.logits, following)
+            errors[j].append(error.masked_fill(~top_is_next, math.nan)[real].cpu())
             previous = hidden
-    return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a)}
-            for s, a in zip(scores, agrees, strict=True)]
+    return [{**{m: torch.cat(v) for m, v in s.items()}, "agree": torch.cat(a), "error": torch.cat(e)}
+            for s, a, e in zip(scores, agrees, errors, strict=True)]
 
 
 def check_enough(records: list[dict[str, Tensor]], exit_layers: list[int], min_tokens: int) -> None:
@@ -203,16 +213,20 @@ def choose_metric(
     best = max(METRICS, key=lambda m: exited[m])
     logger.info("Confidence metric at ε=%g: %s (fraction of calibration tokens that exit: %s)", eps, best,
                 ", ".join(f"{m} {v:.3f}" for m, v in exited.items()))
-    return best, [{"score": r[best], "agree": r["agree"]} for r in every], {"eps": eps, "exited": exited}
+    return best, [{"score": r[best], "agree": r["agree"], "error": r["error"]} for r in every], {
+        "eps": eps, "exited": exited}
 
 
 def _stats_tensors(records: list[dict]) -> dict[str, Tensor]:
-    """Per head and calibration token: score and agreement, in the same token order for every head (entry `i` of
-    every head is one token), so any ε's thresholds and the joint exit pattern can be derived at load time."""
+    """Per head and calibration token: score, agreement and log-probability error (NaN where the head's top token is
+    not the next token), in the same token order for every head (entry `i` of every head is one token), so any ε's
+    thresholds, scoring gates and the joint exit pattern can be derived at load time."""
     stats = {"aligned": torch.ones(1, dtype=torch.uint8)}
     for j, rec in enumerate(records):
         stats[f"score.{j}"] = rec["score"].contiguous()
         stats[f"agree.{j}"] = rec["agree"].to(torch.uint8).contiguous()
+        if "error" in rec:
+            stats[f"error.{j}"] = rec["error"].float().contiguous()
     return stats
 
 
