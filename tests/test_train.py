@@ -10,6 +10,7 @@ import torch
 from tiny import save_tiny_base
 
 from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.formatting import num
 from hf_earlyexit.training.calibrate import CalibrateConfig, run_calibration, save_calibrated
 from hf_earlyexit.training.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
 from hf_earlyexit.training.teacher import CachedTeacher, OnlineTeacher
@@ -187,6 +188,9 @@ def test_calibration_records_the_log_prob_error_where_a_scored_position_would_re
     assert gates is not None and len(gates) == 3 and model.scoring_gates_for(0.5, math.inf) is None
     save_calibrated(model, tmp_path / "heads", check_rows, cascade)
     assert EarlyExitForCausalLM.from_pretrained(tmp_path / "heads").scoring_gates_for(0.5, 0.1) == gates
+    card = (tmp_path / "heads" / "README.md").read_text()  # the card shows the gates at the default δ
+    shown = ["never" if g == math.inf else num(g) for g in gates]
+    assert "scoring_delta` =\n0.1 nats" in card and f"| 0.5 | {' | '.join(shown)} |" in card
     broken = load_file(tmp_path / "heads" / "calibration.safetensors")
     broken["error.1"] = broken["error.1"][:-1].contiguous()
     save_file(broken, tmp_path / "heads" / "calibration.safetensors")

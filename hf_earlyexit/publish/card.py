@@ -1,26 +1,29 @@
 """Model cards for heads folders, rendered from the folder itself whenever it is saved or pushed.
 
 Everything on the card comes from files in the folder: `config.json` (base, exits, heads, training and calibration
-provenance, thresholds), and when present `bench.json` (`hf-earlyexit bench`), `eval_results.json` (an lm-eval
-results file) and `sweep.json` (`hf-earlyexit sweep`). The body is the Jinja template
-`model_cards/earlyexit.md.j2`; the metadata is huggingface_hub's `ModelCardData`, with measured speed and
-eval results as `model-index`. `validate_card` checks a card offline (huggingface_hub's `RepoCard.validate` asks the
-Hub, which is unreachable here and in CI).
+provenance, thresholds), `calibration.safetensors` (the scoring gates at the default `scoring_delta`), and when
+present `bench.json` (`hf-earlyexit bench`), `eval_results.json` (an lm-eval results file) and `sweep.json`
+(`hf-earlyexit sweep`). The body is the Jinja template `model_cards/earlyexit.md.j2`; the metadata is
+huggingface_hub's `ModelCardData`, with measured speed and eval results as `model-index`. `validate_card` checks a
+card offline (huggingface_hub's `RepoCard.validate` asks the Hub, which is unreachable here and in CI).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from safetensors.torch import load_file
 
 from ..formatting import is_number, num
 from ..modeling.folder_earlyexit import BASE_SUBFOLDER, CALIBRATION_FILE, HEADS_FILE
 from ..modeling.hub_earlyexit import CARD_MARKER, check_repo_id, hub_base_model, license_metadata
+from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA, gate_for_eps
 
 TEMPLATE_NAME = "earlyexit.md.j2"
 # the template lives in the checkout's top-level model_cards/; a built wheel carries a copy inside this package
@@ -107,6 +110,7 @@ def card_context(folder: Path, config: dict, repo_id: str | None, title: str | N
         "calibration_file": CALIBRATION_FILE,
         "training": training_context(config.get("training")),
         "calibration": calibration_context(config, layers),
+        "scoring_gates": scoring_gates_context(folder, config, layers),
         "bench": bench_context(_read_json(folder / BENCH_FILE)),
         "evals": eval_rows(_read_json(folder / EVAL_FILE), _read_json(folder / SWEEP_FILE)),
     }
@@ -155,6 +159,25 @@ def calibration_context(config: dict, layers: list[int]) -> dict | None:
         "check_tokens": calibration.get("check_tokens"), "date": calibration.get("date"),
         "num_prompts": len(calibration.get("prompts") or []),
     }
+
+
+def scoring_gates_context(folder: Path, config: dict, layers: list[int]) -> dict | None:
+    """ε -> per head its scoring gate at the default `scoring_delta` (`gate_for_eps` on the calibration statistics'
+    log-probability errors), or `None` when the folder's calibration recorded no errors."""
+    path = folder / CALIBRATION_FILE
+    if not config.get("thresholds") or not path.is_file():
+        return None
+    stats = load_file(path)
+    if any(f"error.{j}" not in stats for j in range(len(layers))):
+        return None
+
+    def shown(gate: float) -> str:
+        return "never" if gate == math.inf else "–" if gate == -math.inf else num(gate)
+
+    rows = [{"eps": key, "gates": [shown(gate_for_eps(stats[f"score.{j}"], stats[f"error.{j}"], float(key),
+                                                      DEFAULT_SCORING_DELTA)) for j in range(len(layers))]}
+            for key in sorted(config["thresholds"], key=float) if float(key) < 1.0]
+    return {"delta": DEFAULT_SCORING_DELTA, "rows": rows}
 
 
 def bench_context(bench: dict | None) -> list[dict]:
