@@ -169,3 +169,13 @@ def gate_for_eps(scores: Tensor, errors: Tensor, eps: float, delta: float) -> fl
         return math.inf
     tau = threshold_for_eps(scores[read].double(), errors[read].abs() <= delta, eps)
     return math.inf if tau is None else tau
+
+
+def gates_from_stats(stats: dict[str, Tensor] | None, num_exits: int, eps: float, delta: float
+                     ) -> tuple[float, ...] | None:
+    """Every exit's scoring gate (`gate_for_eps`) from calibration statistics (`score.j`, `error.j`); `None` where
+    they hold no log-probability errors (calibrated before they were recorded) or `delta` is infinite: no gates."""
+    stats = stats or {}
+    if math.isinf(delta) or any(f"error.{j}" not in stats for j in range(num_exits)):
+        return None
+    return tuple(gate_for_eps(stats[f"score.{j}"], stats[f"error.{j}"], eps, delta) for j in range(num_exits))

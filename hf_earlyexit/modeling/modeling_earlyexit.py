@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from .folder_earlyexit import (
 )
 from .heads_earlyexit import ExitHead, build_head, context_block
 from .hub_earlyexit import check_pushable, check_repo_id, upload_heads_folder, write_card
-from .metrics_earlyexit import gate_for_eps
+from .metrics_earlyexit import gates_from_stats
 from .options_earlyexit import OPTION_NAMES, DecodingOptions, check_eps
 from .speculative_earlyexit import dssd_generate
 from .stats_earlyexit import ExitStats
@@ -528,12 +527,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         head (`gate_for_eps`): the head's log-probability of the scored token within `delta` nats of the full
         model's at rate ≥ `eps` on the calibration tokens. `None`: the calibration statistics hold no log-probability
         errors (calibrated before they were recorded) or `delta` is infinite, so no gates."""
-        eps = check_eps(eps)
-        stats = self.calibration_stats or {}
-        if math.isinf(delta) or f"error.{self.config.num_exits - 1}" not in stats:
-            return None
-        return tuple(gate_for_eps(stats[f"score.{j}"], stats[f"error.{j}"], float(eps), delta)
-                     for j in range(self.config.num_exits))
+        return gates_from_stats(self.calibration_stats, self.config.num_exits, float(check_eps(eps)), delta)
 
     @property
     def costs(self) -> CostModel:

@@ -18,12 +18,11 @@ from typing import Any
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from safetensors.torch import load_file
 
 from ..formatting import is_number, num
-from ..modeling.folder_earlyexit import BASE_SUBFOLDER, CALIBRATION_FILE, HEADS_FILE
+from ..modeling.folder_earlyexit import BASE_SUBFOLDER, CALIBRATION_FILE, HEADS_FILE, read_calibration
 from ..modeling.hub_earlyexit import CARD_MARKER, check_repo_id, hub_base_model, license_metadata
-from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA, gate_for_eps
+from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA, gates_from_stats
 
 TEMPLATE_NAME = "earlyexit.md.j2"
 # the template lives in the checkout's top-level model_cards/; a built wheel carries a copy inside this package
@@ -164,19 +163,16 @@ def calibration_context(config: dict, layers: list[int]) -> dict | None:
 def scoring_gates_context(folder: Path, config: dict, layers: list[int]) -> dict | None:
     """ε -> per head its scoring gate at the default `scoring_delta` (`gate_for_eps` on the calibration statistics'
     log-probability errors), or `None` when the folder's calibration recorded no errors."""
-    path = folder / CALIBRATION_FILE
-    if not config.get("thresholds") or not path.is_file():
+    if not config.get("thresholds") or not (folder / CALIBRATION_FILE).is_file():
         return None
-    stats = load_file(path)
-    if any(f"error.{j}" not in stats for j in range(len(layers))):
-        return None
-
-    def shown(gate: float) -> str:
-        return "never" if gate == math.inf else "–" if gate == -math.inf else num(gate)
-
-    rows = [{"eps": key, "gates": [shown(gate_for_eps(stats[f"score.{j}"], stats[f"error.{j}"], float(key),
-                                                      DEFAULT_SCORING_DELTA)) for j in range(len(layers))]}
-            for key in sorted(config["thresholds"], key=float) if float(key) < 1.0]
+    stats = read_calibration(str(folder))
+    rows = []
+    for key in sorted(config["thresholds"], key=float):
+        gates = gates_from_stats(stats, len(layers), float(key), DEFAULT_SCORING_DELTA)
+        if gates is None:  # calibrated before log-probability errors were recorded
+            return None
+        if float(key) < 1.0:
+            rows.append({"eps": key, "gates": ["never" if g == math.inf else num(g) for g in gates]})
     return {"delta": DEFAULT_SCORING_DELTA, "rows": rows}
 
 
