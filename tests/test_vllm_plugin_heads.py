@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 
 from hf_earlyexit import EarlyExitForCausalLM
+from hf_earlyexit.modeling.architectures_earlyexit import model_parts
 from hf_earlyexit.modeling.base_earlyexit import weight_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vllm_plugin"))
@@ -41,16 +42,18 @@ def _heads(arch: str, tmp_path: Path, **setup) -> tuple[EarlyExitForCausalLM, Pa
     {"head": "context"},
     {"head": "context", "context_rank": 2},
     {"head": "shared"},
-], ids=["context_6bit", "context_whole", "context_rank2", "shared"])
+    {"head": "context", "block_delta_bits": 6, "arch": "gpt2"},
+], ids=["context_6bit", "context_whole", "context_rank2", "shared", "gpt2_context_6bit"])
 def test_plugin_reads_the_blocks_hf_earlyexit_loads(setup, tmp_path):
     """Every block weight the plugin rebuilds (base layer + stored change / low-rank delta, or stored whole) equals
     what hf-earlyexit's own loader puts in the head; thresholds and metric are the config's."""
-    model, folder = _heads("gemma3_text", tmp_path, **setup)
+    setup = dict(setup)
+    model, folder = _heads(setup.pop("arch", "gemma3_text"), tmp_path, **setup)
     ours = EarlyExitForCausalLM.from_pretrained(folder, base_model=model.get_base_model())
     heads = read_heads_folder(folder)
     assert heads.exit_layers == [1, 2] and heads.metric == ours.config.metric
     assert heads.thresholds_at(0.9) == [0.3, None] and heads.thresholds_at(1.0) == [None, None]
-    layers = model.get_base_model().model.layers
+    layers = model_parts(model.get_base_model()).layers  # GPT-2: `transformer.h`
     for j, exit_layer in enumerate(heads.exit_layers):
         if setup["head"] != "context":
             assert not heads.head_tensors(j, "block.")
@@ -71,7 +74,7 @@ def test_plugin_reads_the_blocks_hf_earlyexit_loads(setup, tmp_path):
             torch.testing.assert_close(rebuilt[name].float(), value.detach().float(), rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen3", "gpt2"])
 def test_plugin_fingerprint_of_streamed_checkpoint_tensors_equals_ours(arch):
     """The fingerprint computed from HF-named tensors as they stream past (in checkpoint order, tied weights named
     once) is hf-earlyexit's `weight_fingerprint` of the loaded model; a changed tensor changes it."""
@@ -85,7 +88,7 @@ def test_plugin_fingerprint_of_streamed_checkpoint_tensors_equals_ours(arch):
     assert stream.result() == weight_fingerprint(base)
     other = _FingerprintStream(base.config)
     for name in sorted(state):
-        other.add(name, state[name] * (1.5 if ".layers.1." in name else 1.0))
+        other.add(name, state[name] * (1.5 if ".layers.1." in name or ".h.1." in name else 1.0))
     assert other.result() != weight_fingerprint(base)
 
 

@@ -1,6 +1,7 @@
 """The early-exit model classes, one per vLLM family class, all the same mechanism (`model.EarlyExitMixin`) in front
-of vLLM's own class: families whose decoder layers take `(positions, hidden, residual)` and whose attention has
-`qkv_proj` and `rotary_emb` (Gemma 3, Llama, Qwen 2, Qwen 3)."""
+of vLLM's own class; a family's layout (`model.ResidualLayers`, `model.PlainLayers`) says where its parts are and
+how its layers are called: Gemma 3, Llama, Qwen 2, Qwen 3 (layers with a residual stream, rotary positions) and
+GPT-2 (blocks on the hidden state alone, learned positions)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ from collections.abc import Iterable
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.gpt2 import GPT2LMHeadModel
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from .model import EarlyExitMixin
+from .model import EarlyExitMixin, PlainLayers, ResidualLayers
 
 
-def early_exit_class(base: type, name: str) -> type:
+def early_exit_class(base: type, name: str, layout: type[ResidualLayers] = ResidualLayers) -> type:
     """`base` (a vLLM `*ForCausalLM`) with hf-earlyexit heads, selected by `hf_overrides={"architectures": [name],
-    "earlyexit": {...}}`."""
+    "earlyexit": {...}}`; `layout`: where the family keeps its parts and how its layers are called."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
@@ -38,7 +40,7 @@ def early_exit_class(base: type, name: str) -> type:
         return self._ee_load_weights(weights, lambda stream: base.load_weights(self, stream))
 
     methods = {"__init__": __init__, "forward": forward, "compute_logits": compute_logits,
-               "load_weights": load_weights, "__module__": __name__,
+               "load_weights": load_weights, "ee_layout": layout, "__module__": __name__,
                "__doc__": f"vLLM's {base.__name__} with hf-earlyexit heads."}
     return type(name, (EarlyExitMixin, base), methods)
 
@@ -47,3 +49,4 @@ Gemma3EarlyExitForCausalLM = early_exit_class(Gemma3ForCausalLM, "Gemma3EarlyExi
 LlamaEarlyExitForCausalLM = early_exit_class(LlamaForCausalLM, "LlamaEarlyExitForCausalLM")
 Qwen2EarlyExitForCausalLM = early_exit_class(Qwen2ForCausalLM, "Qwen2EarlyExitForCausalLM")
 Qwen3EarlyExitForCausalLM = early_exit_class(Qwen3ForCausalLM, "Qwen3EarlyExitForCausalLM")
+GPT2EarlyExitForCausalLM = early_exit_class(GPT2LMHeadModel, "GPT2EarlyExitForCausalLM", PlainLayers)

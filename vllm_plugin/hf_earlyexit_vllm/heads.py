@@ -126,6 +126,16 @@ def _base_tensor(base_layer: dict[str, Tensor], key: str, j: int) -> Tensor:
     return base_layer[key]
 
 
+# config keys under the names GPT-2's config stores them (transformers maps the common names onto these)
+_KEY_ALIASES = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head"}
+
+
+def text_value(text: dict, key: str):
+    """The base model's `key` (`num_hidden_layers`, `hidden_size`, ...) from a heads folder's `text_config`, also
+    where the family's config stores it under its own name (GPT-2's `n_layer`, `n_embd`)."""
+    return text.get(key, text.get(_KEY_ALIASES.get(key, key)))
+
+
 def read_heads_folder(path: str | os.PathLike) -> HeadsFolder:
     """Read and check a local heads folder (config.json + exit_heads.safetensors)."""
     folder = Path(path).expanduser()
@@ -139,7 +149,7 @@ def read_heads_folder(path: str | os.PathLike) -> HeadsFolder:
                                f"1..{FORMAT_VERSION} (upgrade hf-earlyexit-vllm)")
     exit_layers = config.get("exit_layers")
     text = config.get("text_config") or {}
-    num_layers = text.get("num_hidden_layers")
+    num_layers = text_value(text, "num_hidden_layers")
     if (not isinstance(exit_layers, list) or not exit_layers or not isinstance(num_layers, int)
             or any(not isinstance(k, int) or isinstance(k, bool) or not 0 < k < num_layers for k in exit_layers)
             or exit_layers != sorted(set(exit_layers))):
@@ -213,7 +223,7 @@ def _read_tensors(folder: Path, num_exits: int) -> dict[str, Tensor]:
 
 
 def _check_tensors(heads: HeadsFolder, text: dict) -> None:
-    hidden, vocab = text.get("hidden_size"), text.get("vocab_size")
+    hidden, vocab = text_value(text, "hidden_size"), text_value(text, "vocab_size")
     file = heads.path / HEADS_FILE
     for j in range(heads.num_exits):
         norm = heads.tensors.get(f"{j}.norm.weight")

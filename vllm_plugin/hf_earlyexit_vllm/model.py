@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .fingerprint import fingerprint_mismatch, part_entry, tensor_terms
-from .heads import HeadsFolderError, confidence, read_heads_folder
+from .heads import HeadsFolderError, confidence, read_heads_folder, text_value
 
 logger = logging.getLogger("vllm.hf_earlyexit")  # under vLLM's logger: its handlers print INFO
 
@@ -73,10 +73,129 @@ def settings_of(hf_config) -> dict:
     return settings
 
 
+class ResidualLayers:
+    """Where a family's vLLM class keeps its parts and how it calls them, for the families whose decoder layers take
+    `(positions, hidden, residual)` and return `(hidden, residual)` (the raw layer output is their sum), under
+    `model.layers` with the final norm `model.norm`, and whose attention `self_attn` has a fused `qkv_proj`, an
+    optional `k_norm` and `rotary_emb` (Gemma 3, Llama, Qwen 2/3)."""
+
+    container = "layers"  # checkpoint names hold `<container>.<layer index>.`
+
+    @staticmethod
+    def layers(model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    @staticmethod
+    def final_norm(model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    @staticmethod
+    def embed(model: nn.Module, input_ids: Tensor | None, positions: Tensor, inputs_embeds: Tensor | None) -> Tensor:
+        return inputs_embeds if inputs_embeds is not None else model.model.embed_input_ids(input_ids)
+
+    @staticmethod
+    def step(layer: nn.Module, positions: Tensor, h: Tensor, residual: Tensor | None, **kwargs
+             ) -> tuple[Tensor, Tensor | None]:
+        return layer(positions, h, residual, **kwargs)
+
+    @staticmethod
+    def finish(model: nn.Module, h: Tensor, residual: Tensor | None) -> Tensor:
+        return model.model.norm(h, residual)[0]
+
+    @staticmethod
+    def run_block(block: nn.Module, positions: Tensor, raw: Tensor) -> Tensor:
+        out, residual = block(positions, raw, None)
+        return out + residual
+
+    @staticmethod
+    def kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The key and value rows of a decoder layer's fused qkv projection (weight, bias), copied (taken before
+        vLLM repacks the fused weights for its kernels)."""
+        attn = layer.self_attn
+        rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
+        bias = attn.qkv_proj.bias
+        return attn.qkv_proj.weight[rows].detach().clone(), None if bias is None else bias[rows].detach().clone()
+
+    @staticmethod
+    def keys_values(layer: nn.Module, positions: Tensor, raw: Tensor, kv_rows: tuple[Tensor, Tensor | None]
+                    ) -> tuple[Tensor, Tensor, nn.Module]:
+        """Decoder `layer`'s keys and values for these tokens from its input `raw` (input norm, key/value projection
+        through `kv_rows`, key norm, rotary), and the vLLM attention layer whose cache they go to."""
+        attn = layer.self_attn
+        normed = layer.input_layernorm(raw)
+        k, v = F.linear(normed, *kv_rows).split([attn.kv_size, attn.kv_size], dim=-1)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim))).flatten(-2, -1)
+        k = k.contiguous()
+        _, k = attn.rotary_emb(positions, k.clone(), k)  # the rotary op also turns a query: a throwaway copy
+        return k, v, attn.attn
+
+    @staticmethod
+    def vllm_block_weights(weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+        """HF-named block weights as the family's vLLM loader takes them (names go through its mapper)."""
+        return weights
+
+
+class PlainLayers(ResidualLayers):
+    """GPT-2: decoder blocks `transformer.h` called on the hidden state alone (no positions, no residual stream),
+    learned absolute positions added to the token embedding, the final norm `transformer.ln_f`, attention `attn`
+    with a fused `c_attn` (queries, keys and values, each the hidden size) and no rotary; the checkpoint's Conv1D
+    weights are stored transposed."""
+
+    container = "h"
+
+    @staticmethod
+    def layers(model: nn.Module) -> nn.ModuleList:
+        return model.transformer.h
+
+    @staticmethod
+    def final_norm(model: nn.Module) -> nn.Module:
+        return model.transformer.ln_f
+
+    @staticmethod
+    def embed(model: nn.Module, input_ids: Tensor | None, positions: Tensor, inputs_embeds: Tensor | None) -> Tensor:
+        body = model.transformer
+        tokens = inputs_embeds if inputs_embeds is not None else body.embed_input_ids(input_ids)
+        return tokens + body.wpe(positions)
+
+    @staticmethod
+    def step(layer: nn.Module, positions: Tensor, h: Tensor, residual: Tensor | None, **kwargs
+             ) -> tuple[Tensor, Tensor | None]:
+        return layer(h), None
+
+    @staticmethod
+    def finish(model: nn.Module, h: Tensor, residual: Tensor | None) -> Tensor:
+        return model.transformer.ln_f(h)
+
+    @staticmethod
+    def run_block(block: nn.Module, positions: Tensor, raw: Tensor) -> Tensor:
+        return block(raw)
+
+    @staticmethod
+    def kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+        attn = layer.attn
+        rows = slice(attn.hidden_size, 3 * attn.hidden_size)
+        return attn.c_attn.weight[rows].detach().clone(), attn.c_attn.bias[rows].detach().clone()
+
+    @staticmethod
+    def keys_values(layer: nn.Module, positions: Tensor, raw: Tensor, kv_rows: tuple[Tensor, Tensor | None]
+                    ) -> tuple[Tensor, Tensor, nn.Module]:
+        k, v = F.linear(layer.ln_1(raw), *kv_rows).chunk(2, dim=-1)
+        return k.contiguous(), v.contiguous(), layer.attn.attn
+
+    @staticmethod
+    def vllm_block_weights(weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+        for name, tensor in weights:  # HF's Conv1D keeps (in, out); vLLM's linear layers (out, in)
+            is_conv = name.endswith(".weight") and any(p in name for p in ("c_attn", "c_proj", "c_fc"))
+            yield name, tensor.t() if is_conv else tensor
+
+
 class EarlyExitMixin:
-    """Early exit for a vLLM `*ForCausalLM` whose decoder layers take `(positions, hidden, residual)` and return
-    `(hidden, residual)` (the raw layer output is their sum) and whose attention has `qkv_proj` and `rotary_emb`
-    (Gemma 3, Llama, Qwen 2/3 in vLLM). Subclasses put it before the vLLM class."""
+    """Early exit for a vLLM `*ForCausalLM`; `ee_layout` says where the family keeps its parts and how its layers
+    are called (`ResidualLayers`: Gemma 3, Llama, Qwen 2/3; `PlainLayers`: GPT-2). Subclasses put it before the
+    vLLM class."""
+
+    ee_layout: type[ResidualLayers] = ResidualLayers
 
     def _ee_init(self, vllm_config, prefix: str) -> None:
         config = vllm_config.model_config.hf_config
@@ -84,8 +203,9 @@ class EarlyExitMixin:
         heads = read_heads_folder(settings["heads"])
         text = heads.config.get("text_config") or {}
         for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
-            if text.get(key) != getattr(config, key, None):
-                raise HeadsFolderError(f"{heads.path}: heads were trained for {key}={text.get(key)!r}, this model "
+            trained = text_value(text, key)
+            if trained != getattr(config, key, None):
+                raise HeadsFolderError(f"{heads.path}: heads were trained for {key}={trained!r}, this model "
                                        f"has {getattr(config, key, None)!r}")
         thresholds = heads.thresholds_at(settings["eps"])
         exits = settings["exits"]
@@ -113,12 +233,13 @@ class EarlyExitMixin:
         # name holds one integer, the layer it copies (vLLM reads the attention type from it)
         self.ee_blocks = nn.ModuleDict()
         if heads.head_type == "context":
-            layer_class = type(self.model.layers[0])
+            layer_class = type(self.ee_layout.layers(self)[0])
             for j, on in enumerate(checked):
                 if on:
                     self.ee_blocks[str(j)] = _new_layer(layer_class, vllm_config,
                                                         f"earlyexit_block_e{j}.{heads.block_source[j]}")
-        self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(self.model.norm) for j, on in enumerate(checked) if on})
+        final_norm = self.ee_layout.final_norm(self)
+        self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(final_norm) for j, on in enumerate(checked) if on})
         logger.info("hf-earlyexit: heads %s at eps=%g, checking exits %s", heads.path, self.ee_eps,
                     [k for k, on in zip(heads.exit_layers, checked, strict=True) if on])
 
@@ -136,13 +257,14 @@ class EarlyExitMixin:
         sources = set(self.ee_heads.block_source.values())
         kept: dict[int, dict[str, Tensor]] = {i: {} for i in sources}
         fingerprint = _FingerprintStream(self.config)
+        container = self.ee_layout.container
 
         def stream() -> Iterator[tuple[str, Tensor]]:
             for name, tensor in weights:
                 fingerprint.add(name, tensor)
-                layer = _layer_of(name)
+                layer = _layer_of(name, container)
                 if layer in kept:
-                    kept[layer][name.split(f"layers.{layer}.", 1)[1]] = tensor.detach().clone()
+                    kept[layer][name.split(f"{container}.{layer}.", 1)[1]] = tensor.detach().clone()
                 yield name, tensor
 
         loaded = load(stream())
@@ -167,8 +289,9 @@ class EarlyExitMixin:
 
     def _ee_build(self, kept: dict[int, dict[str, Tensor]]) -> None:
         heads = self.ee_heads
-        dtype = self.model.norm.weight.dtype
-        device = self.model.norm.weight.device
+        layout = self.ee_layout
+        dtype = layout.final_norm(self).weight.dtype
+        device = layout.final_norm(self).weight.device
         lm_weight = self.lm_head.weight[: self.ee_vocab]
         self.ee_parts = {}
         for j, on in enumerate(self.ee_checked):
@@ -179,6 +302,8 @@ class EarlyExitMixin:
 
             with torch.no_grad():
                 self.ee_norms[str(j)].weight.copy_(t("norm.weight"))
+                if getattr(self.ee_norms[str(j)], "bias", None) is not None:  # a LayerNorm (GPT-2)
+                    self.ee_norms[str(j)].bias.copy_(t("norm.bias"))
             ids = heads.tensors.get(f"{j}.token_ids")
             part = {"ids": None if ids is None else ids.to(device)}
             if heads.head_type == "paper":
@@ -201,8 +326,8 @@ class EarlyExitMixin:
         # key/value rows of the layers an early step can skip (and of the blocks): filling their cache then needs
         # no query projection (taken now, before vLLM repacks the fused weights for its kernels)
         first = min(k for k, on in zip(heads.exit_layers, self.ee_checked, strict=True) if on)
-        self.ee_kv_rows = {id(layer): _kv_rows(layer) for layer in self.model.layers[first:]}
-        self.ee_kv_rows.update({id(block): _kv_rows(block) for block in self.ee_blocks.values()})
+        self.ee_kv_rows = {id(layer): layout.kv_rows(layer) for layer in layout.layers(self)[first:]}
+        self.ee_kv_rows.update({id(block): layout.kv_rows(block) for block in self.ee_blocks.values()})
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -211,8 +336,8 @@ class EarlyExitMixin:
         sequences: a sequence leaves at the first exit where its head fires, and rides along with the others (its
         layers computed in full) until every sequence has left; the step stops there, or runs to the end when some
         sequence never fires. Other steps run every layer and only write the context blocks' keys and values."""
-        model = self.model
-        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        layout = self.ee_layout
+        h = layout.embed(self, input_ids, positions, inputs_embeds)
         residual = None
         decode = _decode_only()
         check = decode and (self.ee_max_batch is None or h.shape[0] <= self.ee_max_batch)
@@ -222,7 +347,7 @@ class EarlyExitMixin:
         starts = self.ee_starts
         left = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
         chosen = None  # (n, vocab) logits of the sequences that left
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(layout.layers(self)):
             j = starts.get(i)
             if j is not None:
                 raw = h if residual is None else h + residual
@@ -244,29 +369,27 @@ class EarlyExitMixin:
                         self._ee_count(left)
                         self._ee_out = (chosen, left)
                         return features
-            h, residual = layer(positions, h, residual, **kwargs)
+            h, residual = layout.step(layer, positions, h, residual, **kwargs)
         if decode:
             self._ee_count(left)
             if chosen is not None:
                 self._ee_out = (chosen, left)
         else:
             self.ee_stats["prefill_steps"] += 1
-        h, _ = model.norm(h, residual)
-        return h
+        return layout.finish(self, h, residual)
 
     def _ee_block(self, j: int, positions: Tensor, raw: Tensor) -> Tensor:
         """What exit `j`'s head reads: its context block's output over `raw` (its KV cache written), or `raw`."""
         block = self.ee_blocks[str(j)] if str(j) in self.ee_blocks else None
         if block is None:
             return raw
-        out, residual = block(positions, raw, None)
-        return out + residual
+        return self.ee_layout.run_block(block, positions, raw)
 
     def _ee_feed_block(self, j: int, positions: Tensor, raw: Tensor) -> None:
         """Write only exit `j`'s context block's keys and values for these tokens (none without a block)."""
         block = self.ee_blocks[str(j)] if str(j) in self.ee_blocks else None
         if block is not None:
-            _write_kv(block, positions, raw, self.ee_kv_rows[id(block)])
+            self._ee_write_kv(block, positions, raw)
 
     def _ee_head_logits(self, j: int, features: Tensor) -> Tensor:
         """Exit `j`'s head: `(n, hidden)` -> `(n, head classes)` (a draft head's last class is OTHER)."""
@@ -300,10 +423,19 @@ class EarlyExitMixin:
 
     def _ee_fill_kv(self, i: int, j: int, positions: Tensor, raw: Tensor) -> None:
         """Keys and values of the skipped layers `i..L-1` and of deeper exits' blocks, from the exit state `raw`."""
-        for layer in self.model.layers[i:]:
-            _write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
+        for layer in self.ee_layout.layers(self)[i:]:
+            self._ee_write_kv(layer, positions, raw)
         for m in range(j + 1, len(self.ee_checked)):
             self._ee_feed_block(m, positions, raw)
+
+    def _ee_write_kv(self, layer: nn.Module, positions: Tensor, raw: Tensor) -> None:
+        """Write decoder `layer`'s (or a context block's) keys and values for these tokens from its input `raw`,
+        nothing else (no queries, no attention, no MLP), through vLLM's own cache-update op."""
+        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+        k, v, attention = self.ee_layout.keys_values(layer, positions, raw, self.ee_kv_rows[id(layer)])
+        heads, size = attention.num_kv_heads, attention.head_size
+        unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attention.layer_name)
 
     def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats
@@ -376,30 +508,6 @@ def _new_layer(layer_class: type, vllm_config, prefix: str) -> nn.Module:
                        quant_config=vllm_config.quant_config, prefix=prefix)  # Gemma 3, Qwen 2/3
 
 
-def _kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The key and value rows of a decoder layer's fused qkv projection (weight, bias), copied."""
-    attn = layer.self_attn
-    rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
-    bias = attn.qkv_proj.bias
-    return attn.qkv_proj.weight[rows].detach().clone(), None if bias is None else bias[rows].detach().clone()
-
-
-def _write_kv(layer: nn.Module, positions: Tensor, raw: Tensor, kv_rows: tuple[Tensor, Tensor | None]) -> None:
-    """Write decoder `layer`'s keys and values for these tokens from its input `raw`, nothing else: its input norm,
-    key/value projection (`kv_rows`: no queries), key norm and rotary, then vLLM's cache-update op."""
-    from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
-
-    attn = layer.self_attn
-    normed = layer.input_layernorm(raw)
-    k, v = F.linear(normed, *kv_rows).split([attn.kv_size, attn.kv_size], dim=-1)
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k.unflatten(-1, (attn.num_kv_heads, attn.head_dim))).flatten(-2, -1)
-    k = k.contiguous()
-    _, k = attn.rotary_emb(positions, k.clone(), k)  # the rotary op also turns a query: a throwaway copy
-    heads, size = attn.attn.num_kv_heads, attn.attn.head_size
-    unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attn.attn.layer_name)
-
-
 def _load_block(model: nn.Module, block: nn.Module, weights: dict[str, Tensor]) -> None:
     """Load HF-named decoder-layer weights into a vLLM decoder layer (stacked projections through the model's own
     weight mapper)."""
@@ -407,18 +515,20 @@ def _load_block(model: nn.Module, block: nn.Module, weights: dict[str, Tensor]) 
 
     holder = nn.Module()
     holder.block = block
-    dtype = model.model.norm.weight.dtype
+    layout = model.ee_layout
+    dtype = layout.final_norm(model).weight.dtype
     loaded = AutoWeightsLoader(holder).load_weights(
-        ((f"block.{name}", tensor.to(dtype)) for name, tensor in weights.items()), mapper=model.hf_to_vllm_mapper)
+        ((f"block.{name}", tensor.to(dtype)) for name, tensor in layout.vllm_block_weights(weights.items())),
+        mapper=getattr(model, "hf_to_vllm_mapper", None))
     missing = {f"block.{n}" for n, _ in block.named_parameters()} - set(loaded)
     if missing:
         raise HeadsFolderError(f"a context block's weights {sorted(missing)} were not in the heads folder or base")
 
 
-def _layer_of(name: str) -> int | None:
+def _layer_of(name: str, container: str = "layers") -> int | None:
     parts = name.split(".")
     for a, b in zip(parts, parts[1:], strict=False):
-        if a == "layers" and b.isdigit():
+        if a == container and b.isdigit():
             return int(b)
     return None
 
@@ -437,7 +547,11 @@ class _FingerprintStream:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
             body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            parts = [model.get_input_embeddings(), *body.layers, body.norm, model.get_output_embeddings()]
+            if not hasattr(body, "layers") and not hasattr(body, "h"):
+                body = getattr(model, "transformer", body)
+            layers = body.layers if hasattr(body, "layers") else body.h  # GPT-2: `transformer.h`, `ln_f`
+            norm = body.norm if hasattr(body, "norm") else body.ln_f
+            parts = [model.get_input_embeddings(), *layers, norm, model.get_output_embeddings()]
             names: dict[int, list[str]] = {}  # a tied weight has several names; the checkpoint may hold any one
             for n, p in model.named_parameters(remove_duplicate=False):
                 names.setdefault(id(p), []).append(n)
@@ -453,8 +567,8 @@ class _FingerprintStream:
         self.filled: set[tuple[int, int]] = set()
 
     def add(self, name: str, tensor: Tensor) -> None:
-        if self.terms is not None:
-            for p, t in self.slots.get(name, ()):
+        if self.terms is not None:  # GPT-2 checkpoints may name its stack without the `transformer.` prefix
+            for p, t in self.slots.get(name, ()) or self.slots.get(f"transformer.{name}", ()):
                 if (p, t) not in self.filled:
                     self.filled.add((p, t))
                     self.terms[p].append(tensor_terms(tensor.cpu(), t))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: errors surface here
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -164,9 +166,9 @@ def test_bad_settings_are_named(settings, message):
 
 
 @pytest.mark.skipif(not ORACLE, reason="set HF_EARLYEXIT_PYTHON to a Python with hf-earlyexit for the oracle")
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
-    """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 classes, with a tiny random base and context heads
+    """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 / GPT-2 classes, with a tiny random base and context heads
     written by hf-earlyexit (`hf_tiny.py`): ε = 1 is vLLM's own class; at ε 0.5 (about half the tokens exit) the
     tokens equal hf-earlyexit's own early exit, one sequence at a time and as a batch."""
     here = Path(__file__).parent
@@ -174,7 +176,7 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
                                      text=True, check=True).stdout)
     prompts = [[1, 5, 9, 200, 33, 7, 140], [2, 8, 120, 130, 5], [3, 300, 301, 302, 110, 111, 112, 113, 9]]
     params = vllm.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
-    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}[family]
 
     def engine(earlyexit):
         kwargs = {} if earlyexit is None else {
@@ -211,6 +213,19 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
         assert sum(stats["exit_tokens"].values()) > 0.2 * stats["decode_tokens"], stats
     finally:
         _close(llm)
+    # the same heads on a base whose first layer changed: the fingerprint taken as vLLM streams the checkpoint
+    # tells, and the engine refuses them by name
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(Path(made["base"]) / "config.json", other / "config.json")
+    weights = load_file(str(Path(made["base"]) / "model.safetensors"))
+    name = next(n for n, t in weights.items() if t.dim() == 2 and (".layers.0." in n or ".h.0." in n))
+    weights[name] = weights[name].flip(0).contiguous()  # same values, norm and mean: only the order moves
+    save_file(weights, str(other / "model.safetensors"))
+    made["base"] = str(other)
+    with pytest.raises(Exception, match="trained on other base weights") as caught:
+        engine({"eps": 0.5})
+    assert isinstance(caught.value, HeadsFolderError) or "ignore_base_mismatch" in str(caught.value)
 
 
 def test_tools_importable_without_hf_earlyexit():
