@@ -303,6 +303,9 @@ class EarlyExitMixin:
             with torch.no_grad():
                 self.ee_norms[str(j)].weight.copy_(t("norm.weight"))
                 if getattr(self.ee_norms[str(j)], "bias", None) is not None:  # a LayerNorm (GPT-2)
+                    if f"{j}.norm.bias" not in heads.tensors:
+                        raise HeadsFolderError(f"{heads.path}: exit {j} has no norm.bias, which this family's final "
+                                               f"norm (a LayerNorm) has")
                     self.ee_norms[str(j)].bias.copy_(t("norm.bias"))
             ids = heads.tensors.get(f"{j}.token_ids")
             part = {"ids": None if ids is None else ids.to(device)}
