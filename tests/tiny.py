@@ -140,3 +140,28 @@ def launch_two_cpu_ranks(module: str, args: list[str], cwd: Path) -> subprocess.
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               str(port), "-m", module]
     return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+class WeightReads(torch.overrides.TorchFunctionMode):
+    """Inside `with WeightReads(weight) as reads:`, every `F.linear` call that reads rows of `weight` (the weight
+    itself or a slice of its rows, as `nn.Linear` and a streamed LM head do): `reads.calls` holds per call
+    `(input positions, first row, rows)`. Observes only; every call runs as it would."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight, self.calls = weight, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            if w.untyped_storage().data_ptr() == self.weight.untyped_storage().data_ptr():
+                first = (w.storage_offset() - self.weight.storage_offset()) // self.weight.stride(0)
+                self.calls.append((x.numel() // x.shape[-1], first, w.shape[0]))
+        return func(*args, **kwargs)
+
+    def positions(self) -> int:
+        """How many positions the whole weight was read for (each row of it once per position, any split)."""
+        rows = sum(n * r for n, _, r in self.calls)
+        assert rows % self.weight.shape[0] == 0, self.calls
+        return rows // self.weight.shape[0]

@@ -43,9 +43,9 @@ from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
 from .scoring import (
-    NO_TOKEN,
     ScoringSweep,
-    answer,
+    TokenScores,
+    candidate_tokens,
     check_scoring_delta,
     check_scoring_rule,
     count_exits,
@@ -57,6 +57,7 @@ from .scoring import (
 )
 
 logger = logging.getLogger(__name__)
+_NO_LOGITS = torch.empty((1, 0, 0))  # what HFLM's request cache passes along in place of a row's logits
 
 MODES = ("early_exit", "dssd", "full")
 # what HFLM itself passes on to `_create_model`; any other `--model_args` key is unknown
@@ -249,11 +250,12 @@ class EarlyExitLM(HFLM):
         results = []
         try:
             for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
-                for (strings, context, continuation), log_probs in zip(chunk, self._score_chunk(chunk), strict=True):
-                    for request, cont_toks, logits in re_ord.get_cache(req_str=strings, cxt_toks=context,
-                                                                       cont_toks=continuation,
-                                                                       logits=log_probs.unsqueeze(0)):
-                        value = answer(logits[0], list(cont_toks))
+                for (strings, context, continuation), scores in zip(chunk, self._score_chunk(chunk), strict=True):
+                    # HFLM's cache of one-token continuations sharing this input: each reads the same scores (the
+                    # logits it passes along are a placeholder; the scores hold every candidate token)
+                    for request, cont_toks, _ in re_ord.get_cache(req_str=strings, cxt_toks=context,
+                                                                  cont_toks=continuation, logits=_NO_LOGITS):
+                        value = scores.answer(cont_toks)
                         results.append(value)
                         if request is not None:  # loglikelihood_rolling's windows carry no strings
                             self.cache_hook.add_partial("loglikelihood", request, value)
@@ -270,9 +272,10 @@ class EarlyExitLM(HFLM):
         token."""
         return tuple((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
 
-    def _score_chunk(self, chunk) -> list[torch.Tensor]:
-        """One batch of requests: per request, the `(contlen, vocab)` log-probabilities of its scored positions, the
-        full model's where a position stays and its exit head's where it leaves; exits counted there."""
+    def _score_chunk(self, chunk) -> list[TokenScores]:
+        """One batch of requests: per request, the `TokenScores` of its scored positions (for every request sharing
+        its input), the full model's where a position stays and its exit head's where it leaves; exits counted
+        there."""
         model = self.model
         inputs = [self._input_of(context, continuation) for _, context, continuation in chunk]
         contlens = [len(continuation) for _, _, continuation in chunk]
@@ -286,12 +289,11 @@ class EarlyExitLM(HFLM):
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
-        scored_rows = [None] * len(inputs)  # per row, the token scored at each position (rule "top_token")
-        if self.ee_scoring_rule == "top_token":
-            for r, (inp, contlen) in enumerate(zip(inputs, contlens, strict=True)):
-                requests = self._conts.get(inp, [])
-                scored_rows[r] = (scored_tokens([c for _, c in requests], contlen) if requests else
-                                  torch.full((contlen,), NO_TOKEN, dtype=torch.long)).to(inps.device)
+        sharing = [self._conts.get(inp) or [(tuple(context), tuple(continuation))]
+                   for inp, (_, context, continuation) in zip(inputs, chunk, strict=True)]
+        tokens = candidate_tokens([[c for _, c in requests] for requests in sharing], contlens)
+        # rule "top_token": the token scored at each position (NO_TOKEN where the requests sharing it differ)
+        scored = scored_tokens(tokens).to(inps.device) if self.ee_scoring_rule == "top_token" else None
         index = None
 
         def stays(heads):  # this ε's exits, decided before the LM head: it runs only where a position stays
@@ -305,22 +307,21 @@ class EarlyExitLM(HFLM):
             if not any(rule.checked):
                 return None
             index = exit_index(model, rule, heads, (sum(contlens),), inps.device)
-            scored = None if scored_rows[0] is None else torch.cat(scored_rows)
             index = exits_taken(model, heads, index, scored)  # final: the rows below need no scored tokens
             return index == rule.num_exits
 
         with torch.no_grad():
-            full, heads, spans = forward_scored(model, inps, [len(i) for i in inputs], contlens, wanted,
+            full, heads, spans = forward_scored(model, inps, [len(i) for i in inputs], contlens, wanted, tokens,
                                                 self.softmax_dtype, stays)
         out = []
-        for inp, span, scored in zip(inputs, spans, scored_rows, strict=True):
-            requests = self._conts.get(inp, [])
-            log_probs, exits = score_positions(model, full[span], heads, index, span,
-                                               scored if sweep is not None else None, in_place=sweep is None)
+        for span, requests in zip(spans, sharing, strict=True):
+            row_scored = None if scored is None else scored[span]
+            scores, exits = score_positions(model, full[span], heads, index, span,
+                                            row_scored if sweep is not None else None)
             count_exits(self._task_stats(self.ee_scoring), model, exits)
             if sweep is not None:
-                sweep.record_row(model, self.ee_task or "all", span, full[span], requests, scored)
-            out.append(log_probs)
+                sweep.record_row(model, self.ee_task or "all", span, full[span], requests, row_scored)
+            out.append(scores)
         return out
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------

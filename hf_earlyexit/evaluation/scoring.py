@@ -4,12 +4,14 @@ The harness reads a log-probability only at the positions it scores (a request's
 `forward_scored` runs the base model's layers over the padded batch once (a context shared by several requests, such
 as a document's choices, once for all of them: `backbone_states`) and evaluates the 262k-token LM head, the exit
 heads and the confidence metrics only at those positions (`scored_positions`: flattened, row after row), in the
-model's dtype: no `batch x length x vocab` tensor is ever made. The steps on those flat positions are
-`head_outputs` (the heads' logits) -> `exit_index` (per position, the first exit whose confidence passes τ(ε)) ->
-`score_row` (per scored row: each position's log-probabilities from the exit it left at). Only `exit_index` depends
-on ε, so `ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request, lm-eval's
-answer `(log-likelihood, is_greedy)` at each ε, and later ε points are answered from that record without running
-the model.
+model's dtype. Even there no whole vocabulary row is kept: the harness reads only the log-probability of each token
+some request scores at a position (`candidate_tokens`) and whether it is the greedy one, so the LM head streams over
+its rows keeping just that (`token_scores`), and no `positions x vocab` tensor is ever made. The steps on those flat
+positions are `head_outputs` (the heads' logits) -> `exit_index` (per position, the first exit whose confidence
+passes τ(ε)) -> `score_row` (per scored row: each position's scores from the exit it left at). Only `exit_index`
+depends on ε, so `ScoringSweep` scores every ε of a grid from the same forward pass: it records, per request,
+lm-eval's answer `(log-likelihood, is_greedy)` at each ε, and later ε points are answered from that record without
+running the model.
 
 Which scored positions may leave (`SCORING_RULES`): a log-likelihood reads the probability of a *given* token,
 which a head estimates well only where it would have produced that token itself. `"top_token"` (the default) lets
@@ -43,9 +45,6 @@ HeadOutputs = list[tuple[Tensor, Tensor, Tensor] | None]  # per exit: (head logi
 Positions = tuple[Tensor, Tensor]  # (rows, columns) of the scored positions of a padded batch, flattened
 SCORING_RULES = ("top_token", "confidence")
 NO_TOKEN = -1  # a scored position whose token differs between the requests sharing it
-# the LM head skips the scored positions that leave only when more than 1 in FEW_LEAVE do: on a 2-core AVX-512 CPU
-# one 262k-token row of the LM head and its log-softmax costs 3.4 ms, copying a computed row into place 0.35 ms
-FEW_LEAVE = 10
 
 
 def check_scoring_rule(rule: str) -> str:
@@ -81,35 +80,157 @@ def scored_positions(inplens: Sequence[int], contlens: Sequence[int]) -> tuple[P
 
 
 def forward_scored(model, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int], wanted: Sequence[bool],
-                   softmax_dtype=None, stays: Callable[[HeadOutputs], Tensor | None] | None = None
-                   ) -> tuple[Tensor, HeadOutputs, list[slice]]:
+                   tokens: Tensor, softmax_dtype=None, stays: Callable[[HeadOutputs], Tensor | None] | None = None
+                   ) -> tuple[TokenScores, HeadOutputs, list[slice]]:
     """The base model's layers over the right-padded batch `inps` `(batch, seq)` (row `r`: `lengths[r]` tokens, its
-    last `contlens[r]` positions scored; `backbone_states`); the final norm's output, the LM head (+ the model's logit
-    soft-capping), its log-softmax and the `wanted` exit heads only at the scored positions.
+    last `contlens[r]` positions scored; `backbone_states`); the final norm's output, the LM head's scores of the
+    candidate `tokens` (`(n, k)`, `candidate_tokens`) and the `wanted` exit heads only at the scored positions.
 
-    `stays`, given the head outputs, names the positions that need the full model `(n,)` bool (`None`: all): when
-    more than one in `FEW_LEAVE` leave, the LM head runs only there (positions that leave at an exit take their exit
-    head's distribution) and the other rows are left unset, for `score_row(..., in_place=True)` to fill from the
-    heads; else it runs at every scored position.
+    `stays`, given the head outputs, names the positions that need the full model `(n,)` bool (`None`: all): the LM
+    head runs only there; the other positions (they leave at an exit and take their exit head's scores,
+    `score_row`) are left unset (NaN, not greedy).
 
-    Returns `(log_probs (n, vocab), heads, spans)`: the full model's log-probabilities at the `n` scored positions
-    (flattened row after row; `spans[r]` is row `r`'s slice) as `--model hf` computes them (logits in the model's
-    dtype, softmax in `softmax_dtype`), and `head_outputs` there.
+    Returns `(scores, heads, spans)`: the full model's `TokenScores` at the `n` scored positions (flattened row after
+    row; `spans[r]` is row `r`'s slice) as `--model hf` computes them (logits in the model's dtype, softmax in
+    `softmax_dtype`), and `head_outputs` there.
     """
     at, spans = scored_positions(lengths, contlens)
     at = tuple(t.to(inps.device) for t in at)
     last, hidden_states = backbone_states(model, inps, lengths, contlens, any(wanted))
     normed = last[at]  # the backbone's last hidden state is after its final norm
     heads = head_outputs(model, hidden_states, inps, wanted, at) if any(wanted) else [None] * len(wanted)
+    tokens = tokens.to(inps.device)
     needed = stays(heads) if stays is not None else None
-    if needed is None or int((~needed).sum()) * FEW_LEAVE <= len(needed):
-        # every row; a row that leaves is overwritten by its head's (`score_row(..., in_place=True)`): where few
-        # leave, their LM-head rows cost less than the copy of every other row that skipping them takes
-        return F.log_softmax(model.engine.lm_logits(normed), dim=-1, dtype=softmax_dtype), heads, spans
-    part = F.log_softmax(model.engine.lm_logits(normed[needed]), dim=-1, dtype=softmax_dtype)
-    log_probs = part.new_empty((normed.shape[0], part.shape[-1]))
-    log_probs[needed] = part
-    return log_probs, heads, spans
+    if needed is None or bool(needed.all()):
+        return token_scores(model, normed, tokens, softmax_dtype), heads, spans
+    part = token_scores(model, normed[needed], tokens[needed], softmax_dtype)
+    scores = TokenScores(tokens, part.log_probs.new_full(tokens.shape, math.nan),
+                         torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device))
+    scores.log_probs[needed], scores.greedy[needed] = part.log_probs, part.greedy
+    return scores, heads, spans
+
+
+@dataclass
+class TokenScores:
+    """At flat scored positions, the log-probability of each candidate token (a token some request reads there) and
+    whether it is that position's greedy token: HFLM's `argmax == token`, the lowest token id on ties."""
+
+    tokens: Tensor  # (n, k) long; NO_TOKEN where a position has fewer than k candidates
+    log_probs: Tensor  # (n, k), NaN where a candidate is NO_TOKEN
+    greedy: Tensor  # (n, k) bool
+
+    def __getitem__(self, index) -> TokenScores:
+        return TokenScores(self.tokens[index], self.log_probs[index], self.greedy[index])
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def answer(self, cont_toks: Sequence[int]) -> tuple[float, bool]:
+        """lm-eval's answer for a continuation scored at the last `len(cont_toks)` positions: `(sum of its tokens'
+        log-probabilities, every token greedy)`, as HFLM sums them (in the log-probabilities' dtype)."""
+        rows = self[len(self) - len(cont_toks):]
+        cont = torch.tensor(list(cont_toks), dtype=torch.long, device=rows.tokens.device)
+        match = rows.tokens == cont.unsqueeze(1)
+        if len(cont_toks) > len(self) or not bool(match.any(dim=1).all()):
+            raise ValueError(f"continuation {list(cont_toks)} is not among the scored candidate tokens "
+                             f"{rows.tokens.tolist()}")
+        column = match.int().argmax(dim=1, keepdim=True)
+        return (float(rows.log_probs.gather(1, column).sum()), bool(rows.greedy.gather(1, column).all()))
+
+
+def candidate_tokens(continuations: Sequence[Sequence[Sequence[int]]], contlens: Sequence[int]) -> Tensor:
+    """`(n, k)` long: per flat scored position (row after row, row `r`'s last `contlens[r]` positions), the tokens
+    that the requests sharing row `r` (`continuations[r]`, each aligned to the row's end) score there, `NO_TOKEN`
+    padded to the most any position has (HFLM gives one-token continuations of one context a single input)."""
+    per_position = []
+    for conts, contlen in zip(continuations, contlens, strict=True):
+        for p in range(contlen):
+            back = contlen - p
+            per_position.append(sorted({int(c[len(c) - back]) for c in conts if len(c) >= back}))
+    k = max(1, max(map(len, per_position), default=1))
+    return torch.tensor([t + [NO_TOKEN] * (k - len(t)) for t in per_position], dtype=torch.long).view(-1, k)
+
+
+def token_scores(model, normed: Tensor, tokens: Tensor, softmax_dtype=None, chunk: int | None = None,
+                 block: int | None = None) -> TokenScores:
+    """The full model's scores of the candidate `tokens` `(n, k)` at positions whose final-norm output is `normed`
+    `(n, hidden)`: their log-probabilities under the LM head (+ soft-capping) as `--model hf` computes them
+    (`log_softmax(logits, dtype=softmax_dtype)`), and whether each is the greedy token there.
+
+    No `(n, vocab)` tensor is made: the LM head runs `chunk` of its rows (`SCORE_CHUNK`) at a time over `block`
+    positions (`SCORE_BLOCK`), keeping per position the largest logit, the sum of exponentials below it (merged as
+    chunks raise it, `log_softmax`'s own `(x - max) - log(sum)`) and the candidates' logits. A candidate is greedy
+    where its logit is the largest and no other logit lies within `TIE_ABS + TIE_REL·|max|` of it, a margin above
+    any rounding that could make two log-probabilities equal; positions where another logit does lie that close
+    (near-ties, rare) and LM heads that are not a plain `nn.Linear` or softmax dtypes below float32 are scored from
+    whole rows, exactly as HFLM."""
+    out_dtype = softmax_dtype or normed.dtype
+    engine = model.engine
+    if (len(normed) == 0 or out_dtype not in (torch.float32, torch.float64)
+            or engine.lm_logits_rows(normed[:0], 0, 0) is None):
+        return _whole_row_scores(model, normed, tokens, softmax_dtype)
+    chunk, block = chunk or SCORE_CHUNK, block or SCORE_BLOCK
+    parts = [_streamed_scores(engine, normed[s:s + block], tokens[s:s + block], out_dtype, chunk)
+             for s in range(0, len(normed), block)]
+    log_probs, greedy, near = (torch.cat(t) for t in zip(*parts, strict=True))
+    if bool(near.any()):
+        exact = _whole_row_scores(model, normed[near], tokens[near], softmax_dtype)
+        log_probs[near], greedy[near] = exact.log_probs.to(log_probs.dtype), exact.greedy
+    return TokenScores(tokens, log_probs, greedy)
+
+
+SCORE_CHUNK = 4096  # LM-head rows per step of `token_scores`
+SCORE_BLOCK = 256  # positions per pass of `token_scores` over the LM head
+TIE_ABS, TIE_REL = 2.0 ** -10, 2.0 ** -16  # near-tie margin (logits), far above float32 rounding of log-softmax
+
+
+def _streamed_scores(engine, normed: Tensor, tokens: Tensor, dtype, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`token_scores` for one block of positions: `(log_probs (n, k), greedy (n, k), near_tie (n,))`."""
+    n = normed.shape[0]
+    vocab = engine.vocab_size
+    top = torch.full((n,), -math.inf, dtype=dtype, device=normed.device)
+    total = torch.zeros((n,), dtype=dtype, device=normed.device)
+    picked = torch.full(tokens.shape, math.nan, dtype=dtype, device=normed.device)
+    near = torch.zeros((n,), dtype=torch.bool, device=normed.device)
+    for start in range(0, vocab, chunk):
+        stop = min(start + chunk, vocab)
+        z = engine.lm_logits_rows(normed, start, stop).to(dtype)
+        inside = (tokens >= start) & (tokens < stop)
+        if bool(inside.any()):
+            rows, columns = inside.nonzero(as_tuple=True)
+            picked[rows, columns] = z[rows, tokens[rows, columns] - start]
+        chunk_top = z.amax(dim=-1)
+        margin = TIE_ABS + chunk_top.abs() * TIE_REL
+        z.sub_(chunk_top.unsqueeze(1))
+        crowded = (z >= -margin.unsqueeze(1)).sum(dim=-1) > 1
+        near = torch.where(chunk_top > top + margin, crowded, near | (chunk_top >= top - margin))
+        new_top = torch.maximum(top, chunk_top)
+        total = total * torch.exp(top - new_top) + z.exp_().sum(dim=-1) * torch.exp(chunk_top - new_top)
+        top = new_top
+    log_probs = (picked - top.unsqueeze(1)) - torch.log(total).unsqueeze(1)
+    greedy = (picked == top.unsqueeze(1)) & ~near.unsqueeze(1)
+    return log_probs, greedy, near
+
+
+def _whole_row_scores(model, normed: Tensor, tokens: Tensor, softmax_dtype=None) -> TokenScores:
+    """`token_scores` from whole log-softmax rows, `SCORE_BLOCK` positions at a time."""
+    parts = [row_scores(F.log_softmax(model.engine.lm_logits(normed[s:s + SCORE_BLOCK]), dim=-1,
+                                      dtype=softmax_dtype), tokens[s:s + SCORE_BLOCK])
+             for s in range(0, len(normed), SCORE_BLOCK)]
+    if not parts:
+        dtype = softmax_dtype or normed.dtype
+        return TokenScores(tokens, tokens.new_empty(tokens.shape, dtype=dtype),
+                           tokens.new_empty(tokens.shape, dtype=torch.bool))
+    return TokenScores(tokens, torch.cat([p.log_probs for p in parts]), torch.cat([p.greedy for p in parts]))
+
+
+def row_scores(rows: Tensor, tokens: Tensor) -> TokenScores:
+    """`TokenScores` of `tokens` `(n, k)` read from whole log-probability rows `(n, vocab)`: greedy where the token is
+    its row's first maximum (argmax's tie rule)."""
+    valid = tokens >= 0
+    log_probs = rows.gather(1, tokens.clamp(min=0)).masked_fill(~valid, math.nan)
+    first = (rows == rows.amax(dim=-1, keepdim=True)).int().argmax(dim=-1, keepdim=True)
+    return TokenScores(tokens, log_probs, (tokens == first) & valid)
 
 
 def backbone_states(model, inps: Tensor, lengths: Sequence[int], contlens: Sequence[int], hidden: bool
@@ -210,13 +331,13 @@ def exit_index(model, rule: ExitRule, heads: HeadOutputs, shape: torch.Size, dev
     return rule.gated(index, scores)
 
 
-def scored_tokens(continuations: Sequence[Sequence[int]], contlen: int) -> Tensor:
-    """`(contlen,)` long: the token whose log-probability each scored position of one model input gives, from the
-    continuations of the requests sharing that input (HFLM gives one-token continuations of one context a single
-    input; they differ only in the last token). Where they differ: `NO_TOKEN`."""
-    tokens = torch.tensor([list(c[-contlen:]) for c in continuations], dtype=torch.long)  # (requests, contlen)
-    same = (tokens == tokens[:1]).all(dim=0)
-    return torch.where(same, tokens[0], NO_TOKEN)
+def scored_tokens(tokens: Tensor) -> Tensor:
+    """`(n,)` long: the one token scored at each position from its candidates `(n, k)` (`candidate_tokens`), or
+    `NO_TOKEN` where the requests sharing it score different tokens there (one-token continuations of one context)."""
+    if tokens.shape[1] == 1:
+        return tokens[:, 0]
+    return torch.where(tokens[:, 1] == NO_TOKEN, tokens[:, 0], NO_TOKEN)
+
 
 
 def head_tops(model, heads: HeadOutputs) -> list[Tensor | None]:
@@ -239,42 +360,44 @@ def exits_taken(model, heads: HeadOutputs, exits: Tensor, scored: Tensor | None,
     return exits
 
 
-def score_row(model, full_log_probs: Tensor, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None,
-              in_place: bool = False) -> tuple[Tensor, Tensor]:
-    """The log-probabilities of one row's scored positions and the exit each really left at.
+def score_row(model, full: TokenScores, heads: HeadOutputs, exits: Tensor, scored: Tensor | None = None
+              ) -> tuple[TokenScores, Tensor]:
+    """The scores of one row's candidate tokens and the exit each position really left at.
 
     Args:
-        full_log_probs: `(contlen, vocab)` the full model's log-probabilities there (as `--model hf` computes them).
+        full: the full model's `TokenScores` at the row's `c` scored positions (as `--model hf` computes them; unset
+            where a position leaves: `forward_scored` with `stays`).
         heads: per exit `(head logits, hidden, previous)` at those positions, or `None` (exit not run).
-        exits: `(contlen,)` the first exit whose confidence passes, per position (`len(exit_heads)`: none).
-        scored: `(contlen,)` the token scored at each position (rule `"top_token"`: a position leaves only where its
+        exits: `(c,)` the first exit whose confidence passes, per position (`len(exit_heads)`: none).
+        scored: `(c,)` the token scored at each position (rule `"top_token"`: a position leaves only where its
             head's top token is that token), or `None` (rule `"confidence"`).
-        in_place: write the heads' rows into `full_log_probs` itself (its rows where a position leaves may be
-            unset: `forward_scored` with `stays`) instead of a copy.
 
     Returns:
-        `(log_probs (contlen, vocab), exits (contlen,))`: the full model's rows where the position stays, else the
-        head's (a draft head's `OTHER` mass spread over the tokens it cannot name), in `full_log_probs`' dtype.
+        `(scores, exits (c,))`: the full model's scores where the position stays, else its head's (a draft head's
+        `OTHER` mass spread over the tokens it cannot name), in `full`'s dtype.
     """
-    full = len(model.exit_heads)
     exits = exits_taken(model, heads, exits, scored)
-    if bool((exits == full).all()):
-        return full_log_probs, exits
-    mixed = full_log_probs if in_place else full_log_probs.clone()
+    if bool((exits == len(model.exit_heads)).all()):
+        return full, exits
+    mixed = TokenScores(full.tokens, full.log_probs.clone(), full.greedy.clone())
+    vocab = model.engine.vocab_size
     for j, head in enumerate(model.exit_heads):
         leave = exits == j
         if bool(leave.any()):
-            mixed[leave] = head.vocab_scores(heads[j][0][leave], mixed.shape[-1], other="spread").to(mixed.dtype)
+            rows = head.vocab_scores(heads[j][0][leave], vocab, other="spread").to(full.log_probs.dtype)
+            exact = row_scores(rows, full.tokens[leave])
+            mixed.log_probs[leave], mixed.greedy[leave] = exact.log_probs, exact.greedy
     return mixed, exits
 
 
-def score_positions(model, full_log_probs: Tensor, heads: HeadOutputs, index: Tensor | None, span: slice,
-                    scored: Tensor | None, in_place: bool = False) -> tuple[Tensor, Tensor]:
-    """`score_row` for one row's `span` of a batch's flat scored positions, from the whole batch's head outputs and
-    exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
+def score_positions(model, full: TokenScores, heads: HeadOutputs, index: Tensor | None, span: slice,
+                    scored: Tensor | None) -> tuple[TokenScores, Tensor]:
+    """`score_row` for one row's `span` of a batch's flat scored positions (`full`: the row's own), from the whole
+    batch's head outputs and exit index (`index` `None`: no exit checked at this ε, the unmodified model)."""
     if index is None:
-        return full_log_probs, torch.full((full_log_probs.shape[0],), len(model.exit_heads), dtype=torch.long)
-    return score_row(model, full_log_probs, heads_at(heads, span), index[span], scored, in_place)
+        return full, torch.full((len(full),), len(model.exit_heads), dtype=torch.long)
+    return score_row(model, full, heads_at(heads, span), index[span], scored)
+
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
@@ -289,22 +412,6 @@ def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
     stats.macs += int(macs[exits].sum())
     stats.macs_full += int(macs[-1]) * len(exits)
 
-
-def answer(log_probs: Tensor, cont_toks: list[int], top: Tensor | None = None) -> tuple[float, bool]:
-    """lm-eval's answer for one continuation from the `(contlen, vocab)` log-probabilities of its scored positions:
-    `(sum of the continuation's log-probabilities, every token greedy)`, in HFLM's own steps (its one-token-
-    continuation groups share the longest member's positions). `top` `(contlen,)`: each row's maximum, if known.
-
-    "Greedy" is HFLM's `argmax == token`, taken as: the token's log-probability is its row's maximum and no lower
-    token id reaches it (argmax's first-index tie rule). On a CPU a row's maximum costs a seventh of its argmax
-    (262k-token rows), and the ids below the token are read only where every position is at its maximum."""
-    rows = log_probs[-len(cont_toks):]  # (n, vocab)
-    cont = torch.tensor(cont_toks, dtype=torch.long, device=rows.device)
-    picked = rows.gather(1, cont.unsqueeze(1)).squeeze(1)  # (n,)
-    top = rows.amax(dim=-1) if top is None else top[-len(cont_toks):]
-    greedy = bool((picked == top).all()) and not any(
-        bool((rows[p, :token] == picked[p]).any()) for p, token in enumerate(cont_toks))
-    return float(picked.sum()), greedy
 
 
 @dataclass
@@ -336,29 +443,24 @@ class ScoringSweep:
                  for eps, rule in self.rules(model).items()}
         self.batch = {"heads": heads, "index": index}
 
-    def record_row(self, model, task: str, span: slice, full_log_probs: Tensor,
-                   requests: Sequence[tuple[tuple, tuple]], scored: Tensor | None) -> None:
+    def record_row(self, model, task: str, span: slice, full: TokenScores, requests: Sequence[tuple[tuple, tuple]],
+                   scored: Tensor | None) -> None:
         """Score one row of the recorded batch at every ε (`score_row`; the row's `span` of the flat positions, the
-        full model's `full_log_probs` there, `scored` as it takes them): answers for the `(context, continuation)`
+        full model's scores `full` there, `scored` as it takes them): answers for the `(context, continuation)`
         `requests` sharing the row, exit counts on its scored positions."""
         heads = heads_at(self.batch["heads"], span)
-        full = len(model.exit_heads)
+        full_exit = len(model.exit_heads)
         tops = head_tops(model, heads)  # once per row, not per ε
-        full_top = full_log_probs.amax(dim=-1)
         answered: dict[bytes, list[tuple[float, bool]]] = {}  # ε points whose exits agree here share the answers
         for eps, index in self.batch["index"].items():
             stats = self.scoring.setdefault(eps, {}).setdefault(task, ExitStats(
                 exit_layers=list(model.config.exit_layers), num_layers=model.num_layers))
-            exits = (torch.full((full_log_probs.shape[0],), full, dtype=torch.long, device=full_log_probs.device)
+            exits = (torch.full((len(full),), full_exit, dtype=torch.long, device=full.tokens.device)
                      if index is None else exits_taken(model, heads, index[span], scored, tops))
             key = exits.cpu().numpy().tobytes()
             if key not in answered:
-                log_probs, _ = score_row(model, full_log_probs, heads, exits)  # exits are final: no scored tokens
-                top, leave = full_top, exits != full
-                if bool(leave.any()):  # a row's maximum changes only where a position left
-                    top = full_top.clone()
-                    top[leave] = log_probs[leave].amax(dim=-1)
-                answered[key] = [answer(log_probs, list(continuation), top) for _, continuation in requests]
+                scores, _ = score_row(model, full, heads, exits)  # exits are final: no scored tokens
+                answered[key] = [scores.answer(continuation) for _, continuation in requests]
             count_exits(stats, model, exits)
             table = self.answers.setdefault(eps, {})
             for (context, continuation), value in zip(requests, answered[key], strict=True):

@@ -466,7 +466,25 @@ class LayerEngine:
     def lm_logits(self, normed: Tensor) -> Tensor:
         """The model's own LM head (+ logit soft-capping) on the final norm's output, `(..., hidden)` ->
         `(..., vocab)`."""
-        logits = self.parts.lm_head(normed)
+        return self._softcap(self.parts.lm_head(normed))
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the LM head's output (its rows)."""
+        head = self.parts.lm_head
+        weight = getattr(head, "weight", None)
+        return int(weight.shape[0]) if weight is not None else int(head.out_features)
+
+    def lm_logits_rows(self, normed: Tensor, start: int, stop: int) -> Tensor | None:
+        """`lm_logits(normed)[..., start:stop]` from those rows of the LM head alone (a plain `nn.Linear` head), or
+        `None` where the head is another module (its output is then only available whole)."""
+        head = self.parts.lm_head
+        if type(head) is not torch.nn.Linear:
+            return None
+        bias = None if head.bias is None else head.bias[start:stop]
+        return self._softcap(torch.nn.functional.linear(normed, head.weight[start:stop], bias))
+
+    def _softcap(self, logits: Tensor) -> Tensor:
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
