@@ -605,3 +605,52 @@ def test_bad_scoring_delta_is_named(value):
     with pytest.raises(ValueError, match=f"scoring_delta={value!r} must be a positive number"):
         check_scoring_delta(value)
     assert check_scoring_delta("0.2") == 0.2 and check_scoring_delta("none") == math.inf
+
+
+def test_auto_policy_stops_checking_exits_that_do_not_pay_on_scored_positions(folders):
+    """`exit_policy="auto"`: after `scoring_review` scored positions of a task, an exit whose positions leave too
+    seldom to pay for its head (here: the tiny heads cost about what the LM head saves) is no longer checked. The
+    first batch (the longest request, scored before the review) is answered as without the review, every later one
+    exactly as at ε = 1, and no exit head runs after the review; the report names the exits still checked; a one-pass
+    sweep reviews each ε as its own run would and records the same answers; `scoring_review=0` never reviews."""
+    from lm_eval.api.instance import Instance
+
+    from hf_earlyexit.evaluation.lm_eval_model import EarlyExitLM
+
+    _, heads = folders
+    probe = EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", batch_size=1, scoring_review=0)
+    context = "the capital of france is"
+    ids = probe.tok_encode(context)
+    letters = set(probe.tok_encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    for _ in range(12):  # the first head's own top tokens, so positions of the first request leave
+        with torch.no_grad():
+            logits = probe.model(torch.tensor([ids]), output_hidden_states=True).exit_logits[0][0, -1]
+        top = int(probe.model.exit_heads[0].to_token_ids(logits.argmax()))
+        ids.append(top if top in letters else probe.tok_encode("e")[0])
+    longest = probe.tokenizer.decode(ids[len(probe.tok_encode(context)):])
+    requests = [(context, longest), ("one two three", " four five"), ("a", " b c"), ("monday", " tuesday")]
+    instances = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+    unreviewed = probe.loglikelihood(instances)
+    assert probe.early_exit_report()["tasks"]["all"]["scoring"]["exit_fractions"]["full"] < 1
+    plain = EarlyExitLM(pretrained=heads, eps=1.0, dtype="float32", batch_size=1).loglikelihood(instances)
+    lm = EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", batch_size=1, scoring_review="1")
+    first = lm.loglikelihood(instances[:1])  # its positions reach the review
+    scoring = lm.early_exit_report()["tasks"]["all"]["scoring"]
+    assert scoring["checked_exits"] == []  # neither tiny head pays for itself
+    calls = []
+    hooks = [head.norm.register_forward_hook(lambda *_: calls.append(1)) for head in lm.model.exit_heads]
+    try:
+        rest = lm.loglikelihood(instances[1:])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not calls  # no exit head runs after the review
+    assert first == unreviewed[:1] and first != plain[:1]  # before the review: exits checked
+    assert rest == plain[1:]  # after it: the full model everywhere
+    reviewed = first + rest
+    lm.start_scoring_sweep([0.5, 1.0])
+    recorded = lm.loglikelihood(instances)
+    lm.replay_scoring(0.5)
+    assert recorded == reviewed == lm.loglikelihood(instances)
+    with pytest.raises(ValueError, match="scoring_review='x' must be a whole number"):
+        EarlyExitLM(pretrained=heads, eps=0.5, dtype="float32", scoring_review="x")

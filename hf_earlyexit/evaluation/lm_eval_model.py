@@ -43,6 +43,7 @@ from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA
 from ..modeling.options_earlyexit import DecodingOptions, check_eps
 from ..modeling.stats_earlyexit import ExitStats
 from .scoring import (
+    SCORING_REVIEW_POSITIONS,
     ScoringSweep,
     TokenScores,
     candidate_tokens,
@@ -51,6 +52,7 @@ from .scoring import (
     count_exits,
     exit_index,
     exits_taken,
+    exits_that_pay,
     forward_scored,
     score_positions,
     scored_tokens,
@@ -99,8 +101,12 @@ class EarlyExitLM(HFLM):
             passes that head's scoring gate: the lowest confidence above which, on the calibration tokens, the head's
             log-probability of the token it names lies within this many nats of the full model's at rate ≥ ε
             (default 0.1; `inf`: no gates; heads calibrated before these errors were recorded have none).
+        scoring_review: with `exit_policy="auto"` (the default), after this many scored positions of a task
+            (default 512; 0: never) an exit whose positions leave there too seldom to pay for checking it is no
+            longer checked for the rest of the task (`exits_that_pay`).
         kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
-            (`DecodingOptions`); one that does not apply to the mode is refused.
+            (`DecodingOptions`); one that does not apply to the mode is refused. `exit_policy` also decides the
+            exits scored positions check.
         continuous: generation tasks decode with continuous batching (`continuous_generate`: up to `batch_size`
             requests at once, a finished request's place taken by the next at the next step); early exit (or the
             same loop without exits at ε = 1), greedy requests only (others decode as without it).
@@ -109,7 +115,8 @@ class EarlyExitLM(HFLM):
     def __init__(self, pretrained: str = "embedded", eps=0.9, mode: str = "early_exit", metric: str | None = None,
                  kv_fill: str | None = None, max_draft: int | None = None, exit_policy: str | None = None,
                  lookup: int | None = None, batch_exit: str | None = None, scoring_rule: str = "top_token",
-                 scoring_delta=DEFAULT_SCORING_DELTA, continuous: bool | str = False, **kwargs) -> None:
+                 scoring_delta=DEFAULT_SCORING_DELTA, scoring_review=SCORING_REVIEW_POSITIONS,
+                 continuous: bool | str = False, **kwargs) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
         self.ee_continuous = _as_bool("continuous", continuous)
@@ -127,11 +134,13 @@ class EarlyExitLM(HFLM):
         self.ee_metric = metric
         self.ee_scoring_rule = check_scoring_rule(scoring_rule)
         self.ee_scoring_delta = check_scoring_delta(scoring_delta)
+        self.ee_scoring_review = _as_count("scoring_review", scoring_review)
         self.ee_task = None
         self.ee_scoring: dict[str, ExitStats] = {}
         self.ee_generation: dict[str, ExitStats] = {}
         self.ee_seconds: dict[str, float] = {}
         self._conts: dict[tuple, list[tuple[tuple, tuple]]] = {}  # model input -> the requests it scores
+        self._scoring_checked: dict[str, tuple[bool, ...]] = {}  # task -> exits scoring still checks (reviewed)
         self.ee_sweep: ScoringSweep | None = None
         self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
         kwargs.setdefault("backend", "causal")
@@ -182,6 +191,7 @@ class EarlyExitLM(HFLM):
         if self.ee_options.mode != "plain":
             self.ee_options = DecodingOptions.build(self.ee_options, eps=eps)
         self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
+        self._scoring_checked = {}
         self._ee_global = None
 
     def _print_report(self) -> None:
@@ -286,6 +296,10 @@ class EarlyExitLM(HFLM):
                                                       for i in inputs], padding_side="right")
         rule = self._exit_rule(self.ee_eps)
         sweep = self._recording_sweep
+        task = self.ee_task or "all"
+        if sweep is None and task in self._scoring_checked:  # exits this task's scoring found not to pay
+            rule = replace(rule, checked=tuple(a and b for a, b in zip(rule.checked, self._scoring_checked[task],
+                                                                         strict=True)))
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
@@ -299,7 +313,7 @@ class EarlyExitLM(HFLM):
         def stays(heads):  # this ε's exits, decided before the LM head: it runs only where a position stays
             nonlocal index
             if sweep is not None:  # every ε of the grid's exit index; each reads the full model at every position
-                sweep.record_batch(model, heads, sum(contlens), inps.device)
+                sweep.record_batch(model, task, heads, sum(contlens), inps.device)
                 index = sweep.batch["index"].get(self.ee_eps)
                 if index is None and any(rule.checked):  # recording at an ε outside the grid
                     index = exit_index(model, rule, heads, (sum(contlens),), inps.device)
@@ -320,8 +334,16 @@ class EarlyExitLM(HFLM):
                                             row_scored if sweep is not None else None)
             count_exits(self._task_stats(self.ee_scoring), model, exits)
             if sweep is not None:
-                sweep.record_row(model, self.ee_task or "all", span, full[span], requests, row_scored)
+                sweep.record_row(model, task, span, full[span], requests, row_scored)
             out.append(scores)
+        if self.ee_options.exit_policy == "auto" and self.ee_scoring_review:  # once per task, after a sample
+            if sweep is not None:
+                sweep.review(model, task, self.ee_scoring_review)
+            elif task not in self._scoring_checked:
+                checked = exits_that_pay(model, self._task_stats(self.ee_scoring), rule.checked,
+                                         self.ee_scoring_review)
+                if checked is not None:
+                    self._scoring_checked[task] = checked
         return out
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
@@ -534,6 +556,8 @@ class EarlyExitLM(HFLM):
                     "layers_saved": 1 - stats.layers_computed_fraction if stats.layer_tokens_full else None,
                     "macs_saved": 1 - stats.macs_fraction if stats.macs_full else None,
                 }
+                if kind == "scoring" and stats.checked_exits is not None:  # `exits_that_pay` reviewed them
+                    entry["checked_exits"] = [f"exit@{k}" for k in stats.checked_exits]
                 if kind == "generation":
                     spent = seconds.get(task)
                     entry["tokens_per_s"] = stats.tokens / spent if spent else None
@@ -547,6 +571,17 @@ class EarlyExitLM(HFLM):
         info = super().get_model_info()
         info["early_exit"] = self.early_exit_report()
         return info
+
+
+def _as_count(name: str, value) -> int:
+    """A model argument that counts something (lm-eval passes model args as text): a non-negative int."""
+    try:
+        count = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else -1
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name}={value!r} must be a whole number >= 0")
+    return count
 
 
 def _as_bool(name: str, value) -> bool:

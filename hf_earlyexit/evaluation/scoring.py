@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -400,6 +400,32 @@ def score_positions(model, full: TokenScores, heads: HeadOutputs, index: Tensor 
 
 
 
+# scored positions of a task after which `exit_policy="auto"` reviews which exits pay there (`exits_that_pay`)
+SCORING_REVIEW_POSITIONS = 512
+
+
+def exits_that_pay(model, stats: ExitStats, checked: Sequence[bool], review_after: int | None = None
+                   ) -> tuple[bool, ...] | None:
+    """`exit_policy="auto"` on scored positions: which of the `checked` exits keep being checked for the rest of a
+    task, from its exit counts `stats` once they cover `review_after` positions (`SCORING_REVIEW_POSITIONS`; before
+    that: `None`). An exit stays only if its positions leave often enough to pay for the check: (positions that left
+    there) x (the LM head's multiply-adds, which a position that leaves skips) >= (positions that reached it) x (its
+    head's, context block included). A log-likelihood reads a given token, so far fewer positions leave than in
+    decoding (under `top_token` with scoring gates, 1% of HellaSwag's): there a check costs more than it saves, and
+    the positions that no longer check an exit are scored by the full model. The exits kept are also recorded as
+    `stats.checked_exits` (the report's `checked_exits`)."""
+    if stats.tokens < (review_after or SCORING_REVIEW_POSITIONS):
+        return None
+    costs = model.costs
+    reached, keep = stats.tokens, []
+    for j, on in enumerate(checked):
+        left = stats.exit_counts[j]
+        keep.append(bool(on) and left * costs.final.macs >= reached * costs.heads[j].macs)
+        reached -= left
+    stats.checked_exits = [layer for layer, on in zip(model.config.exit_layers, keep, strict=True) if on]
+    return tuple(keep)
+
+
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
     """Add scored positions that left at `exits` `(n,)` (exit index per position) to `stats`, with the layers and
     multiply-adds token-by-token decoding would spend on them."""
@@ -428,6 +454,7 @@ class ScoringSweep:
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
     batch: dict | None = None  # while recording: the current batch's head outputs and each ε's exit index
+    checked: dict[tuple[float, str], tuple[bool, ...]] = field(default_factory=dict)  # (ε, task): `review`ed exits
     _rules: dict[float, ExitRule] | None = field(default=None, repr=False)
 
     def rules(self, model) -> dict[float, ExitRule]:
@@ -436,12 +463,24 @@ class ScoringSweep:
                            for eps in self.grid}
         return self._rules
 
-    def record_batch(self, model, heads: HeadOutputs, positions: int, device) -> None:
+    def record_batch(self, model, task: str, heads: HeadOutputs, positions: int, device) -> None:
         """Keep one batch's head outputs at its `positions` scored positions and each ε's exit index there until
-        its rows are scored."""
-        index = {eps: exit_index(model, rule, heads, (positions,), device) if any(rule.checked) else None
-                 for eps, rule in self.rules(model).items()}
+        its rows are scored (each ε checking the exits its own run of `task` would check: `review`)."""
+        index = {}
+        for eps, rule in self.rules(model).items():
+            if (eps, task) in self.checked:
+                rule = replace(rule, checked=self.checked[(eps, task)])
+            index[eps] = exit_index(model, rule, heads, (positions,), device) if any(rule.checked) else None
         self.batch = {"heads": heads, "index": index}
+
+    def review(self, model, task: str, review_after: int | None = None) -> None:
+        """`exits_that_pay` per ε from its own exit counts on `task`, as a run at that ε alone decides it."""
+        for eps, rule in self.rules(model).items():
+            stats = self.scoring.get(eps, {}).get(task)
+            if (eps, task) not in self.checked and stats is not None:
+                checked = exits_that_pay(model, stats, rule.checked, review_after)
+                if checked is not None:
+                    self.checked[(eps, task)] = checked
 
     def record_row(self, model, task: str, span: slice, full: TokenScores, requests: Sequence[tuple[tuple, tuple]],
                    scored: Tensor | None) -> None:
