@@ -166,8 +166,7 @@ def token_scores(model, normed: Tensor, tokens: Tensor, softmax_dtype=None, chun
     whole rows, exactly as HFLM."""
     out_dtype = softmax_dtype or normed.dtype
     engine = model.engine
-    if (len(normed) == 0 or out_dtype not in (torch.float32, torch.float64)
-            or engine.lm_logits_rows(normed[:0], 0, 0) is None):
+    if len(normed) == 0 or out_dtype not in (torch.float32, torch.float64) or not engine.lm_head_has_rows:
         return _whole_row_scores(model, normed, tokens, softmax_dtype)
     chunk, block = chunk or SCORE_CHUNK, block or SCORE_BLOCK
     parts = [_streamed_scores(engine, normed[s:s + block], tokens[s:s + block], out_dtype, chunk)

@@ -475,12 +475,14 @@ class LayerEngine:
         weight = getattr(head, "weight", None)
         return int(weight.shape[0]) if weight is not None else int(head.out_features)
 
-    def lm_logits_rows(self, normed: Tensor, start: int, stop: int) -> Tensor | None:
-        """`lm_logits(normed)[..., start:stop]` from those rows of the LM head alone (a plain `nn.Linear` head), or
-        `None` where the head is another module (its output is then only available whole)."""
+    @property
+    def lm_head_has_rows(self) -> bool:
+        """The LM head is a plain `nn.Linear`, so `lm_logits_rows` can take its output a slice of rows at a time."""
+        return type(self.parts.lm_head) is torch.nn.Linear
+
+    def lm_logits_rows(self, normed: Tensor, start: int, stop: int) -> Tensor:
+        """`lm_logits(normed)[..., start:stop]` from those rows of the LM head alone (`lm_head_has_rows`)."""
         head = self.parts.lm_head
-        if type(head) is not torch.nn.Linear:
-            return None
         bias = None if head.bias is None else head.bias[start:stop]
         return self._softcap(torch.nn.functional.linear(normed, head.weight[start:stop], bias))
 
