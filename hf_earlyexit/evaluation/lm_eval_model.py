@@ -52,8 +52,9 @@ from .scoring import (
     count_exits,
     exit_index,
     exits_taken,
-    exits_that_pay,
     forward_scored,
+    review_exits,
+    reviewed,
     score_positions,
     scored_tokens,
 )
@@ -103,7 +104,7 @@ class EarlyExitLM(HFLM):
             (default 0.1; `inf`: no gates; heads calibrated before these errors were recorded have none).
         scoring_review: with `exit_policy="auto"` (the default), after this many scored positions of a task
             (default 512; 0: never) an exit whose positions leave there too seldom to pay for checking it is no
-            longer checked for the rest of the task (`exits_that_pay`).
+            longer checked for the rest of the task (`review_exits`).
         kv_fill, batch_exit, max_draft, exit_policy, lookup: decoding options of generation tasks
             (`DecodingOptions`); one that does not apply to the mode is refused. `exit_policy` also decides the
             exits scored positions check.
@@ -140,7 +141,6 @@ class EarlyExitLM(HFLM):
         self.ee_generation: dict[str, ExitStats] = {}
         self.ee_seconds: dict[str, float] = {}
         self._conts: dict[tuple, list[tuple[tuple, tuple]]] = {}  # model input -> the requests it scores
-        self._scoring_checked: dict[str, tuple[bool, ...]] = {}  # task -> exits scoring still checks (reviewed)
         self.ee_sweep: ScoringSweep | None = None
         self._ee_dtype_value = parse_dtype(None if kwargs.get("dtype") == "auto" else kwargs.get("dtype"))
         kwargs.setdefault("backend", "causal")
@@ -191,7 +191,6 @@ class EarlyExitLM(HFLM):
         if self.ee_options.mode != "plain":
             self.ee_options = DecodingOptions.build(self.ee_options, eps=eps)
         self.ee_scoring, self.ee_generation, self.ee_seconds = {}, {}, {}
-        self._scoring_checked = {}
         self._ee_global = None
 
     def _print_report(self) -> None:
@@ -297,9 +296,8 @@ class EarlyExitLM(HFLM):
         rule = self._exit_rule(self.ee_eps)
         sweep = self._recording_sweep
         task = self.ee_task or "all"
-        if sweep is None and task in self._scoring_checked:  # exits this task's scoring found not to pay
-            rule = replace(rule, checked=tuple(a and b for a, b in zip(rule.checked, self._scoring_checked[task],
-                                                                         strict=True)))
+        if sweep is None:  # without the exits this task's scoring found not to pay (`review_exits`)
+            rule = reviewed(model, rule, self.ee_scoring.get(task))
         wanted = list(rule.checked)  # heads to run: this ε's, or every ε's of a one-pass sweep
         if sweep is not None:
             wanted = [any(r.checked[j] for r in sweep.rules(model).values()) for j in range(rule.num_exits)]
@@ -339,11 +337,8 @@ class EarlyExitLM(HFLM):
         if self.ee_options.exit_policy == "auto" and self.ee_scoring_review:  # once per task, after a sample
             if sweep is not None:
                 sweep.review(model, task, self.ee_scoring_review)
-            elif task not in self._scoring_checked:
-                checked = exits_that_pay(model, self._task_stats(self.ee_scoring), rule.checked,
-                                         self.ee_scoring_review)
-                if checked is not None:
-                    self._scoring_checked[task] = checked
+            else:
+                review_exits(model, self._task_stats(self.ee_scoring), rule.checked, self.ee_scoring_review)
         return out
 
     # -- one-pass ε sweep of scored requests ------------------------------------------------------------------------
@@ -556,7 +551,7 @@ class EarlyExitLM(HFLM):
                     "layers_saved": 1 - stats.layers_computed_fraction if stats.layer_tokens_full else None,
                     "macs_saved": 1 - stats.macs_fraction if stats.macs_full else None,
                 }
-                if kind == "scoring" and stats.checked_exits is not None:  # `exits_that_pay` reviewed them
+                if kind == "scoring" and stats.checked_exits is not None:  # `review_exits` reviewed them
                     entry["checked_exits"] = [f"exit@{k}" for k in stats.checked_exits]
                 if kind == "generation":
                     spent = seconds.get(task)

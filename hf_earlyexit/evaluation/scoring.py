@@ -215,11 +215,7 @@ def _whole_row_scores(model, normed: Tensor, tokens: Tensor, softmax_dtype=None)
     """`token_scores` from whole log-softmax rows, `SCORE_BLOCK` positions at a time."""
     parts = [row_scores(F.log_softmax(model.engine.lm_logits(normed[s:s + SCORE_BLOCK]), dim=-1,
                                       dtype=softmax_dtype), tokens[s:s + SCORE_BLOCK])
-             for s in range(0, len(normed), SCORE_BLOCK)]
-    if not parts:
-        dtype = softmax_dtype or normed.dtype
-        return TokenScores(tokens, tokens.new_empty(tokens.shape, dtype=dtype),
-                           tokens.new_empty(tokens.shape, dtype=torch.bool))
+             for s in range(0, max(len(normed), 1), SCORE_BLOCK)]  # no positions: one empty block
     return TokenScores(tokens, torch.cat([p.log_probs for p in parts]), torch.cat([p.greedy for p in parts]))
 
 
@@ -399,30 +395,38 @@ def score_positions(model, full: TokenScores, heads: HeadOutputs, index: Tensor 
 
 
 
-# scored positions of a task after which `exit_policy="auto"` reviews which exits pay there (`exits_that_pay`)
+# scored positions of a task after which `exit_policy="auto"` reviews which exits pay there (`review_exits`)
 SCORING_REVIEW_POSITIONS = 512
 
 
-def exits_that_pay(model, stats: ExitStats, checked: Sequence[bool], review_after: int | None = None
-                   ) -> tuple[bool, ...] | None:
-    """`exit_policy="auto"` on scored positions: which of the `checked` exits keep being checked for the rest of a
-    task, from its exit counts `stats` once they cover `review_after` positions (`SCORING_REVIEW_POSITIONS`; before
-    that: `None`). An exit stays only if its positions leave often enough to pay for the check: (positions that left
-    there) x (the LM head's multiply-adds, which a position that leaves skips) >= (positions that reached it) x (its
-    head's, context block included). A log-likelihood reads a given token, so far fewer positions leave than in
-    decoding (under `top_token` with scoring gates, 1% of HellaSwag's): there a check costs more than it saves, and
-    the positions that no longer check an exit are scored by the full model. The exits kept are also recorded as
-    `stats.checked_exits` (the report's `checked_exits`)."""
-    if stats.tokens < (review_after or SCORING_REVIEW_POSITIONS):
-        return None
+def review_exits(model, stats: ExitStats, checked: Sequence[bool], review_after: int | None = None) -> None:
+    """`exit_policy="auto"` on scored positions: once a task's exit counts `stats` cover `review_after` positions
+    (`SCORING_REVIEW_POSITIONS`), record in `stats.checked_exits` (the report's `checked_exits`) which of the
+    `checked` exits keep being checked for the rest of the task (`reviewed`); once only. An exit stays only if its
+    positions leave often enough to pay for the check: (positions that left there) x (the LM head's multiply-adds,
+    which a position that leaves skips) >= (positions that reached it) x (its head's, context block included). A
+    log-likelihood reads a given token, so far fewer positions leave than in decoding (under `top_token` with scoring
+    gates, 1% of HellaSwag's): there a check costs more than it saves, and the positions that no longer check an exit
+    are scored by the full model."""
+    if stats.checked_exits is not None or stats.tokens < (review_after or SCORING_REVIEW_POSITIONS):
+        return
     costs = model.costs
     reached, keep = stats.tokens, []
-    for j, on in enumerate(checked):
+    for j, (layer, on) in enumerate(zip(model.config.exit_layers, checked, strict=True)):
         left = stats.exit_counts[j]
-        keep.append(bool(on) and left * costs.final.macs >= reached * costs.heads[j].macs)
+        if on and left * costs.final.macs >= reached * costs.heads[j].macs:
+            keep.append(layer)
         reached -= left
-    stats.checked_exits = [layer for layer, on in zip(model.config.exit_layers, keep, strict=True) if on]
-    return tuple(keep)
+    stats.checked_exits = keep
+
+
+def reviewed(model, rule: ExitRule, stats: ExitStats | None) -> ExitRule:
+    """`rule` checking only the exits that `review_exits` kept for the task `stats` counts (unchanged before that)."""
+    if stats is None or stats.checked_exits is None:
+        return rule
+    kept = set(stats.checked_exits)
+    return replace(rule, checked=tuple(on and layer in kept
+                                       for on, layer in zip(rule.checked, model.config.exit_layers, strict=True)))
 
 
 def count_exits(stats: ExitStats, model, exits: Tensor) -> None:
@@ -453,7 +457,6 @@ class ScoringSweep:
     scoring: dict[float, dict[str, ExitStats]] = field(default_factory=dict)
     replaying: float | None = None  # the ε whose answers are being served (None: recording)
     batch: dict | None = None  # while recording: the current batch's head outputs and each ε's exit index
-    checked: dict[tuple[float, str], tuple[bool, ...]] = field(default_factory=dict)  # (ε, task): `review`ed exits
     _rules: dict[float, ExitRule] | None = field(default=None, repr=False)
 
     def rules(self, model) -> dict[float, ExitRule]:
@@ -467,19 +470,16 @@ class ScoringSweep:
         its rows are scored (each ε checking the exits its own run of `task` would check: `review`)."""
         index = {}
         for eps, rule in self.rules(model).items():
-            if (eps, task) in self.checked:
-                rule = replace(rule, checked=self.checked[(eps, task)])
+            rule = reviewed(model, rule, self.scoring.get(eps, {}).get(task))
             index[eps] = exit_index(model, rule, heads, (positions,), device) if any(rule.checked) else None
         self.batch = {"heads": heads, "index": index}
 
     def review(self, model, task: str, review_after: int | None = None) -> None:
-        """`exits_that_pay` per ε from its own exit counts on `task`, as a run at that ε alone decides it."""
+        """`review_exits` per ε from its own exit counts on `task`, as a run at that ε alone reviews them."""
         for eps, rule in self.rules(model).items():
             stats = self.scoring.get(eps, {}).get(task)
-            if (eps, task) not in self.checked and stats is not None:
-                checked = exits_that_pay(model, stats, rule.checked, review_after)
-                if checked is not None:
-                    self.checked[(eps, task)] = checked
+            if stats is not None:
+                review_exits(model, stats, rule.checked, review_after)
 
     def record_row(self, model, task: str, span: slice, full: TokenScores, requests: Sequence[tuple[tuple, tuple]],
                    scored: Tensor | None) -> None:
