@@ -21,7 +21,8 @@ import os
 ARCHITECTURES = {  # our class -> (where it lives, the vLLM architecture it extends)
     f"{family}EarlyExitForCausalLM": (f"hf_earlyexit_vllm.families:{family}EarlyExitForCausalLM", base)
     for family, base in (("Gemma3", "Gemma3ForCausalLM"), ("Llama", "LlamaForCausalLM"),
-                         ("Qwen2", "Qwen2ForCausalLM"), ("Qwen3", "Qwen3ForCausalLM"), ("GPT2", "GPT2LMHeadModel"))
+                         ("Qwen2", "Qwen2ForCausalLM"), ("Qwen3", "Qwen3ForCausalLM"), ("GPT2", "GPT2LMHeadModel"),
+                         ("GPTNeoX", "GPTNeoXForCausalLM"), ("Phi", "PhiForCausalLM"))
 }
 HEADS_ENV = "HF_EARLYEXIT_VLLM_HEADS"  # set: the plugin takes the place of the base architectures it extends
 

@@ -1,7 +1,8 @@
 """The early-exit model classes, one per vLLM family class, all the same mechanism (`model.EarlyExitMixin`) in front
 of vLLM's own class; a family's layout (`model.ResidualLayers`, `model.PlainLayers`) says where its parts are and
-how its layers are called: Gemma 3, Llama, Qwen 2, Qwen 3 (layers with a residual stream, rotary positions) and
-GPT-2 (blocks on the hidden state alone, learned positions)."""
+how its layers are called: Gemma 3, Llama, Qwen 2, Qwen 3 (layers with a residual stream, rotary positions), GPT-2
+(blocks on the hidden state alone, learned positions), and GPT-NeoX and Phi, which vLLM serves through its Transformers
+backend (transformers' own modules with vLLM's attention): one class there, named once per family."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from vllm.model_executor.models.gpt2 import GPT2LMHeadModel
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.transformers import TransformersForCausalLM
 
-from .model import EarlyExitMixin, PlainLayers, ResidualLayers
+from .model import EarlyExitMixin, PlainLayers, ResidualLayers, TransformersLayers
 
 
 def early_exit_class(base: type, name: str, layout: type[ResidualLayers] = ResidualLayers) -> type:
@@ -42,6 +44,19 @@ def early_exit_class(base: type, name: str, layout: type[ResidualLayers] = Resid
     methods = {"__init__": __init__, "forward": forward, "compute_logits": compute_logits,
                "load_weights": load_weights, "ee_layout": layout, "__module__": __name__,
                "__doc__": f"vLLM's {base.__name__} with hf-earlyexit heads."}
+    if hasattr(base, "_create_hf_to_vllm_mapper"):  # the Transformers backend
+        def _create_hf_to_vllm_mapper(self) -> None:
+            # the backend takes checkpoint renamings (GPT-NeoX: `embed_out` -> `lm_head`) from the architecture
+            # names in the config: show it the family's own name, not ours
+            config = self.config
+            names = config.architectures
+            config.architectures = [a.replace("EarlyExit", "") for a in names or []]
+            try:
+                base._create_hf_to_vllm_mapper(self)
+            finally:
+                config.architectures = names
+
+        methods["_create_hf_to_vllm_mapper"] = _create_hf_to_vllm_mapper
     return type(name, (EarlyExitMixin, base), methods)
 
 
@@ -50,3 +65,5 @@ LlamaEarlyExitForCausalLM = early_exit_class(LlamaForCausalLM, "LlamaEarlyExitFo
 Qwen2EarlyExitForCausalLM = early_exit_class(Qwen2ForCausalLM, "Qwen2EarlyExitForCausalLM")
 Qwen3EarlyExitForCausalLM = early_exit_class(Qwen3ForCausalLM, "Qwen3EarlyExitForCausalLM")
 GPT2EarlyExitForCausalLM = early_exit_class(GPT2LMHeadModel, "GPT2EarlyExitForCausalLM", PlainLayers)
+GPTNeoXEarlyExitForCausalLM = early_exit_class(TransformersForCausalLM, "GPTNeoXEarlyExitForCausalLM", TransformersLayers)
+PhiEarlyExitForCausalLM = early_exit_class(TransformersForCausalLM, "PhiEarlyExitForCausalLM", TransformersLayers)

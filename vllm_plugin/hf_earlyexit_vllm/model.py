@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -94,6 +95,21 @@ class ResidualLayers:
         return inputs_embeds if inputs_embeds is not None else model.model.embed_input_ids(input_ids)
 
     @staticmethod
+    def context(model: nn.Module, positions: Tensor, h: Tensor):
+        """What this step's layer calls take besides the hidden state (here the positions; `TransformersLayers`
+        adds the rotary tables), computed once per step and handed to `step`, `run_block` and `write_kv`."""
+        return positions
+
+    @staticmethod
+    def new_block(model: nn.Module, vllm_config, source: int, prefix: str) -> nn.Module:
+        """A context block: a fresh decoder layer of the family's vLLM class (weights loaded by `load_block`)."""
+        return _new_layer(type(model.ee_layout.layers(model)[0]), vllm_config, prefix)
+
+    @staticmethod
+    def load_block(model: nn.Module, block: nn.Module, source: int, weights: dict[str, Tensor]) -> None:
+        _load_block(model, block, weights)
+
+    @staticmethod
     def step(layer: nn.Module, positions: Tensor, h: Tensor, residual: Tensor | None, **kwargs
              ) -> tuple[Tensor, Tensor | None]:
         return layer(positions, h, residual, **kwargs)
@@ -129,6 +145,16 @@ class ResidualLayers:
         k = k.contiguous()
         _, k = attn.rotary_emb(positions, k.clone(), k)  # the rotary op also turns a query: a throwaway copy
         return k, v, attn.attn
+
+    @classmethod
+    def write_kv(cls, layer: nn.Module, positions, raw: Tensor, kv_rows) -> None:
+        """Write `layer`'s keys and values for these tokens from its input `raw`, nothing else (no queries, no
+        attention, no MLP), through vLLM's own cache-update op."""
+        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+        k, v, attention = cls.keys_values(layer, positions, raw, kv_rows)
+        heads, size = attention.num_kv_heads, attention.head_size
+        unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attention.layer_name)
 
     @staticmethod
     def vllm_block_weights(weights: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
@@ -190,9 +216,149 @@ class PlainLayers(ResidualLayers):
             yield name, tensor.t() if is_conv else tensor
 
 
+class TransformersLayers(ResidualLayers):
+    """Families vLLM serves through its Transformers backend (`TransformersForCausalLM`: transformers' own modules,
+    linear layers swapped for vLLM's, each attention module given a vLLM attention instance as `attn`): GPT-NeoX and
+    Phi (1/2) here. The decoder `model.model` embeds (then its embedding dropout), builds the rotary tables once
+    (`rotary_emb`), runs `layers` on the hidden state alone (batch dimension 1, the residual inside each layer) and
+    ends in its final norm. A skipped layer's keys and values come from its own attention module run on its input
+    norm, with the vLLM attention swapped for a writer that stores them and attends to nothing (`_KVWriter`): the
+    family's own key arithmetic (fused or interleaved qkv, partial rotary, key norms) without a copy of it here,
+    at the price of the layer's query and output projections. A context block is a copy of the decoder layer it
+    starts from, with an attention instance (and so a KV cache) of its own."""
+
+    NORMS = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
+    DROPOUTS = ("emb_dropout", "embed_dropout")
+
+    @staticmethod
+    def final_norm(model: nn.Module) -> nn.Module:
+        body = model.model
+        for name in TransformersLayers.NORMS:
+            if hasattr(body, name):
+                return getattr(body, name)
+        raise HeadsFolderError(f"{type(body).__name__} has no final norm under any of {TransformersLayers.NORMS}")
+
+    @staticmethod
+    def embed(model: nn.Module, input_ids: Tensor | None, positions: Tensor, inputs_embeds: Tensor | None) -> Tensor:
+        body = model.model
+        h = inputs_embeds if inputs_embeds is not None else body.get_input_embeddings()(input_ids)
+        for name in TransformersLayers.DROPOUTS:
+            if hasattr(body, name):
+                h = getattr(body, name)(h)
+        return h
+
+    @staticmethod
+    def context(model: nn.Module, positions: Tensor, h: Tensor):
+        ids = positions[None]
+        return ids, model.model.rotary_emb(h[None], position_ids=ids)
+
+    @staticmethod
+    def step(layer: nn.Module, context, h: Tensor, residual: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+        ids, tables = context
+        out = layer(h[None], attention_mask=None, position_ids=ids, position_embeddings=tables, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out)[0], None
+
+    @staticmethod
+    def finish(model: nn.Module, h: Tensor, residual: Tensor | None) -> Tensor:
+        return TransformersLayers.final_norm(model)(h)
+
+    @staticmethod
+    def run_block(block: nn.Module, context, raw: Tensor) -> Tensor:
+        return TransformersLayers.step(block, context, raw, None)[0]
+
+    @staticmethod
+    def kv_rows(layer: nn.Module) -> nn.Module:
+        """The module of `layer` that computes its attention (the one holding the vLLM attention as `attn`)."""
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+        found = [m for m in layer.modules() if isinstance(m._modules.get("attn"), AttentionLayerBase)]
+        if len(found) != 1 or not hasattr(layer, "input_layernorm"):
+            raise HeadsFolderError(f"{type(layer).__name__}: expected one attention module and an input_layernorm "
+                                   f"(found {len(found)} attention modules)")
+        return found[0]
+
+    @staticmethod
+    def write_kv(layer: nn.Module, context, raw: Tensor, kv_rows: nn.Module) -> None:
+        ids, tables = context
+        attention = kv_rows
+        real = attention._modules["attn"]
+        attention._modules["attn"] = _KVWriter(real)
+        try:
+            attention(hidden_states=layer.input_layernorm(raw)[None], attention_mask=None, position_ids=ids,
+                      position_embeddings=tables)
+        finally:
+            attention._modules["attn"] = real
+
+    @staticmethod
+    def new_block(model: nn.Module, vllm_config, source: int, prefix: str) -> nn.Module:
+        from vllm.model_executor.layers.attention import Attention
+
+        layer = TransformersLayers.layers(model)[source]
+        attention = TransformersLayers.kv_rows(layer)
+        real = attention._modules.pop("attn")  # not copied: the block gets an attention (and a KV cache) of its own
+        try:
+            block = copy.deepcopy(layer, {id(p): _copy_parameter(p) for p in layer.parameters()})
+        finally:
+            attention._modules["attn"] = real
+        path = next(name for name, m in layer.named_modules() if m is attention)
+        block.get_submodule(path).attn = Attention(
+            num_heads=real.num_heads, head_size=real.head_size, scale=real.impl.scale, num_kv_heads=real.num_kv_heads,
+            cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+            logits_soft_cap=getattr(model.text_config, "attn_logit_softcapping", None),
+            per_layer_sliding_window=real.sliding_window, prefix=f"{prefix}.{path}.attn")
+        return block
+
+    @staticmethod
+    def load_block(model: nn.Module, block: nn.Module, source: int, weights: dict[str, Tensor]) -> None:
+        """HF-named block weights loaded as the source layer's would be (the backend's weight mapper fuses q/k/v
+        projections by the layer's full name), then into the block."""
+        from vllm.model_executor.models.utils import AutoWeightsLoader
+
+        where = f"model.{model._layer_names[source]}"  # the source layer's full name, e.g. model.layers.3
+        holder = nn.Module()
+        parent = holder
+        for part in where.split(".")[:-1]:
+            parent.add_module(part, nn.Module())
+            parent = parent.get_submodule(part)
+        parent.add_module(where.split(".")[-1], block)
+        dtype = TransformersLayers.final_norm(model).weight.dtype
+        loaded = AutoWeightsLoader(holder).load_weights(
+            ((f"{where}.{name}", tensor.to(dtype)) for name, tensor in weights.items()), mapper=model.hf_to_vllm_mapper)
+        missing = {f"{where}.{n}" for n, _ in block.named_parameters()} - set(loaded)
+        if missing:
+            raise HeadsFolderError(f"a context block's weights {sorted(missing)} were not in the heads folder or base")
+
+
+def _copy_parameter(param: nn.Parameter) -> nn.Parameter:
+    """A copy of a parameter of the same class with the same attributes (vLLM's parameter classes, which carry their
+    weight loaders, cannot be deep-copied)."""
+    new = type(param).__new__(type(param), param.data.clone())
+    new.__dict__.update(param.__dict__)
+    new.requires_grad_(param.requires_grad)
+    return new
+
+
+class _KVWriter(nn.Module):
+    """Stands in for a layer's vLLM attention while its keys and values are written: stores them in that
+    attention's cache and returns zeros (the caller's output is dropped)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = [attention]  # a list: not registered as a child
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+        attention = self.attention[0]
+        heads, size = attention.num_kv_heads, attention.head_size
+        unified_kv_cache_update(key.reshape(-1, heads, size), value.reshape(-1, heads, size), attention.layer_name)
+        return torch.zeros_like(query)
+
+
 class EarlyExitMixin:
     """Early exit for a vLLM `*ForCausalLM`; `ee_layout` says where the family keeps its parts and how its layers
-    are called (`ResidualLayers`: Gemma 3, Llama, Qwen 2/3; `PlainLayers`: GPT-2). Subclasses put it before the
+    are called (`ResidualLayers`: Gemma 3, Llama, Qwen 2/3; `PlainLayers`: GPT-2; `TransformersLayers`: GPT-NeoX
+    and Phi through vLLM's Transformers backend). Subclasses put it before the
     vLLM class."""
 
     ee_layout: type[ResidualLayers] = ResidualLayers
@@ -233,11 +399,11 @@ class EarlyExitMixin:
         # name holds one integer, the layer it copies (vLLM reads the attention type from it)
         self.ee_blocks = nn.ModuleDict()
         if heads.head_type == "context":
-            layer_class = type(self.ee_layout.layers(self)[0])
             for j, on in enumerate(checked):
                 if on:
-                    self.ee_blocks[str(j)] = _new_layer(layer_class, vllm_config,
-                                                        f"earlyexit_block_e{j}.{heads.block_source[j]}")
+                    source = heads.block_source[j]
+                    self.ee_blocks[str(j)] = self.ee_layout.new_block(self, vllm_config, source,
+                                                                      f"earlyexit_block_e{j}.{source}")
         final_norm = self.ee_layout.final_norm(self)
         self.ee_norms = nn.ModuleDict({str(j): copy.deepcopy(final_norm) for j, on in enumerate(checked) if on})
         logger.info("hf-earlyexit: heads %s at eps=%g, checking exits %s", heads.path, self.ee_eps,
@@ -325,7 +491,7 @@ class EarlyExitMixin:
             if heads.head_type == "context":
                 source = heads.block_source[j]
                 block = heads.block_weights(j, kept[source])
-                _load_block(self, self.ee_blocks[str(j)], block)
+                layout.load_block(self, self.ee_blocks[str(j)], source, block)
         # key/value rows of the layers an early step can skip (and of the blocks): filling their cache then needs
         # no query projection (taken now, before vLLM repacks the fused weights for its kernels)
         first = min(k for k, on in zip(heads.exit_layers, self.ee_checked, strict=True) if on)
@@ -341,6 +507,7 @@ class EarlyExitMixin:
         sequence never fires. Other steps run every layer and only write the context blocks' keys and values."""
         layout = self.ee_layout
         h = layout.embed(self, input_ids, positions, inputs_embeds)
+        positions = layout.context(self, positions, h)  # what the layer calls take besides the hidden state
         residual = None
         decode = _decode_only()
         check = decode and (self.ee_max_batch is None or h.shape[0] <= self.ee_max_batch)
@@ -431,14 +598,9 @@ class EarlyExitMixin:
         for m in range(j + 1, len(self.ee_checked)):
             self._ee_feed_block(m, positions, raw)
 
-    def _ee_write_kv(self, layer: nn.Module, positions: Tensor, raw: Tensor) -> None:
-        """Write decoder `layer`'s (or a context block's) keys and values for these tokens from its input `raw`,
-        nothing else (no queries, no attention, no MLP), through vLLM's own cache-update op."""
-        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
-
-        k, v, attention = self.ee_layout.keys_values(layer, positions, raw, self.ee_kv_rows[id(layer)])
-        heads, size = attention.num_kv_heads, attention.head_size
-        unified_kv_cache_update(k.reshape(-1, heads, size), v.reshape(-1, heads, size), attention.layer_name)
+    def _ee_write_kv(self, layer: nn.Module, positions, raw: Tensor) -> None:
+        """Write decoder `layer`'s (or a context block's) keys and values for these tokens from its input `raw`."""
+        self.ee_layout.write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
 
     def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats
@@ -536,6 +698,17 @@ def _layer_of(name: str, container: str = "layers") -> int | None:
     return None
 
 
+def _checkpoint_renames(model: nn.Module) -> list[tuple[re.Pattern, str]]:
+    """transformers' renamings from checkpoint names to the class's own (none where this version has no such
+    table)."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:
+        return []
+    return [(re.compile(source), target) for rule in get_model_conversion_mapping(model)
+            if isinstance(rule, WeightRenaming) for source, target in zip(rule.source_patterns, rule.target_patterns)]
+
+
 class _FingerprintStream:
     """hf-earlyexit's base-weight fingerprint (`fingerprint.py`), computed from the HF-named checkpoint tensors as
     vLLM streams them; the parts (embedding, each decoder layer, final norm, LM head) and the order of tensors within
@@ -553,8 +726,10 @@ class _FingerprintStream:
             if not hasattr(body, "layers") and not hasattr(body, "h"):
                 body = getattr(model, "transformer", body)
             layers = body.layers if hasattr(body, "layers") else body.h  # GPT-2: `transformer.h`, `ln_f`
-            norm = body.norm if hasattr(body, "norm") else body.ln_f
+            # final norms: `norm`, GPT-NeoX `final_layer_norm`, Phi `final_layernorm`, GPT-2 `ln_f`
+            norm = next(getattr(body, n) for n in TransformersLayers.NORMS if hasattr(body, n))
             parts = [model.get_input_embeddings(), *layers, norm, model.get_output_embeddings()]
+            self.renames = _checkpoint_renames(model)
             names: dict[int, list[str]] = {}  # a tied weight has several names; the checkpoint may hold any one
             for n, p in model.named_parameters(remove_duplicate=False):
                 names.setdefault(id(p), []).append(n)
@@ -571,7 +746,11 @@ class _FingerprintStream:
 
     def add(self, name: str, tensor: Tensor) -> None:
         if self.terms is not None:  # GPT-2 checkpoints may name its stack without the `transformer.` prefix
-            for p, t in self.slots.get(name, ()) or self.slots.get(f"transformer.{name}", ()):
+            renamed = name
+            for pattern, target in self.renames:  # GPT-NeoX checkpoints keep `embed_out` for the LM head
+                renamed = pattern.sub(target, renamed)
+            slots = self.slots.get(name) or self.slots.get(f"transformer.{name}") or self.slots.get(renamed, ())
+            for p, t in slots:
                 if (p, t) not in self.filled:
                     self.filled.add((p, t))
                     self.terms[p].append(tensor_terms(tensor.cpu(), t))

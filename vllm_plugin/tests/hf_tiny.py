@@ -2,7 +2,7 @@
 installed, not in the vLLM venv): the plugin's family tests load both in vLLM and compare with hf-earlyexit's own
 decoding (`hf_oracle.py`).
 
-    python hf_tiny.py FAMILY OUT_DIR      # FAMILY: llama | qwen2 | qwen3 | gpt2; prints {"base": ..., "heads": ...}
+    python hf_tiny.py FAMILY OUT_DIR      # FAMILY: llama | qwen2 | qwen3 | gpt2 | gpt_neox | phi; prints {"base": ..., "heads": ...}
 
 The base has head size 64 (vLLM's CPU attention needs one of its sizes) and no tokenizer (prompts are token ids).
 The heads are context heads over a 416-token draft vocabulary with their weights moved off their start, and
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig, Qwen2Config,
+                          Qwen3Config)
 
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.modeling.metrics_earlyexit import confidence
@@ -27,6 +28,12 @@ CONFIGS = {
     "qwen3": lambda: Qwen3Config(**SIZES, head_dim=64),
     "gpt2": lambda: GPT2Config(vocab_size=512, n_embd=128, n_inner=256, n_layer=4, n_head=2, n_positions=512,
                                bos_token_id=0, eos_token_id=0),
+    # partial rotary in both; GPT-NeoX's fused qkv is interleaved per head, Phi's layers are parallel (attention and
+    # MLP on the same normed input)
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                      num_attention_heads=2, max_position_embeddings=512, rotary_pct=0.5),
+    "phi": lambda: PhiConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                             num_attention_heads=2, max_position_embeddings=512, partial_rotary_factor=0.5),
 }
 
 

@@ -166,17 +166,19 @@ def test_bad_settings_are_named(settings, message):
 
 
 @pytest.mark.skipif(not ORACLE, reason="set HF_EARLYEXIT_PYTHON to a Python with hf-earlyexit for the oracle")
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi"])
 def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
-    """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 / GPT-2 classes, with a tiny random base and context heads
-    written by hf-earlyexit (`hf_tiny.py`): ε = 1 is vLLM's own class; at ε 0.5 (about half the tokens exit) the
-    tokens equal hf-earlyexit's own early exit, one sequence at a time and as a batch."""
+    """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 / GPT-2 classes and, for GPT-NeoX and Phi, its
+    Transformers backend, with a tiny random base and context heads written by hf-earlyexit (`hf_tiny.py`): ε = 1 is
+    vLLM's own class; at ε 0.5 (about half the tokens exit) the tokens equal hf-earlyexit's own early exit, one
+    sequence at a time and as a batch."""
     here = Path(__file__).parent
     made = json.loads(subprocess.run([ORACLE, str(here / "hf_tiny.py"), family, str(tmp_path)], capture_output=True,
                                      text=True, check=True).stdout)
     prompts = [[1, 5, 9, 200, 33, 7, 140], [2, 8, 120, 130, 5], [3, 300, 301, 302, 110, 111, 112, 113, 9]]
     params = vllm.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
-    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}[family]
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2", "gpt_neox": "GPTNeoX",
+            "phi": "Phi"}[family]
 
     def engine(earlyexit):
         kwargs = {} if earlyexit is None else {
