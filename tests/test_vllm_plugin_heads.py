@@ -43,7 +43,10 @@ def _heads(arch: str, tmp_path: Path, **setup) -> tuple[EarlyExitForCausalLM, Pa
     {"head": "context", "context_rank": 2},
     {"head": "shared"},
     {"head": "context", "block_delta_bits": 6, "arch": "gpt2"},
-], ids=["context_6bit", "context_whole", "context_rank2", "shared", "gpt2_context_6bit"])
+    {"head": "context", "block_delta_bits": 6, "arch": "gpt_neox"},
+    {"head": "context", "arch": "phi"},
+], ids=["context_6bit", "context_whole", "context_rank2", "shared", "gpt2_context_6bit", "gpt_neox_context_6bit",
+        "phi_context_whole"])
 def test_plugin_reads_the_blocks_hf_earlyexit_loads(setup, tmp_path):
     """Every block weight the plugin rebuilds (base layer + stored change / low-rank delta, or stored whole) equals
     what hf-earlyexit's own loader puts in the head; thresholds and metric are the config's."""
@@ -74,17 +77,19 @@ def test_plugin_reads_the_blocks_hf_earlyexit_loads(setup, tmp_path):
             torch.testing.assert_close(rebuilt[name].float(), value.detach().float(), rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen3", "gpt2", "gpt_neox", "phi"])
 def test_plugin_fingerprint_of_streamed_checkpoint_tensors_equals_ours(arch):
     """The fingerprint computed from HF-named tensors as they stream past (in checkpoint order, tied weights named
-    once) is hf-earlyexit's `weight_fingerprint` of the loaded model; a changed tensor changes it."""
+    once, under the names checkpoints keep: GPT-NeoX's LM head as `embed_out`) is hf-earlyexit's
+    `weight_fingerprint` of the loaded model; a changed tensor changes it."""
     base = tiny_model(arch)
     stream = _FingerprintStream(base.config)
     state = base.state_dict()
+    saved_as = {"lm_head.weight": "embed_out.weight"} if arch == "gpt_neox" else {}
     for name in sorted(state):  # checkpoint files list tensors by name, not in module order
         if name == "lm_head.weight" and base.config.tie_word_embeddings:
             continue
-        stream.add(name, state[name])
+        stream.add(saved_as.get(name, name), state[name])
     assert stream.result() == weight_fingerprint(base)
     other = _FingerprintStream(base.config)
     for name in sorted(state):

@@ -65,5 +65,7 @@ LlamaEarlyExitForCausalLM = early_exit_class(LlamaForCausalLM, "LlamaEarlyExitFo
 Qwen2EarlyExitForCausalLM = early_exit_class(Qwen2ForCausalLM, "Qwen2EarlyExitForCausalLM")
 Qwen3EarlyExitForCausalLM = early_exit_class(Qwen3ForCausalLM, "Qwen3EarlyExitForCausalLM")
 GPT2EarlyExitForCausalLM = early_exit_class(GPT2LMHeadModel, "GPT2EarlyExitForCausalLM", PlainLayers)
-GPTNeoXEarlyExitForCausalLM = early_exit_class(TransformersForCausalLM, "GPTNeoXEarlyExitForCausalLM", TransformersLayers)
+# one class for every family of the Transformers backend, named per family (the name picks the checkpoint renamings)
+GPTNeoXEarlyExitForCausalLM = early_exit_class(TransformersForCausalLM, "GPTNeoXEarlyExitForCausalLM",
+                                               TransformersLayers)
 PhiEarlyExitForCausalLM = early_exit_class(TransformersForCausalLM, "PhiEarlyExitForCausalLM", TransformersLayers)

@@ -222,10 +222,10 @@ class TransformersLayers(ResidualLayers):
     Phi (1/2) here. The decoder `model.model` embeds (then its embedding dropout), builds the rotary tables once
     (`rotary_emb`), runs `layers` on the hidden state alone (batch dimension 1, the residual inside each layer) and
     ends in its final norm. A skipped layer's keys and values come from its own attention module run on its input
-    norm, with the vLLM attention swapped for a writer that stores them and attends to nothing (`_KVWriter`): the
-    family's own key arithmetic (fused or interleaved qkv, partial rotary, key norms) without a copy of it here,
-    at the price of the layer's query and output projections. A context block is a copy of the decoder layer it
-    starts from, with an attention instance (and so a KV cache) of its own."""
+    norm, with the vLLM attention swapped for a writer that stores them and ends the module's forward there
+    (`_KVWriter`): the family's own key arithmetic (fused or per-head interleaved qkv, partial rotary, key norms)
+    without a copy of it here, at the price of the layer's query projection. A context block is a copy of the
+    decoder layer it starts from, with an attention instance (and so a KV cache) of its own."""
 
     NORMS = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
     DROPOUTS = ("emb_dropout", "embed_dropout")
@@ -286,6 +286,10 @@ class TransformersLayers(ResidualLayers):
         try:
             attention(hidden_states=layer.input_layernorm(raw)[None], attention_mask=None, position_ids=ids,
                       position_embeddings=tables)
+        except _Written:  # the module stops where its keys and values are stored: no output projection
+            pass
+        else:
+            raise RuntimeError(f"{type(attention).__name__} did not pass its keys and values to its vLLM attention")
         finally:
             attention._modules["attn"] = real
 
@@ -338,9 +342,13 @@ def _copy_parameter(param: nn.Parameter) -> nn.Parameter:
     return new
 
 
+class _Written(Exception):
+    """Raised by `_KVWriter` once the keys and values are stored, to end the attention module's forward there."""
+
+
 class _KVWriter(nn.Module):
     """Stands in for a layer's vLLM attention while its keys and values are written: stores them in that
-    attention's cache and returns zeros (the caller's output is dropped)."""
+    attention's cache, then ends the attention module's forward (`_Written`), whose output nothing reads."""
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
@@ -352,7 +360,7 @@ class _KVWriter(nn.Module):
         attention = self.attention[0]
         heads, size = attention.num_kv_heads, attention.head_size
         unified_kv_cache_update(key.reshape(-1, heads, size), value.reshape(-1, heads, size), attention.layer_name)
-        return torch.zeros_like(query)
+        raise _Written
 
 
 class EarlyExitMixin:
@@ -705,8 +713,13 @@ def _checkpoint_renames(model: nn.Module) -> list[tuple[re.Pattern, str]]:
         from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
     except ImportError:
         return []
-    return [(re.compile(source), target) for rule in get_model_conversion_mapping(model)
-            if isinstance(rule, WeightRenaming) for source, target in zip(rule.source_patterns, rule.target_patterns)]
+    renames = []
+    for rule in get_model_conversion_mapping(model):
+        if isinstance(rule, WeightRenaming):
+            targets = list(rule.target_patterns)
+            for k, source in enumerate(rule.source_patterns):
+                renames.append((re.compile(source), targets[min(k, len(targets) - 1)]))
+    return renames
 
 
 class _FingerprintStream:

@@ -2,7 +2,9 @@
 installed, not in the vLLM venv): the plugin's family tests load both in vLLM and compare with hf-earlyexit's own
 decoding (`hf_oracle.py`).
 
-    python hf_tiny.py FAMILY OUT_DIR      # FAMILY: llama | qwen2 | qwen3 | gpt2 | gpt_neox | phi; prints {"base": ..., "heads": ...}
+    python hf_tiny.py FAMILY OUT_DIR      # prints {"base": ..., "heads": ...}
+
+FAMILY: llama | qwen2 | qwen3 | gpt2 | gpt_neox | phi.
 
 The base has head size 64 (vLLM's CPU attention needs one of its sizes) and no tokenizer (prompts are token ids).
 The heads are context heads over a 416-token draft vocabulary with their weights moved off their start, and
@@ -14,8 +16,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PhiConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.modeling.metrics_earlyexit import confidence
