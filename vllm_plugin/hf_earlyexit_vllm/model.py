@@ -32,22 +32,26 @@ from .heads import HeadsFolderError, confidence, read_heads_folder, text_value
 logger = logging.getLogger("vllm.hf_earlyexit")  # under vLLM's logger: its handlers print INFO
 
 CONFIG_KEY = "earlyexit"  # hf_overrides={"earlyexit": {...}} carries the plugin's settings
-SETTINGS = ("heads", "eps", "exits", "log_every", "max_batch", "ignore_base_mismatch")
+SETTINGS = ("heads", "eps", "exits", "log_every", "max_batch", "batch_exit", "ignore_base_mismatch")
+BATCH_EXITS = ("step", "row")  # the whole decode batch leaves together / each sequence leaves on its own
 # decode steps of more sequences run every layer, no exit checked; None: no limit. Measured (bf16, shipped heads,
 # exits 12 and 15, README "Serving with vLLM"): checking pays at 1 sequence (1.30x vLLM) and 2 (1.05x), breaks even
 # at 4 and loses beyond (0.85x at 8, 0.71x at 32: a step seldom has every sequence confident at once and then pays
 # the heads on top of the whole model), while unchecked steps cost what vLLM's own do (1.02x / 1.00x at 8 / 32)
 MAX_BATCH: int | None = 2
+BATCH_EXIT = "step"
 
 
 def settings_of(hf_config) -> dict:
     """The plugin's settings from the model config (`hf_overrides={"earlyexit": {"heads": ..., "eps": ...}}`), or
-    else from the environment (`HF_EARLYEXIT_VLLM_HEADS`, `_EPS`, `_EXITS`, `_LOG_EVERY`, `_MAX_BATCH`)."""
+    else from the environment (`HF_EARLYEXIT_VLLM_HEADS`, `_EPS`, `_EXITS`, `_LOG_EVERY`, `_MAX_BATCH`,
+    `_BATCH_EXIT`)."""
     raw = getattr(hf_config, CONFIG_KEY, None)
     if raw is None and os.environ.get("HF_EARLYEXIT_VLLM_HEADS"):
         raw = {"heads": os.environ["HF_EARLYEXIT_VLLM_HEADS"], "log_every": 100}
         for key, name, parse in (("eps", "EPS", float), ("exits", "EXITS", lambda v: [int(x) for x in v.split(",")]),
-                                 ("log_every", "LOG_EVERY", int), ("max_batch", "MAX_BATCH", int)):
+                                 ("log_every", "LOG_EVERY", int), ("max_batch", "MAX_BATCH", int),
+                                 ("batch_exit", "BATCH_EXIT", str)):
             value = os.environ.get(f"HF_EARLYEXIT_VLLM_{name}")
             if value:
                 try:
@@ -62,11 +66,14 @@ def settings_of(hf_config) -> dict:
     unknown = sorted(set(raw) - set(SETTINGS))
     if unknown:
         raise HeadsFolderError(f"{CONFIG_KEY} settings {unknown} are unknown (expected some of {', '.join(SETTINGS)})")
-    settings = {"eps": 0.9, "exits": None, "log_every": 0, "max_batch": MAX_BATCH, "ignore_base_mismatch": False,
+    settings = {"eps": 0.9, "exits": None, "log_every": 0, "max_batch": MAX_BATCH, "batch_exit": BATCH_EXIT,
+                "ignore_base_mismatch": False,
                 **raw}
     log_every = settings["log_every"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise HeadsFolderError(f"log_every={log_every!r}: expected a whole number of decode steps >= 0 (0: never)")
+    if settings["batch_exit"] not in BATCH_EXITS:
+        raise HeadsFolderError(f"batch_exit={settings['batch_exit']!r}: expected one of {', '.join(BATCH_EXITS)}")
     max_batch = settings["max_batch"]
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise HeadsFolderError(f"max_batch={max_batch!r}: expected a whole number of sequences >= 1, or None (no "
@@ -99,6 +106,11 @@ class ResidualLayers:
         """What this step's layer calls take besides the hidden state (here the positions; `TransformersLayers`
         adds the rotary tables), computed once per step and handed to `step`, `run_block` and `write_kv`."""
         return positions
+
+    @staticmethod
+    def rows(context, index: Tensor):
+        """`context` for the tokens `index` picks (a bool mask or positions along the batch)."""
+        return context[index]
 
     @staticmethod
     def new_block(model: nn.Module, vllm_config, source: int, prefix: str) -> nn.Module:
@@ -253,6 +265,11 @@ class TransformersLayers(ResidualLayers):
         return ids, model.model.rotary_emb(h[None], position_ids=ids)
 
     @staticmethod
+    def rows(context, index: Tensor):
+        ids, (cos, sin) = context
+        return ids[:, index], (cos[:, index], sin[:, index])
+
+    @staticmethod
     def step(layer: nn.Module, context, h: Tensor, residual: Tensor | None, **kwargs) -> tuple[Tensor, None]:
         ids, tables = context
         out = layer(h[None], attention_mask=None, position_ids=ids, position_embeddings=tables, **kwargs)
@@ -397,6 +414,8 @@ class EarlyExitMixin:
         self.ee_starts = {k: j for j, k in enumerate(heads.exit_layers) if checked[j]}  # layer -> checked exit there
         self.ee_log_every = settings["log_every"]
         self.ee_max_batch = settings["max_batch"]
+        self.ee_batch_exit = settings["batch_exit"]
+        self.ee_dtype = vllm_config.model_config.dtype
         self.ee_ignore_base_mismatch = bool(settings["ignore_base_mismatch"])
         self.ee_softcap = getattr(config, "final_logit_softcapping", None)
         self.ee_vocab = config.vocab_size
@@ -510,9 +529,12 @@ class EarlyExitMixin:
 
     def _ee_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
         """The model's layers, trying the checked exits on the way at a decode-only step of at most `max_batch`
-        sequences: a sequence leaves at the first exit where its head fires, and rides along with the others (its
-        layers computed in full) until every sequence has left; the step stops there, or runs to the end when some
-        sequence never fires. Other steps run every layer and only write the context blocks' keys and values."""
+        sequences: a sequence leaves at the first exit where its head fires. Under `batch_exit="step"` it rides
+        along with the others (its layers computed in full) until every sequence has left; the step stops there, or
+        runs to the end when some sequence never fires. Under `"row"` it leaves the batch there: its skipped layers'
+        keys and values are written from its exit state, and the deeper layers run for the others alone (attention
+        over their own sequences only). Other steps run every layer and only write the context blocks' keys and
+        values."""
         layout = self.ee_layout
         h = layout.embed(self, input_ids, positions, inputs_embeds)
         positions = layout.context(self, positions, h)  # what the layer calls take besides the hidden state
@@ -523,38 +545,68 @@ class EarlyExitMixin:
             self.ee_stats["unchecked_steps"] += 1
         self._ee_out = None
         starts = self.ee_starts
-        left = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
+        n = h.shape[0]
+        left = torch.full((n,), -1, dtype=torch.long, device=h.device)  # the exit each sequence left at
         chosen = None  # (n, vocab) logits of the sequences that left
-        for i, layer in enumerate(layout.layers(self)):
-            j = starts.get(i)
-            if j is not None:
-                raw = h if residual is None else h + residual
-                if not check:  # nothing reads the block's output: its keys and values are all it needs
-                    self._ee_feed_block(j, positions, raw)
-                else:
-                    features = self._ee_block(j, positions, raw)
-                    going = (left < 0).nonzero().squeeze(1)
-                    logits = self._ee_head_logits(j, features[going])
-                    fires = self._ee_fires(j, logits)
-                    if bool(fires.any()):
-                        rows = going[fires]
-                        left[rows] = j
-                        if chosen is None:
-                            chosen = logits.new_full((h.shape[0], self.ee_vocab), -math.inf, dtype=torch.float32)
-                        chosen[rows] = self._ee_vocab_logits(j, logits[fires])
-                    if bool((left >= 0).all()):
-                        self._ee_fill_kv(i, j, positions, raw)
-                        self._ee_count(left)
-                        self._ee_out = (chosen, left)
-                        return features
-            h, residual = layout.step(layer, positions, h, residual, **kwargs)
-        if decode:
-            self._ee_count(left)
-            if chosen is not None:
-                self._ee_out = (chosen, left)
-        else:
-            self.ee_stats["prefill_steps"] += 1
-        return layout.finish(self, h, residual)
+        rows = _BatchRows(n, h.device, self.ee_dtype) if check and self.ee_batch_exit == "row" and n > 1 else None
+        try:
+            for i, layer in enumerate(layout.layers(self)):
+                j = starts.get(i)
+                if j is not None:
+                    raw = h if residual is None else h + residual
+                    if not check:  # nothing reads the block's output: its keys and values are all it needs
+                        self._ee_feed_block(j, positions, raw)
+                    elif rows is None:  # the whole batch leaves together
+                        features = self._ee_block(j, positions, raw)
+                        going = (left < 0).nonzero().squeeze(1)
+                        logits = self._ee_head_logits(j, features[going])
+                        fires = self._ee_fires(j, logits)
+                        if bool(fires.any()):
+                            fired = going[fires]
+                            left[fired] = j
+                            if chosen is None:
+                                chosen = logits.new_full((n, self.ee_vocab), -math.inf, dtype=torch.float32)
+                            chosen[fired] = self._ee_vocab_logits(j, logits[fires])
+                        if bool((left >= 0).all()):
+                            self._ee_fill_kv(i, j, positions, raw)
+                            self._ee_count(left)
+                            self._ee_out = (chosen, left)
+                            return features
+                    else:  # each sequence leaves on its own; `h` holds the rows still going
+                        features = self._ee_block(j, positions, raw)
+                        logits = self._ee_head_logits(j, features)
+                        fires = self._ee_fires(j, logits)
+                        if bool(fires.any()):
+                            going = rows.active
+                            fired = going[fires]
+                            left[fired] = j
+                            if chosen is None:
+                                chosen = logits.new_full((n, self.ee_vocab), -math.inf, dtype=torch.float32)
+                            chosen[fired] = self._ee_vocab_logits(j, logits[fires])
+                            if bool(fires.all()):
+                                self._ee_fill_kv(i, j, positions, raw)
+                                self._ee_count(left)
+                                self._ee_out = (chosen, left)
+                                return rows.scatter(features)
+                            rows.attend(fired)  # the leaving rows' skipped layers get their keys and values
+                            self._ee_fill_kv(i, j, layout.rows(positions, fires), raw[fires])
+                            keep = ~fires
+                            rows.attend(going[keep])  # the others go on alone
+                            h = h[keep]
+                            residual = None if residual is None else residual[keep]
+                            positions = layout.rows(positions, keep)
+                h, residual = layout.step(layer, positions, h, residual, **kwargs)
+            if decode:
+                self._ee_count(left)
+                if chosen is not None:
+                    self._ee_out = (chosen, left)
+            else:
+                self.ee_stats["prefill_steps"] += 1
+            out = layout.finish(self, h, residual)
+            return out if rows is None else rows.scatter(out)
+        finally:
+            if rows is not None:
+                rows.restore()
 
     def _ee_block(self, j: int, positions: Tensor, raw: Tensor) -> Tensor:
         """What exit `j`'s head reads: its context block's output over `raw` (its KV cache written), or `raw`."""
@@ -656,6 +708,74 @@ def format_stats(stats: dict) -> str:
     per = ", ".join(f"exit@{k} {n}" for k, n in stats["exit_tokens"].items())
     return (f"{stats['decode_steps']} decode steps, {stats['decode_tokens']} tokens, {exited / total:.1%} left early "
             f"({per}, full {stats['full_tokens']})")
+
+
+class _BatchRows:
+    """The sequences of a decode step still going under `batch_exit="row"`, and the step's attention metadata and
+    slot mapping narrowed to some of them (vLLM's CPU attention backend: each sequence brings one token, so a
+    subset keeps its rows of the sequence lengths, block table and slots, with the backend's work schedule
+    computed again for it). `restore()` puts the step's own back."""
+
+    def __init__(self, n: int, device, dtype: torch.dtype) -> None:
+        from vllm.forward_context import get_forward_context
+
+        self.dtype = dtype  # the model's (the backend's work schedule is built for it)
+        self.context = get_forward_context()
+        self.metadata, self.slots = self.context.attn_metadata, self.context.slot_mapping
+        if not isinstance(self.metadata, dict) or not isinstance(self.slots, dict):
+            raise RuntimeError("hf-earlyexit: batch_exit='row' needs one attention metadata dict per step (got "
+                               f"{type(self.metadata).__name__})")
+        self.active = torch.arange(n, device=device)
+        self.n = n
+
+    def attend(self, rows: Tensor) -> None:
+        """From now on the model's attention layers see only the sequences `rows` (positions in the whole step)."""
+        narrowed: dict[int, object] = {}
+        metadata = {}
+        for name, m in self.metadata.items():
+            if id(m) not in narrowed:
+                narrowed[id(m)] = self._narrow(m, rows, [k for k, v in self.metadata.items() if v is m])
+            metadata[name] = narrowed[id(m)]
+        self.context.attn_metadata = metadata
+        self.context.slot_mapping = {name: slots[rows] for name, slots in self.slots.items()}
+        self.active = rows
+
+    def scatter(self, out: Tensor) -> Tensor:
+        """`out` (rows of the sequences still going) at their places in the whole step (zeros elsewhere: the
+        sequences that left take their exit's logits)."""
+        if out.shape[0] == self.n:
+            return out
+        full = out.new_zeros((self.n, *out.shape[1:]))
+        full[self.active] = out
+        return full
+
+    def restore(self) -> None:
+        self.context.attn_metadata, self.context.slot_mapping = self.metadata, self.slots
+
+    def _narrow(self, m, rows: Tensor, names: list[str]):
+        import dataclasses
+
+        from vllm import _custom_ops as ops
+        from vllm import envs
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+        if not isinstance(m, CPUAttentionMetadata) or m.max_query_len != 1:
+            raise RuntimeError(f"hf-earlyexit: batch_exit='row' needs vLLM's CPU attention backend at decode steps "
+                               f"(got {type(m).__name__}); use batch_exit='step'")
+        layers = [self.context.no_compile_layers[name] for name in names]
+        impl = layers[0].impl
+        windows = {layer.impl.sliding_window for layer in layers}  # as the backend's builder takes the window
+        k = rows.numel()
+        starts = torch.arange(k + 1, dtype=m.query_start_loc.dtype, device=m.query_start_loc.device)
+        seq_lens = m.seq_lens[rows]
+        schedule = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=k, num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=m.causal,
+            sliding_window_size=windows.pop() if len(windows) == 1 else -1, isa=layers[0].isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=impl.kv_cache_dtype)
+        return dataclasses.replace(m, num_actual_tokens=k, query_start_loc=starts, max_seq_len=int(seq_lens.max()),
+                                   seq_lens=seq_lens, block_table=m.block_table[rows],
+                                   slot_mapping=m.slot_mapping[rows], scheduler_metadata=schedule)
 
 
 def _decode_only() -> bool:

@@ -73,6 +73,13 @@ def _generate(llm, prompts: list[list[int]], batched: bool) -> list[list[int]]:
     return out
 
 
+def _oracle(heads, eps, new: int, prompts: list[list[int]], batched: bool, batch_exit: str = "step"):
+    """hf-earlyexit's own early exit of `prompts` (`hf_oracle.py`, run with `HF_EARLYEXIT_PYTHON`)."""
+    return json.loads(subprocess.run(
+        [ORACLE, str(Path(__file__).with_name("hf_oracle.py")), str(heads), str(eps), str(new), "1" if batched else "0",
+         batch_exit], input=json.dumps(prompts), capture_output=True, text=True, check=True).stdout)
+
+
 @pytest.fixture(scope="module")
 def plain_tokens():
     llm = _engine(None)
@@ -105,10 +112,7 @@ def test_exits_reproduce_hf_earlyexit(plain_tokens, eps):
     llm = _engine({"eps": eps, "max_batch": None})  # every step checks its exits, as hf-earlyexit's batch does
     try:
         for batched in (False, True):
-            expected = json.loads(subprocess.run(
-                [ORACLE, str(Path(__file__).with_name("hf_oracle.py")), str(HEADS), str(eps), str(NEW),
-                 "1" if batched else "0"], input=json.dumps(prompts), capture_output=True, text=True,
-                check=True).stdout)
+            expected = _oracle(HEADS, eps, NEW, prompts, batched)
             before = hf_earlyexit_vllm.exit_stats(llm)[0]
             got = _generate(llm, prompts, batched)
             after = hf_earlyexit_vllm.exit_stats(llm)[0]
@@ -121,6 +125,25 @@ def test_exits_reproduce_hf_earlyexit(plain_tokens, eps):
         assert got != plain  # lossy: the exits changed some tokens
     finally:
         _close(llm)
+
+
+@pytest.mark.skipif(not ORACLE, reason="set HF_EARLYEXIT_PYTHON to a Python with hf-earlyexit for the oracle")
+def test_row_exit_reproduces_hf_earlyexit_row_rule(plain_tokens):
+    """`batch_exit="row"`: a sequence leaves the batch at its own exit (its skipped layers' keys and values from its
+    own exit state), and the deeper layers run for the others alone, attending over their own sequences. One batch of
+    4 gives hf-earlyexit's row rule token for token, which on these prompts differs from the step rule's."""
+    prompts, _ = plain_tokens
+    llm = _engine({"eps": 0.9, "max_batch": None, "batch_exit": "row"})
+    try:
+        got = _generate(llm, prompts, batched=True)
+        (stats,) = hf_earlyexit_vllm.exit_stats(llm)
+    finally:
+        _close(llm)
+    expected = _oracle(HEADS, 0.9, NEW, prompts, True, "row")
+    assert got == expected
+    assert expected != _oracle(HEADS, 0.9, NEW, prompts, True, "step")  # the rules differ here: the test can fail
+    assert sum(stats["exit_tokens"].values()) > 0.3 * stats["decode_tokens"], stats
+    assert stats["early_steps"] < stats["decode_steps"]  # some steps had sequences leaving while others went on
 
 
 def test_steps_above_max_batch_run_the_whole_model(plain_tokens):
@@ -158,6 +181,7 @@ def test_sampling_and_a_chosen_exit_subset_run():
     ({"eps": 0.9, "exits": [5]}, r"exits=\[5\]: expected a list of these heads' exit layers \[4, 8, 12, 15\]"),
     ({"eps": 0.9, "speed": 2}, r"earlyexit settings \['speed'\] are unknown"),
     ({"eps": 0.9, "max_batch": 0}, r"max_batch=0: expected a whole number of sequences >= 1, or None"),
+    ({"eps": 0.9, "batch_exit": "token"}, r"batch_exit='token': expected one of step, row"),
 ])
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(Exception, match=message) as caught:
@@ -171,7 +195,7 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
     """The same mechanism on vLLM's Llama / Qwen 2 / Qwen 3 / GPT-2 classes and, for GPT-NeoX and Phi, its
     Transformers backend, with a tiny random base and context heads written by hf-earlyexit (`hf_tiny.py`): ε = 1 is
     vLLM's own class; at ε 0.5 (about half the tokens exit) the tokens equal hf-earlyexit's own early exit, one
-    sequence at a time and as a batch."""
+    sequence at a time and as a batch, under both batch rules."""
     here = Path(__file__).parent
     made = json.loads(subprocess.run([ORACLE, str(here / "hf_tiny.py"), family, str(tmp_path)], capture_output=True,
                                      text=True, check=True).stdout)
@@ -207,12 +231,14 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
     llm = engine({"eps": 0.5, "max_batch": None})
     try:
         for batched in (False, True):
-            expected = json.loads(subprocess.run(
-                [ORACLE, str(here / "hf_oracle.py"), made["heads"], "0.5", "16", "1" if batched else "0"],
-                input=json.dumps(prompts), capture_output=True, text=True, check=True).stdout)
-            assert decode(llm, batched) == expected, batched
+            assert decode(llm, batched) == _oracle(made["heads"], 0.5, 16, prompts, batched), batched
         (stats,) = hf_earlyexit_vllm.exit_stats(llm)
         assert sum(stats["exit_tokens"].values()) > 0.2 * stats["decode_tokens"], stats
+    finally:
+        _close(llm)
+    llm = engine({"eps": 0.5, "max_batch": None, "batch_exit": "row"})  # each sequence leaves on its own
+    try:
+        assert decode(llm, True) == _oracle(made["heads"], 0.5, 16, prompts, True, "row")
     finally:
         _close(llm)
     # the same heads on a base whose first layer changed: the fingerprint taken as vLLM streams the checkpoint
