@@ -121,6 +121,9 @@ def main() -> None:
                         help="also run each ε with only these exit layers checked (e.g. 12 15)")
     parser.add_argument("--max_batch", type=int, nargs="*", default=[],
                         help="also run each ε with exits checked only at decode steps of at most this many sequences")
+    parser.add_argument("--batch_exit", nargs="+", default=["step"], choices=["step", "row"],
+                        help="the batch rules to run each ε with: step (the whole batch leaves together) and/or row "
+                             "(each sequence leaves at its own exit)")
     parser.add_argument("--ngram", action="store_true", help="also run vLLM's own n-gram speculative decoding")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8],
                         help="decode batch sizes (batch B decodes the first max(B, 8) prompts, B at a time)")
@@ -142,10 +145,13 @@ def main() -> None:
                         {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                          "prompt_lookup_min": 2}))
     for eps in args.eps:
-        runs.append(run(f"plugin ε={eps:g}, every exit", args, {"eps": eps, "max_batch": None}, prompts))
-        if args.exits:
-            runs.append(run(f"plugin ε={eps:g}, exits {args.exits}", args,
-                            {"eps": eps, "exits": args.exits, "max_batch": None}, prompts))
+        for rule in args.batch_exit:
+            named = "" if args.batch_exit == ["step"] else f", {rule} rule"
+            runs.append(run(f"plugin ε={eps:g}, every exit{named}", args,
+                            {"eps": eps, "max_batch": None, "batch_exit": rule}, prompts))
+            if args.exits:
+                runs.append(run(f"plugin ε={eps:g}, exits {args.exits}{named}", args,
+                                {"eps": eps, "exits": args.exits, "max_batch": None, "batch_exit": rule}, prompts))
         for limit in args.max_batch:
             chosen = {"exits": args.exits} if args.exits else {}
             runs.append(run(f"plugin ε={eps:g}, {'exits ' + str(args.exits) if args.exits else 'every exit'}, "

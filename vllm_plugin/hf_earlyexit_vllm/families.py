@@ -36,7 +36,7 @@ def early_exit_class(base: type, name: str, layout: type[ResidualLayers] = Resid
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if not self.ee_active:
             return base.compute_logits(self, hidden_states)
-        return self._ee_logits(hidden_states, lambda: base.compute_logits(self, hidden_states))
+        return self._ee_logits(hidden_states, lambda h: base.compute_logits(self, h))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return self._ee_load_weights(weights, lambda stream: base.load_weights(self, stream))

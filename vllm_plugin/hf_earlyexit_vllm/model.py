@@ -674,23 +674,21 @@ class EarlyExitMixin:
             logger.info("hf-earlyexit: %s", format_stats(stats))
 
     def _ee_logits(self, hidden_states: Tensor, full_logits) -> Tensor:
-        """The step's logits: a sequence that left takes its exit head's, the others the model's (`full_logits()`,
-        computed only when some sequence ran every layer)."""
+        """The step's logits: a sequence that left takes its exit head's, the others the model's (`full_logits(h)`
+        over the hidden states of those that ran every layer, only)."""
         out = self._ee_out
         self._ee_out = None
         if out is None:
-            return full_logits()
+            return full_logits(hidden_states)
         chosen, left = out
         if chosen.shape[0] != hidden_states.shape[0]:
             raise RuntimeError(f"hf-earlyexit: a decode step gave {chosen.shape[0]} tokens but "
                                f"{hidden_states.shape[0]} logits rows were asked for (speculative decoding is not "
                                f"supported with exits)")
-        if bool((left >= 0).all()):
-            return chosen
-        logits = full_logits().float()
-        rows = left >= 0
-        logits[rows] = chosen[rows]
-        return logits
+        going = left < 0
+        if bool(going.any()):
+            chosen[going] = full_logits(hidden_states[going]).float()
+        return chosen
 
     def earlyexit_stats(self) -> dict:
         """Decode steps and tokens so far, and where they left (`exit_tokens` per exit layer, `full_tokens`)."""
