@@ -147,3 +147,27 @@ def test_plugin_refuses_damaged_folders_by_name(tmp_path):
     heads = read_heads_folder(folder)
     with pytest.raises(HeadsFolderError, match="which the base layer it copies does not have"):
         heads.block_weights(0, {})
+
+
+def test_plugin_draft_folder_names_the_family_class_and_links_the_base(tmp_path):
+    """`write_draft_folder` writes the base's config with the plugin's class for the family and the drafter's exit,
+    and links (not copies) the base's weights; a family without an early-exit class, or a non-integer exit, is refused
+    by name."""
+    import hf_earlyexit_vllm
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    out = hf_earlyexit_vllm.write_draft_folder(base, tmp_path / "heads", 4, tmp_path / "draft")
+    config = json.loads((Path(out) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaEarlyExitForCausalLM"]
+    assert config["earlyexit"] == {"heads": str((tmp_path / "heads").resolve()), "draft_exit": 4}
+    assert config["num_hidden_layers"] == json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    weights = Path(out) / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (base / "model.safetensors").resolve()
+    other = json.loads((base / "config.json").read_text())
+    other["architectures"] = ["MambaForCausalLM"]
+    (base / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"architectures \['MambaForCausalLM'\] have no early-exit class here"):
+        hf_earlyexit_vllm.write_draft_folder(base, tmp_path / "heads", 4, tmp_path / "draft2")
+    with pytest.raises(ValueError, match=r"exit_layer='4': expected the layer number"):
+        hf_earlyexit_vllm.write_draft_folder(tmp_path / "draft", tmp_path / "heads", "4", tmp_path / "draft3")

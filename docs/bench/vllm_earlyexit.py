@@ -36,7 +36,14 @@ def batches(prompts: list[str], size: int) -> list[list[str]]:
     return [chosen[i:i + size] for i in range(0, len(chosen), size)]
 
 
-def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative: dict | None = None) -> dict:
+def _spec_counts(llm) -> dict:
+    """vLLM's speculative-decoding counters so far (draft tokens proposed and accepted)."""
+    names = {"vllm:spec_decode_num_draft_tokens": "drafted", "vllm:spec_decode_num_accepted_tokens": "accepted"}
+    return {names[m.name]: m.value for m in llm.get_metrics() if m.name in names}
+
+
+def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative: dict | None = None,
+        one_kv_group: bool = False) -> dict:
     import hf_earlyexit_vllm
     import torch
     from vllm import LLM, SamplingParams
@@ -48,11 +55,15 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
                   "worker_extension_cls": hf_earlyexit_vllm.WORKER_EXTENSION}
     if speculative is not None:
         kwargs["speculative_config"] = speculative
+        kwargs["disable_log_stats"] = False  # for the acceptance counters
+    if one_kv_group:  # vLLM's drafters need every layer in one KV cache group (Gemma 3 has sliding + full)
+        kwargs["disable_hybrid_kv_cache_manager"] = True
     llm = LLM(model=args.base, dtype=args.dtype, enforce_eager=True, max_model_len=1024, seed=0, **kwargs)
     try:
         params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
         before = hf_earlyexit_vllm.exit_stats(llm)[0] if earlyexit is not None else None
+        counted = _spec_counts(llm) if speculative is not None else None
         result = {"name": name, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                   "threads": torch.get_num_threads()}
         tokens = {}
@@ -64,6 +75,11 @@ def run(name: str, args, earlyexit: dict | None, prompts: list[str], speculative
             tokens[batch] = [list(o.outputs[0].token_ids) for o in outs]
             result[f"batch_{batch}"] = {"seconds": seconds,
                                         "tokens_per_s": sum(map(len, tokens[batch])) / seconds}
+            if counted is not None:
+                now = _spec_counts(llm)
+                result[f"batch_{batch}"]["acceptance"] = (now["accepted"] - counted["accepted"]) / max(
+                    now["drafted"] - counted["drafted"], 1)
+                counted = now
             if earlyexit is not None:
                 after = hf_earlyexit_vllm.exit_stats(llm)[0]
                 decoded = after["decode_tokens"] - before["decode_tokens"]
@@ -117,7 +133,7 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of prompt strings")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--eps", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--eps", type=float, nargs="*", default=[0.9], help="plugin runs at these ε (none: --eps)")
     parser.add_argument("--exits", type=int, nargs="*", default=None,
                         help="also run each ε with only these exit layers checked (e.g. 12 15)")
     parser.add_argument("--max_batch", type=int, nargs="*", default=[],
@@ -126,6 +142,10 @@ def main() -> None:
                         help="the batch rules to run each ε with: step (the whole batch leaves together) and/or row "
                              "(each sequence leaves at its own exit)")
     parser.add_argument("--ngram", action="store_true", help="also run vLLM's own n-gram speculative decoding")
+    parser.add_argument("--draft", nargs="*", default=[], metavar="EXIT:K",
+                        help="also run lossless speculative decoding drafted by the layers below EXIT and its head, K "
+                             "tokens a round (vLLM's draft-model hook; with vLLM's own model again in one KV cache "
+                             "group, as the drafter needs)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8],
                         help="decode batch sizes (batch B decodes the first max(B, 8) prompts, B at a time)")
     parser.add_argument("--hf", action="store_true", help="also time plain HF generate() on the same prompts")
@@ -149,6 +169,19 @@ def main() -> None:
         runs.append(run("vLLM n-gram speculative (4 tokens, lossless)", args, None, prompts,
                         {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                          "prompt_lookup_min": 2}))
+    if args.draft:
+        import tempfile
+
+        import hf_earlyexit_vllm
+
+        runs.append(run("vLLM's own, one KV cache group", args, None, prompts, one_kv_group=True))
+        for item in args.draft:
+            exit_layer, count = (int(x) for x in item.split(":"))
+            folder = hf_earlyexit_vllm.write_draft_folder(args.base, args.heads, exit_layer,
+                                                          tempfile.mkdtemp(prefix=f"draft{exit_layer}-"))
+            runs.append(run(f"drafter exit {exit_layer}, {count} tokens (lossless)", args, None, prompts,
+                            {"method": "draft_model", "model": folder, "num_speculative_tokens": count},
+                            one_kv_group=True))
     for eps in args.eps:
         for rule in args.batch_exit:
             named = "" if args.batch_exit == ["step"] else f", {rule} rule"
@@ -183,6 +216,8 @@ def main() -> None:
                            for b in sizes)
         if "early_step_share" in r[f"batch_{sizes[0]}"]:
             share += " (" + " / ".join(f"{r[f'batch_{b}']['early_step_share']:.0%}" for b in sizes) + ")"
+        if "acceptance" in r[f"batch_{sizes[0]}"]:
+            share = "accepted " + " / ".join(f"{r[f'batch_{b}']['acceptance']:.0%}" for b in sizes)
         same = " / ".join(f"{sum(a == b for a, b in zip(r['tokens'][k], plain['tokens'][k], strict=True))}/"
                           f"{len(plain['tokens'][k])}" for k in sizes)
         print(f"| {r['name']} | {' | '.join(cells)} | {share} | {same} |")

@@ -16,7 +16,9 @@ every layer; `None`: no limit), `ignore_base_mismatch` (use heads trained on oth
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 ARCHITECTURES = {  # our class -> (where it lives, the vLLM architecture it extends)
     f"{family}EarlyExitForCausalLM": (f"hf_earlyexit_vllm.families:{family}EarlyExitForCausalLM", base)
@@ -43,6 +45,36 @@ def register() -> None:
             ModelRegistry.register_model(name, target)
         if replace:
             ModelRegistry.register_model(base, target)
+
+
+def write_draft_folder(base: str | os.PathLike, heads: str | os.PathLike, exit_layer: int,
+                       out: str | os.PathLike) -> str:
+    """A folder vLLM loads as a draft model for lossless speculative decoding from one exit of `heads`:
+
+        LLM(model=base, speculative_config={"method": "draft_model", "num_speculative_tokens": 3,
+                                            "model": write_draft_folder(base, heads, 4, "draft-4")})
+
+    It holds the base's `config.json` with this plugin's class for the family and `earlyexit: {"heads": ...,
+    "draft_exit": exit_layer}`, and links to the base's other files (weights, tokenizer). The drafter runs the layers
+    below the exit and the exit's head; vLLM's target model verifies every draft, so the output is its own."""
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
+        raise ValueError(f"exit_layer={exit_layer!r}: expected the layer number of one of the heads' exits")
+    base_path, folder = Path(base).resolve(), Path(out)
+    config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    ours = {family_base: name for name, (_, family_base) in ARCHITECTURES.items()}
+    named = [ours[a] for a in config.get("architectures") or [] if a in ours]
+    if not named:
+        raise ValueError(f"{base_path}: architectures {config.get('architectures')} have no early-exit class here "
+                         f"(expected one of {', '.join(sorted(ours))})")
+    folder.mkdir(parents=True, exist_ok=True)
+    config["architectures"] = named[:1]
+    config["earlyexit"] = {"heads": str(Path(heads).resolve()), "draft_exit": exit_layer}
+    (folder / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    for item in base_path.iterdir():
+        link = folder / item.name
+        if item.is_file() and item.name != "config.json" and not link.exists():
+            link.symlink_to(item)
+    return str(folder)
 
 
 WORKER_EXTENSION = "hf_earlyexit_vllm.EarlyExitWorker"

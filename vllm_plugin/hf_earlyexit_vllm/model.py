@@ -32,7 +32,7 @@ from .heads import HeadsFolderError, confidence, read_heads_folder, text_value
 logger = logging.getLogger("vllm.hf_earlyexit")  # under vLLM's logger: its handlers print INFO
 
 CONFIG_KEY = "earlyexit"  # hf_overrides={"earlyexit": {...}} carries the plugin's settings
-SETTINGS = ("heads", "eps", "exits", "log_every", "max_batch", "batch_exit", "ignore_base_mismatch")
+SETTINGS = ("heads", "eps", "exits", "log_every", "max_batch", "batch_exit", "draft_exit", "ignore_base_mismatch")
 BATCH_EXITS = ("step", "row")  # the whole decode batch leaves together / each sequence leaves on its own
 # decode steps of more sequences run every layer, no exit checked; None: no limit. Measured (bf16, shipped heads,
 # exits 12 and 15, README "Serving with vLLM"): checking pays at 1 sequence (1.30x vLLM) and 2 (1.05x), breaks even
@@ -70,7 +70,7 @@ def settings_of(hf_config) -> dict:
     if unknown:
         raise HeadsFolderError(f"{CONFIG_KEY} settings {unknown} are unknown (expected some of {', '.join(SETTINGS)})")
     settings = {"eps": 0.9, "exits": None, "log_every": 0, "max_batch": MAX_BATCH, "batch_exit": BATCH_EXIT,
-                "ignore_base_mismatch": False,
+                "draft_exit": None, "ignore_base_mismatch": False,
                 **raw}
     log_every = settings["log_every"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
@@ -401,9 +401,15 @@ class EarlyExitMixin:
             if trained != getattr(config, key, None):
                 raise HeadsFolderError(f"{heads.path}: heads were trained for {key}={trained!r}, this model "
                                        f"has {getattr(config, key, None)!r}")
-        thresholds = heads.thresholds_at(settings["eps"])
+        draft = settings["draft_exit"]
+        if draft is not None and draft not in heads.exit_layers:
+            raise HeadsFolderError(f"draft_exit={draft!r}: expected one of these heads' exit layers "
+                                   f"{heads.exit_layers}")
+        thresholds = heads.thresholds_at(settings["eps"]) if draft is None else [None] * len(heads.exit_layers)
         exits = settings["exits"]
-        if exits is None:
+        if draft is not None:  # a drafter: every token leaves at that exit, whatever its confidence
+            checked = [k == draft for k in heads.exit_layers]
+        elif exits is None:
             checked = [tau is not None for tau in thresholds]
         else:
             if not isinstance(exits, list) or any(k not in heads.exit_layers for k in exits):
@@ -411,6 +417,7 @@ class EarlyExitMixin:
                                        f"{heads.exit_layers}")
             checked = [k in exits and tau is not None for k, tau in zip(heads.exit_layers, thresholds, strict=True)]
         self.ee_heads = heads
+        self.ee_draft = None if draft is None else heads.exit_layers.index(draft)
         self.ee_eps = float(settings["eps"])
         self.ee_thresholds = thresholds
         self.ee_checked = checked
@@ -542,6 +549,8 @@ class EarlyExitMixin:
         h = layout.embed(self, input_ids, positions, inputs_embeds)
         positions = layout.context(self, positions, h)  # what the layer calls take besides the hidden state
         residual = None
+        if self.ee_draft is not None:
+            return self._ee_draft_forward(h, positions, **kwargs)
         decode = _decode_only()
         check = decode and (self.ee_max_batch is None or h.shape[0] <= self.ee_max_batch)
         if decode and not check:
@@ -611,6 +620,15 @@ class EarlyExitMixin:
             if rows is not None:
                 rows.restore()
 
+    def _ee_draft_forward(self, h: Tensor, positions, **kwargs) -> Tensor:
+        """A drafter (`draft_exit`): the layers below its exit and the exit's context block, for every token (their
+        KV caches written); nothing deeper runs, so the deeper layers' caches stay unused."""
+        layout, j = self.ee_layout, self.ee_draft
+        residual = None
+        for layer in layout.layers(self)[: self.ee_heads.exit_layers[j]]:
+            h, residual = layout.step(layer, positions, h, residual, **kwargs)
+        return self._ee_block(j, positions, h if residual is None else h + residual)
+
     def _ee_block(self, j: int, positions: Tensor, raw: Tensor) -> Tensor:
         """What exit `j`'s head reads: its context block's output over `raw` (its KV cache written), or `raw`."""
         block = self.ee_blocks[str(j)] if str(j) in self.ee_blocks else None
@@ -679,6 +697,8 @@ class EarlyExitMixin:
     def _ee_logits(self, hidden_states: Tensor, full_logits) -> Tensor:
         """The step's logits: a sequence that left takes its exit head's, the others the model's (`full_logits(h)`
         over the hidden states of those that ran every layer, only)."""
+        if self.ee_draft is not None:  # a drafter: its exit head's logits over the full vocabulary
+            return self._ee_vocab_logits(self.ee_draft, self._ee_head_logits(self.ee_draft, hidden_states))
         out = self._ee_out
         self._ee_out = None
         if out is None:

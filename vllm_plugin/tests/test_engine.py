@@ -146,6 +146,26 @@ def test_row_exit_reproduces_hf_earlyexit_row_rule(plain_tokens):
     assert stats["early_steps"] < stats["decode_steps"]  # some steps had sequences leaving while others went on
 
 
+@pytest.mark.parametrize("exit_layer", [4, 12])
+def test_a_drafter_from_one_exit_is_lossless(plain_tokens, exit_layer, tmp_path):
+    """Lossless speculative decoding through vLLM's draft-model hook: the drafter is the base's layers below one exit
+    plus that exit's head (`write_draft_folder`), vLLM's own model verifies. The tokens are vLLM's own, one sequence
+    at a time and as one batch, and some drafts are accepted. (Gemma 3's sliding and full attention layers must
+    share one KV cache group for vLLM's drafter: `disable_hybrid_kv_cache_manager`.)"""
+    prompts, expected = plain_tokens
+    draft = hf_earlyexit_vllm.write_draft_folder(BASE, HEADS, exit_layer, tmp_path / "draft")
+    llm = vllm.LLM(model=str(BASE), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   disable_hybrid_kv_cache_manager=True, disable_log_stats=False,
+                   speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+    try:
+        assert _generate(llm, prompts, batched=True) == expected
+        assert _generate(llm, prompts, batched=False) == expected
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        assert 0 < metrics["vllm:spec_decode_num_accepted_tokens"] < metrics["vllm:spec_decode_num_draft_tokens"]
+    finally:
+        _close(llm)
+
+
 def test_steps_above_max_batch_run_the_whole_model(plain_tokens):
     """Decode steps of more sequences than `max_batch` check no exit: a batch of 4 decodes vLLM's own tokens exactly
     (the context blocks' caches still written, keys and values only), while one sequence alone still leaves early."""
@@ -182,6 +202,7 @@ def test_sampling_and_a_chosen_exit_subset_run():
     ({"eps": 0.9, "speed": 2}, r"earlyexit settings \['speed'\] are unknown"),
     ({"eps": 0.9, "max_batch": 0}, r"max_batch=0: expected a whole number of sequences >= 1, or None"),
     ({"eps": 0.9, "batch_exit": "token"}, r"batch_exit='token': expected one of step, row"),
+    ({"draft_exit": 5}, r"draft_exit=5: expected one of these heads' exit layers \[4, 8, 12, 15\]"),
 ])
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(Exception, match=message) as caught:
