@@ -11,7 +11,9 @@
 `earlyexit` settings: `heads` (a local hf-earlyexit heads folder for this base), `eps` (a calibrated accuracy target;
 1 = vLLM's own model), `exits` (the exit layers to check; default every exit with a threshold at `eps`), `log_every`
 (log exit counts every N decode steps; 0: never), `max_batch` (decode steps of more sequences check no exit and run
-every layer; `None`: no limit), `ignore_base_mismatch` (use heads trained on other base weights).
+every layer; `None`: no limit), `batch_exit` (`"step"`: the whole decode batch leaves together; `"row"`: each sequence
+leaves at its own exit), `draft_exit` (make the model a drafter from that exit for vLLM's lossless speculative
+decoding; see `write_draft_folder`), `ignore_base_mismatch` (use heads trained on other base weights).
 """
 
 from __future__ import annotations
