@@ -139,9 +139,9 @@ class ResidualLayers:
         return out + residual
 
     @staticmethod
-    def kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
-        """The key and value rows of a decoder layer's fused qkv projection (weight, bias), copied (taken before
-        vLLM repacks the fused weights for its kernels)."""
+    def kv_source(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """What `write_kv` needs of a layer, taken once at load: here the key and value rows of its fused qkv
+        projection (weight, bias), copied (taken before vLLM repacks the fused weights for its kernels)."""
         attn = layer.self_attn
         rows = slice(attn.q_size, attn.q_size + 2 * attn.kv_size)
         bias = attn.qkv_proj.bias
@@ -162,7 +162,7 @@ class ResidualLayers:
         return k, v, attn.attn
 
     @classmethod
-    def write_kv(cls, layer: nn.Module, positions, raw: Tensor, kv_rows) -> None:
+    def write_kv(cls, layer: nn.Module, positions, raw: Tensor, kv_rows: tuple[Tensor, Tensor | None]) -> None:
         """Write `layer`'s keys and values for these tokens from its input `raw`, nothing else (no queries, no
         attention, no MLP), through vLLM's own cache-update op."""
         from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
@@ -213,7 +213,7 @@ class PlainLayers(ResidualLayers):
         return block(raw)
 
     @staticmethod
-    def kv_rows(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    def kv_source(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
         attn = layer.attn
         rows = slice(attn.hidden_size, 3 * attn.hidden_size)
         return attn.c_attn.weight[rows].detach().clone(), attn.c_attn.bias[rows].detach().clone()
@@ -287,7 +287,7 @@ class TransformersLayers(ResidualLayers):
         return TransformersLayers.step(block, context, raw, None)[0]
 
     @staticmethod
-    def kv_rows(layer: nn.Module) -> nn.Module:
+    def kv_source(layer: nn.Module) -> nn.Module:
         """The module of `layer` that computes its attention (the one holding the vLLM attention as `attn`)."""
         from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
@@ -298,9 +298,8 @@ class TransformersLayers(ResidualLayers):
         return found[0]
 
     @staticmethod
-    def write_kv(layer: nn.Module, context, raw: Tensor, kv_rows: nn.Module) -> None:
+    def write_kv(layer: nn.Module, context, raw: Tensor, attention: nn.Module) -> None:
         ids, tables = context
-        attention = kv_rows
         real = attention._modules["attn"]
         attention._modules["attn"] = _KVWriter(real)
         try:
@@ -318,7 +317,7 @@ class TransformersLayers(ResidualLayers):
         from vllm.model_executor.layers.attention import Attention
 
         layer = TransformersLayers.layers(model)[source]
-        attention = TransformersLayers.kv_rows(layer)
+        attention = TransformersLayers.kv_source(layer)
         real = attention._modules.pop("attn")  # not copied: the block gets an attention (and a KV cache) of its own
         try:
             block = copy.deepcopy(layer, {id(p): _copy_parameter(p) for p in layer.parameters()})
@@ -405,6 +404,9 @@ class EarlyExitMixin:
         if draft is not None and draft not in heads.exit_layers:
             raise HeadsFolderError(f"draft_exit={draft!r}: expected one of these heads' exit layers "
                                    f"{heads.exit_layers}")
+        if draft is not None and settings["exits"] is not None:
+            raise HeadsFolderError(f"exits={settings['exits']!r} with draft_exit={draft!r}: a drafter leaves at its "
+                                   f"one exit; give one of the two")
         thresholds = heads.thresholds_at(settings["eps"]) if draft is None else [None] * len(heads.exit_layers)
         exits = settings["exits"]
         if draft is not None:  # a drafter: every token leaves at that exit, whatever its confidence
@@ -532,8 +534,8 @@ class EarlyExitMixin:
         # key/value rows of the layers an early step can skip (and of the blocks): filling their cache then needs
         # no query projection (taken now, before vLLM repacks the fused weights for its kernels)
         first = min(k for k, on in zip(heads.exit_layers, self.ee_checked, strict=True) if on)
-        self.ee_kv_rows = {id(layer): layout.kv_rows(layer) for layer in layout.layers(self)[first:]}
-        self.ee_kv_rows.update({id(block): layout.kv_rows(block) for block in self.ee_blocks.values()})
+        self.ee_kv_source = {id(layer): layout.kv_source(layer) for layer in layout.layers(self)[first:]}
+        self.ee_kv_source.update({id(block): layout.kv_source(block) for block in self.ee_blocks.values()})
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -681,7 +683,7 @@ class EarlyExitMixin:
 
     def _ee_write_kv(self, layer: nn.Module, positions, raw: Tensor) -> None:
         """Write decoder `layer`'s (or a context block's) keys and values for these tokens from its input `raw`."""
-        self.ee_layout.write_kv(layer, positions, raw, self.ee_kv_rows[id(layer)])
+        self.ee_layout.write_kv(layer, positions, raw, self.ee_kv_source[id(layer)])
 
     def _ee_count(self, left: Tensor) -> None:
         stats = self.ee_stats

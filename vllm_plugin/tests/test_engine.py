@@ -203,6 +203,7 @@ def test_sampling_and_a_chosen_exit_subset_run():
     ({"eps": 0.9, "max_batch": 0}, r"max_batch=0: expected a whole number of sequences >= 1, or None"),
     ({"eps": 0.9, "batch_exit": "token"}, r"batch_exit='token': expected one of step, row"),
     ({"draft_exit": 5}, r"draft_exit=5: expected one of these heads' exit layers \[4, 8, 12, 15\]"),
+    ({"draft_exit": 4, "exits": [12]}, r"exits=\[12\] with draft_exit=4: a drafter leaves at its one exit"),
 ])
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(Exception, match=message) as caught:
