@@ -748,18 +748,16 @@ class _BatchRows:
         if not isinstance(self.metadata, dict) or not isinstance(self.slots, dict):
             raise RuntimeError("hf-earlyexit: batch_exit='row' needs one attention metadata dict per step (got "
                                f"{type(self.metadata).__name__})")
+        self.groups: dict[int, list[str]] = {}  # the layers that share each metadata object (a KV cache group)
+        for name, m in self.metadata.items():
+            self.groups.setdefault(id(m), []).append(name)
         self.active = torch.arange(n, device=device)
         self.n = n
 
     def attend(self, rows: Tensor) -> None:
         """From now on the model's attention layers see only the sequences `rows` (positions in the whole step)."""
-        narrowed: dict[int, object] = {}
-        metadata = {}
-        for name, m in self.metadata.items():
-            if id(m) not in narrowed:
-                narrowed[id(m)] = self._narrow(m, rows, [k for k, v in self.metadata.items() if v is m])
-            metadata[name] = narrowed[id(m)]
-        self.context.attn_metadata = metadata
+        narrowed = {key: self._narrow(self.metadata[names[0]], rows, names) for key, names in self.groups.items()}
+        self.context.attn_metadata = {name: narrowed[id(m)] for name, m in self.metadata.items()}
         self.context.slot_mapping = {name: slots[rows] for name, slots in self.slots.items()}
         self.active = rows
 
