@@ -67,6 +67,9 @@ class TrainJob:
     max_text_tokens: int | None = field(default=None, metadata={
         "help": "text files: read at most this many tokens (passages in file order, windows kept whole)"})
     held_out_fraction: float = field(default=0.1, metadata={"help": "sequences kept out of training for the report"})
+    log_held_out: bool = field(default=False, metadata={
+        "help": "also measure the held-out sequences' agreement at every logged step (the log's held_out_* columns "
+                "and curves; costs one pass of the heads over them per log)"})
     features_dir: str | None = field(default=None, metadata={
         "help": "loss topk: where the backbone's features go (default: <work_dir>/features; reused when it holds "
                 "this corpus)"})
@@ -156,7 +159,8 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
         if config.loss == "topk":
             source = FeatureStore.build(model, train, job.features_path, k=config.topk)
     logger.info("Training on %d sequences (%d tokens), %d held out", len(train), train.num_tokens, len(held_out))
-    train_heads(model, source, config, job.work_path, resume=job.resume, data=data)
+    train_heads(model, source, config, job.work_path, resume=job.resume, data=data,
+                held_out=held_out if job.log_held_out else None)
     report = evaluate_heads(model, held_out)
     model.config.training = {
         "steps": config.steps, "train_config": asdict(config), "data": {**asdict(spec), "sequences": len(train),
