@@ -111,7 +111,7 @@ class LayerEngine:
         )
         self.contexts: list[ContextLayer] = []
         # how `final_argmax` reads a float32 LM head on a CPU: "auto" screens it with a bfloat16 copy where that
-        # is the faster product (see `_screens`), "bf16" always, "off" never (no copy kept)
+        # is the faster product (see `_screens`), "bf16" always, "off" never (set before decoding: no copy made)
         self.lm_head_screen = "auto"
 
     @property
@@ -122,9 +122,7 @@ class LayerEngine:
     def lm_head_screen(self, value: str) -> None:
         if value not in ("auto", "bf16", "off"):
             raise ValueError(f"lm_head_screen={value!r} is not one of auto, bf16, off")
-        self._lm_head_screen = value
-        if value == "off":
-            self._screen_key = self._screen_data = None  # no copy kept
+        self._lm_head_screen = value  # (a copy made before stays: switching back costs no new copy)
 
     def set_context_layers(self, contexts: list[ContextLayer]) -> None:
         """Register the extra decoder layers of context heads (layer `L + m` is `contexts[m]`); each must write its
@@ -516,8 +514,9 @@ class LayerEngine:
         115 ms for 8; equal for 1 row). The two round differently, so the fast product is used only to *choose*:
         both lie within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
         size), so where the fast top-1 leads its runner-up by more than `4B` the exact argmax is the same token;
-        the other rows (near-ties) are recomputed the exact way. Rows < 2, other dtypes or devices, soft-capped
-        logits: the exact way.
+        the other rows (near-ties) are recomputed the exact way. Where `lm_head_screen` takes it (`_screens`), a
+        bfloat16 copy of the head screens every token first and float32 settles the few it cannot rule out
+        (`_screened_argmax`). Other dtypes or devices, soft-capped logits: the exact way.
         """
         head = self.parts.lm_head
         weight = getattr(head, "weight", None)
@@ -525,15 +524,14 @@ class LayerEngine:
         if (hidden.dim() != 2 or not len(hidden) or capped or not isinstance(head, torch.nn.Linear)
                 or weight.dtype != torch.float32 or weight.device.type != "cpu"):
             return self.final_logits(hidden).argmax(dim=-1)
-        screened = self._screens(head, len(hidden))
-        if hidden.shape[0] < 2 and not screened:
-            return self.final_logits(hidden).argmax(dim=-1)
         x = self.parts.norm(hidden)
         if x.dtype != torch.float32:
             return self.final_logits(hidden).argmax(dim=-1)
-        if screened:
+        if self._screens(head, len(hidden)):
             return self._screened_argmax(head, hidden, x)
-        logits = torch.matmul(weight, x.T).T  # (n, vocab)
+        # one row goes in twice: MKL's product with one column runs far below its speed with two (262,144 x 640 on
+        # an AMD EPYC, 2 threads: 55 ms for one column, as `F.linear` takes it too, 21 ms for two)
+        logits = torch.matmul(weight, (x if len(x) > 1 else torch.cat([x, x])).T).T[: len(x)]  # (n, vocab)
         if head.bias is not None:
             logits = logits + head.bias
         top = logits.topk(2, dim=-1)
@@ -551,15 +549,13 @@ class LayerEngine:
     def _screens(self, head: torch.nn.Linear, rows: int) -> bool:
         """Whether `final_argmax` screens the LM head with its bfloat16 copy for `rows` rows (`lm_head_screen`).
 
-        "auto": on CPUs with native bfloat16 products (AVX-512 BF16 or AMX) always, where the bf16 product reads
-        half the bytes and ran 2-3x faster than float32 (262,144 x 640 on an AMD EPYC, 2 threads: 42 vs 89 ms for
-        1 row, 72 vs 206 ms for 8); elsewhere for one row only (an AVX2 CPU emulates bf16 at a cost growing with the
-        rows: 22 ms for 1 row against 58 for float32, but 73 against 67 for 4). Not for heads with a bias."""
+        "auto": from 8 rows on CPUs with native bfloat16 products (AVX-512 BF16 or AMX), where the bf16 product
+        (half the bytes) beat float32 (262,144 x 640 on an AMD EPYC, 2 threads: 31 vs 45 ms for 8 rows, but 30 vs
+        21 ms for 2 and 20 vs 21 ms for 1, see `final_argmax`); never where bf16 is emulated (an AVX2 CPU: 73 ms for
+        4 rows against 67 for float32). Not for heads with a bias."""
         if self.lm_head_screen == "off" or head.bias is not None:
             return False
-        if self.lm_head_screen == "bf16" or rows == 1:
-            return True
-        return _native_bf16()
+        return self.lm_head_screen == "bf16" or (rows >= 8 and _native_bf16())
 
     def _screen(self, head: torch.nn.Linear) -> tuple[Tensor, float, float]:
         """The LM head's bfloat16 copy, the largest row norm of its rounding error and of its rows, kept until the
