@@ -358,33 +358,6 @@ def test_topk_distillation_from_disk_raises_agreement(base_path, corpus, tmp_pat
         TrainConfig(head_lr_scale=[1.0, 0.0, 1.0])
 
 
-def _block_distance(model: EarlyExitForCausalLM) -> float:
-    state = model.heads.state_dict()
-    return sum(float((state[key] - origin).norm()) for key, origin in model._block_origins().items())
-
-
-def test_block_decay_pulls_context_blocks_toward_the_layer_they_copy(base_path, corpus, tmp_path):
-    config = dict(steps=6, learning_rate=1e-3, lam=0.0, log_every=6, checkpoint_every=6)
-    distance, trained = {}, {}
-    for decay in (0.0, 30.0, 1000.0):  # 1e-3 * 1000 = 1: each step ends back on the copied layer
-        model = fresh(base_path, head="context")
-        start = {k: v.clone() for k, v in model.heads.state_dict().items()}
-        assert _block_distance(model) == 0.0
-        train_heads(model, corpus, TrainConfig(block_decay=decay, **config), tmp_path / str(decay))
-        distance[decay] = _block_distance(model)
-        origins = model._block_origins()
-        trained[decay] = [k for k, v in model.heads.state_dict().items()
-                          if k not in origins and not torch.equal(v, start[k])]
-    assert distance[0.0] > 0 and 0 < distance[30.0] < distance[0.0], distance
-    assert distance[1000.0] == pytest.approx(0.0, abs=1e-5)
-    assert trained[1000.0] and trained[1000.0] == trained[0.0]  # norms and adapters train as without decay
-    with pytest.raises(ValueError, match="block_decay=-1.0 must be a finite number >= 0"):
-        TrainConfig(block_decay=-1.0)
-    for kw in ({"head": "shared", "adapter_rank": 4}, {"head": "context", "context_rank": 2}):
-        with pytest.raises(ValueError, match="block_decay=5.0 needs context heads with full blocks"):
-            train_heads(fresh(base_path, **kw), corpus, TrainConfig(block_decay=5.0, **config), tmp_path / "bad")
-
-
 def test_sparse_loss_maps_tokens_outside_the_draft_vocabulary_to_other(base_path):
     from hf_earlyexit.training.features import SparseTargets
     from hf_earlyexit.training.train import sparse_head_loss

@@ -41,7 +41,7 @@ CHECKPOINT = "checkpoint"
 LOSSES = ("ce", "kl", "topk")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # settings added after checkpoints were first written: an older checkpoint ran with these values
-LATER_SETTINGS = {"lr_schedule": "constant", "warmup_steps": 0, "block_decay": 0.0}
+LATER_SETTINGS = {"lr_schedule": "constant", "warmup_steps": 0}
 LOG_CSV = "train_log.csv"
 CURVES_PNG = "training_curves.png"
 
@@ -62,10 +62,6 @@ class TrainConfig:
     # `warmup_steps` of linear warm-up
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    # context heads with full blocks: decoupled weight decay of each block matrix toward the model layer the block
-    # copies (`p -= lr * block_decay * (p - layer)` after each step, in place of AdamW's decay toward zero on them);
-    # 0: off
-    block_decay: float = 0.0
     mixed_precision: str = "no"
     checkpoint_every: int = 50
     log_every: int = 10
@@ -96,8 +92,6 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must lie in [0, steps={self.steps})")
-        if not 0.0 <= self.block_decay < math.inf:
-            raise ValueError(f"block_decay={self.block_decay!r} must be a finite number >= 0 (0: off)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of no, bf16, fp16")
 
@@ -263,7 +257,8 @@ def train_heads(
     scales = config.head_lr_scale or [1.0] * len(model.exit_heads)
     if len(scales) != len(model.exit_heads):
         raise ValueError(f"head_lr_scale has {len(scales)} values for {len(model.exit_heads)} exits")
-    groups, anchors = _parameter_groups(model, config, scales)
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": config.learning_rate * scale}
+              for head, scale in zip(model.exit_heads, scales, strict=True)]
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     schedule = get_scheduler(config.lr_schedule if config.warmup_steps == 0 or config.lr_schedule != "constant"
@@ -297,7 +292,6 @@ def train_heads(
         accelerator.backward(loss)
         _average_gradients(params, accelerator, int(batch.mask.sum()))
         optimizer.step()
-        _decay_toward(anchors, optimizer.param_groups, config.block_decay)
         schedule.step()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
@@ -313,37 +307,6 @@ def train_heads(
     if accelerator.is_main_process:
         write_log(history, work_dir)
     return history
-
-
-def _parameter_groups(model: EarlyExitForCausalLM, config: TrainConfig, scales: list[float]
-                      ) -> tuple[list[dict], dict[int, list[tuple[Tensor, Tensor]]]]:
-    """AdamW's parameter groups, one per head at its learning rate; with `block_decay`, each context block's
-    matrices go into a group of their own without AdamW's decay, paired with the model layer they started from
-    (returned by group index for `_decay_toward`)."""
-    origins = model._block_origins() if config.block_decay else {}
-    groups, anchors = [], {}
-    for m, (head, scale) in enumerate(zip(model.exit_heads, scales, strict=True)):
-        lr = config.learning_rate * scale
-        trained = {name: p for name, p in head.named_parameters() if p.requires_grad}
-        pairs = [(p, origins[f"{m}.{name}"]) for name, p in trained.items() if f"{m}.{name}" in origins]
-        if pairs:
-            anchors[len(groups)] = pairs
-            groups.append({"params": [p for p, _ in pairs], "lr": lr, "weight_decay": 0.0})
-        anchored = {id(p) for p, _ in pairs}
-        groups.append({"params": [p for p in trained.values() if id(p) not in anchored], "lr": lr})
-    if config.block_decay and not anchors:
-        raise ValueError(f"block_decay={config.block_decay!r} needs context heads with full blocks (head_type="
-                         f"{model.config.head_type!r}, context_rank={model.config.context_rank!r})")
-    return groups, anchors
-
-
-@torch.no_grad()
-def _decay_toward(anchors: dict[int, list[tuple[Tensor, Tensor]]], groups: list[dict], decay: float) -> None:
-    """`p -= lr * decay * (p - origin)` for every anchored matrix, at its group's current learning rate."""
-    for index, pairs in anchors.items():
-        weight = groups[index]["lr"] * decay
-        for p, origin in pairs:
-            p.lerp_(origin.to(p.dtype), weight)
 
 
 def _average_gradients(params: list[Tensor], accelerator: Accelerator, tokens: int) -> None:
