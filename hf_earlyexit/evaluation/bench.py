@@ -86,10 +86,6 @@ class BenchArgs(ModelArgs):
         "help": "early exit and DSSD with a batch: row (each row runs only the layers of its own positions), step "
                 "(every row rides along to the step's deepest exit; DSSD rows carry fillers); give both to time both "
                 "(default: each mode's own default, step for early exit, row for DSSD)"})
-    lm_head_screen: list[str] = field(default_factory=list, metadata={
-        "help": "our loops' LM-head argmax on a CPU with float32 weights (`engine.lm_head_screen`): auto, bf16 (screen "
-                "with a bfloat16 copy, then exact float32 for the candidates), off; give several to time each of our "
-                "configurations under each (default: auto)"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": list(EXIT_POLICIES)})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
@@ -302,35 +298,7 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
                         ours("dssd", 0.0, _forced(model, j), max_draft=draft, exit_policy="all",
                              adaptive_draft=False),
                     ))
-    return _with_screens(configs, args.lm_head_screen, model)
-
-
-OURS = ("early_exit", "forced", "dssd", "dssd_lookup", "oracle_dssd", "layerskip")  # families that run our loops
-
-
-def _with_screens(configs: list[_Config], screens: list[str], model: EarlyExitForCausalLM) -> list[_Config]:
-    """Each of our loops' configurations once per LM-head screen setting (HF's own runs once): labelled by it
-    where several are timed."""
-    if not screens:
-        return configs
-    out = [c for c in configs if c.family not in OURS]
-    for screen in screens:
-        for c in (c for c in configs if c.family in OURS):
-            named = f"{c.label} (LM head {screen})" if len(screens) > 1 else c.label
-            params = {**c.params, "lm_head_screen": screen}
-            out.append(_Config(c.family, named, params, _screened(c.run, screen, model)))
-    return out
-
-
-def _screened(run, screen: str, model: EarlyExitForCausalLM):
-    def timed(enc):
-        before = model.engine.lm_head_screen
-        model.engine.lm_head_screen = screen
-        try:
-            return run(enc)
-        finally:
-            model.engine.lm_head_screen = before
-    return timed
+    return configs
 
 
 def _measure(args: BenchArgs, configs: list[_Config], encoded: list) -> tuple[dict, dict, dict]:
@@ -407,20 +375,17 @@ def _rows(configs: list[_Config], times: dict, outputs: dict, stats: dict, group
         rows.append(row)
     plain_speed = rows[0]["tokens_per_s"]
     # our loop without exits, under the same batch rule where it was timed
-    same_loop = {(r.get("batch_exit"), r.get("lm_head_screen")): r["tokens_per_s"] for r in rows[::-1]
+    same_loop = {r.get("batch_exit"): r["tokens_per_s"] for r in rows[::-1]
                  if r["family"] == "early_exit" and r["eps"] == 1.0}
     # the ceilings: DSSD with an oracle drafter, early exit forced to one exit (same work, the head's tokens)
-    # (under the same LM-head screen setting where several are timed)
-    ceilings = {(kind, screen): max((r["tokens_per_s"] for r in rows
-                                     if r["family"] == family and r.get("lm_head_screen") == screen), default=None)
-                for kind, family in (("dssd", "oracle_dssd"), ("early_exit", "forced"))
-                for screen in {r.get("lm_head_screen") for r in rows}}
+    ceilings = {"dssd": max((r["tokens_per_s"] for r in rows if r["family"] == "oracle_dssd"), default=None),
+                "early_exit": max((r["tokens_per_s"] for r in rows if r["family"] == "forced"), default=None)}
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_speed
-        loop = same_loop.get((row.get("batch_exit"), row.get("lm_head_screen")), next(iter(same_loop.values()), None))
+        loop = same_loop.get(row.get("batch_exit"), next(iter(same_loop.values()), None))
         row["speedup_vs_eps1"] = row["tokens_per_s"] / loop if loop else None
         kind = "dssd" if row["family"].startswith("dssd") or row["family"] == "layerskip" else row["family"]
-        ceiling = ceilings.get((kind, row.get("lm_head_screen")))
+        ceiling = ceilings.get(kind)
         row["vs_ceiling"] = row["tokens_per_s"] / ceiling if ceiling else None
     return rows
 
@@ -431,9 +396,6 @@ def run_bench(args: BenchArgs) -> dict:
         if not 0.0 <= eps <= 1.0:
             raise ValueError(f"eps={eps!r} must lie in [0, 1]")
     sets = args.prompt_sets or (["varied"] if args.mode == "early_exit" else ["varied", "repetitive"])
-    for screen in args.lm_head_screen:
-        if screen not in ("auto", "bf16", "off"):
-            raise ValueError(f"lm_head_screen={screen!r} is not one of auto, bf16, off")
     for rule in args.batch_exit:
         if rule not in BATCH_EXITS:
             raise ValueError(f"batch_exit={rule!r} is not one of {', '.join(BATCH_EXITS)}")

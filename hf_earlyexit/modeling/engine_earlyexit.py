@@ -110,19 +110,6 @@ class LayerEngine:
             "past_key_values"
         )
         self.contexts: list[ContextLayer] = []
-        # how `final_argmax` reads a float32 LM head on a CPU: "auto" screens it with a bfloat16 copy where that
-        # is the faster product (see `_screens`), "bf16" always, "off" never (set before decoding: no copy made)
-        self.lm_head_screen = "auto"
-
-    @property
-    def lm_head_screen(self) -> str:
-        return self._lm_head_screen
-
-    @lm_head_screen.setter
-    def lm_head_screen(self, value: str) -> None:
-        if value not in ("auto", "bf16", "off"):
-            raise ValueError(f"lm_head_screen={value!r} is not one of auto, bf16, off")
-        self._lm_head_screen = value  # (a copy made before stays: switching back costs no new copy)
 
     def set_context_layers(self, contexts: list[ContextLayer]) -> None:
         """Register the extra decoder layers of context heads (layer `L + m` is `contexts[m]`); each must write its
@@ -514,9 +501,8 @@ class LayerEngine:
         115 ms for 8; equal for 1 row). The two round differently, so the fast product is used only to *choose*:
         both lie within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
         size), so where the fast top-1 leads its runner-up by more than `4B` the exact argmax is the same token;
-        the other rows (near-ties) are recomputed the exact way. Where `lm_head_screen` takes it (`_screens`), a
-        bfloat16 copy of the head screens every token first and float32 settles the few it cannot rule out
-        (`_screened_argmax`). Other dtypes or devices, soft-capped logits: the exact way.
+        the other rows (near-ties) are recomputed the exact way. Other dtypes or devices, soft-capped logits: the
+        exact way.
         """
         head = self.parts.lm_head
         weight = getattr(head, "weight", None)
@@ -527,8 +513,6 @@ class LayerEngine:
         x = self.parts.norm(hidden)
         if x.dtype != torch.float32:
             return self.final_logits(hidden).argmax(dim=-1)
-        if self._screens(head, len(hidden)):
-            return self._screened_argmax(head, hidden, x)
         # one row goes in twice: MKL's product with one column runs far below its speed with two (262,144 x 640 on
         # an AMD EPYC, 2 threads: 55 ms for one column, as `F.linear` takes it too, 21 ms for two)
         logits = torch.matmul(weight, (x if len(x) > 1 else torch.cat([x, x])).T).T[: len(x)]  # (n, vocab)
@@ -542,70 +526,6 @@ class LayerEngine:
         bound = (gamma + unit) * largest_row * x.norm(dim=-1) + unit * largest_bias  # (n,)
         picks = top.indices[:, 0].clone()
         unsure = ((top.values[:, 0] - top.values[:, 1]) <= 4 * bound).nonzero().squeeze(1)
-        if len(unsure):
-            picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
-        return picks
-
-    def _screens(self, head: torch.nn.Linear, rows: int) -> bool:
-        """Whether `final_argmax` screens the LM head with its bfloat16 copy for `rows` rows (`lm_head_screen`).
-
-        "auto": from 8 rows on CPUs with native bfloat16 products (AVX-512 BF16 or AMX), where the bf16 product
-        (half the bytes) beat float32 (262,144 x 640 on an AMD EPYC, 2 threads: 31 vs 45 ms for 8 rows, but 30 vs
-        21 ms for 2 and 20 vs 21 ms for 1, see `final_argmax`); never where bf16 is emulated (an AVX2 CPU: 73 ms for
-        4 rows against 67 for float32). Not for heads with a bias."""
-        if self.lm_head_screen == "off" or head.bias is not None:
-            return False
-        return self.lm_head_screen == "bf16" or (rows >= 8 and _native_bf16())
-
-    def _screen(self, head: torch.nn.Linear) -> tuple[Tensor, float, float]:
-        """The LM head's bfloat16 copy, the largest row norm of its rounding error and of its rows, kept until the
-        weights change."""
-        key = (head.weight.data_ptr(), head.weight._version)
-        if getattr(self, "_screen_key", None) != key:
-            self._screen_data = None  # free the old copy before making the new one
-            weight = head.weight.detach()
-            low = weight.to(torch.bfloat16)
-            error = max(float((rows - low[i:i + len(rows)].float()).norm(dim=-1).max())
-                        for i, rows in _chunks(weight))
-            self._screen_data = (low, error, float(low.float().norm(dim=-1).max()))
-            self._screen_key = key
-        return self._screen_data
-
-    def _screened_argmax(self, head: torch.nn.Linear, hidden: Tensor, x: Tensor) -> Tensor:
-        """`final_argmax` through the bfloat16 copy `Wb` of the LM head `W`: a screen, then exact float32 logits
-        for the few tokens it cannot rule out.
-
-        For every token i, `|W_i·x - s_i| <= r` where `s = Wb @ bf16(x)` (float32 accumulation, bf16 output) and
-        `r = e‖x‖ + ‖Wb‖(‖x - bf16(x)‖ + γ‖bf16(x)‖) + u·max|s|/(1 - u)` (e: the largest row norm of `W - Wb`,
-        ‖Wb‖ its largest row norm, u = 2⁻⁸ the bf16 unit roundoff of the output); the exact logits lie within `B`
-        (the float32 bound of the fast path) of `W_i·x`. So a token whose `s_i` falls more than `2(r + B)` below
-        the row's top cannot be the exact argmax. The others (1.6 tokens per position on average on the embedded
-        model) get float32 dot products `c_i`, also within `B`; where the best `c` leads the next by more than
-        `4B` it is the exact argmax, and rows with a closer call are recomputed the exact way."""
-        low, error, low_norm = self._screen(head)
-        unit = 2.0**-24
-        k = x.shape[-1]
-        gamma = k * unit / (1 - k * unit)
-        largest_row, _ = self._head_norms(head)
-        bound = (gamma + unit) * largest_row * x.norm(dim=-1)  # (n,) float32 fast-path bound, as above
-        xb = x.to(torch.bfloat16)
-        screen = torch.matmul(low, xb.T).T.float()  # (n, vocab)
-        top = screen.max(dim=-1).values  # (n,)
-        u = 2.0**-8
-        slack = (error * x.norm(dim=-1) + low_norm * ((x - xb.float()).norm(dim=-1) + gamma * xb.float().norm(dim=-1))
-                 + u / (1 - u) * screen.abs().max(dim=-1).values) * 1.01  # (n,); 1%: the bounds' own rounding
-        rows, tokens = (screen >= (top - 2 * (slack + bound))[:, None]).nonzero(as_tuple=True)  # row-major
-        values = (head.weight[tokens] * x[rows]).sum(dim=-1)  # (candidates,) float32, within B of W_i·x
-        counts = torch.bincount(rows, minlength=len(x))
-        slot = torch.arange(len(rows), device=x.device) - (counts.cumsum(0) - counts)[rows]
-        width = max(int(counts.max()), 2)
-        table = torch.full((len(x), width), float("-inf"), device=x.device)
-        table[rows, slot] = values
-        ids = torch.zeros((len(x), width), dtype=torch.long, device=x.device)
-        ids[rows, slot] = tokens
-        best = table.topk(2, dim=-1)
-        picks = ids.gather(1, best.indices[:, :1]).squeeze(1)
-        unsure = ((best.values[:, 0] - best.values[:, 1]) <= 4 * bound).nonzero().squeeze(1)
         if len(unsure):
             picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
         return picks
@@ -624,18 +544,6 @@ class LayerEngine:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)
         return self.final_logits(self.run_to(state, self.num_layers))
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), not by emulation."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
-
-
-def _chunks(weight: Tensor, rows: int = 16384):
-    """`(start, weight[start:start + rows])` over a matrix's rows (bounded temporaries for large LM heads)."""
-    for start in range(0, len(weight), rows):
-        yield start, weight[start:start + rows]
 
 
 @dataclass
