@@ -13,7 +13,15 @@ from tiny import save_tiny_base
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.formatting import num
 from hf_earlyexit.training.calibrate import CalibrateConfig, run_calibration, save_calibrated
-from hf_earlyexit.training.data import Corpus, GenerationSpec, draft_vocabulary, generate_corpus, read_prompt_file
+from hf_earlyexit.training.data import (
+    Corpus,
+    GenerationSpec,
+    TopKSampler,
+    _left_padding,
+    draft_vocabulary,
+    generate_corpus,
+    read_prompt_file,
+)
 from hf_earlyexit.training.teacher import CachedTeacher, OnlineTeacher
 from hf_earlyexit.training.train import TrainConfig, evaluate_heads, train_heads
 
@@ -458,6 +466,52 @@ def test_cascade_fit_holds_the_whole_rule_at_eps_where_per_head_fits_fall_short(
             assert row["agreement_exited"] >= eps - 1e-9
     with pytest.raises(ValueError, match="fit='greedy'"):
         fit_thresholds([score1], [agree1], eps, "greedy")
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 5), (0.5, 12), (2.0, 0)])
+def test_top_k_sampler_draws_from_hfs_own_tempered_top_k_distribution(temperature, top_k):
+    """The oracle is HF's own temperature and top-k warpers + softmax over the same scores."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+
+    torch.manual_seed(3)
+    row = torch.randn(1, 24) * 2
+    scores = row.expand(40_000, -1).clone()
+    expected = row
+    expected = TemperatureLogitsWarper(temperature)(None, expected)
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    expected = torch.softmax(expected, dim=-1)[0]
+    out = TopKSampler(temperature, top_k)(None, scores)
+    finite = torch.isfinite(out)
+    assert finite.sum(dim=-1).eq(1).all() and out[finite].eq(0).all()
+    drawn = out.argmax(dim=-1)
+    freq = torch.bincount(drawn, minlength=24).double() / drawn.numel()
+    assert float((freq - expected.double()).abs().max()) < 0.01, (freq, expected)
+    assert freq[expected == 0].sum() == 0  # never a token outside the top k
+
+
+def test_generated_tokens_come_from_the_base_models_top_k(base_path):
+    """Teacher-forced on the unmodified base: every sampled token is among its top k there; top_k=1 is greedy."""
+    model = EarlyExitForCausalLM.from_base(base_path, exit_layers=[1])
+    base, tokenizer = model.backbone, model.tokenizer
+    prompt = "A cat is"
+    start = _left_padding(tokenizer)(prompt, return_tensors="pt")["input_ids"].shape[1]
+    spec = GenerationSpec(prompts=[prompt], num_sequences=12, max_new_tokens=16, generation_batch_size=5, top_k=3)
+    corpus = generate_corpus(base, tokenizer, spec, "tiny-llama", cache=False)
+    with torch.no_grad():
+        logits = base(input_ids=corpus.input_ids, attention_mask=corpus.attention_mask).logits
+    top = logits[:, start - 1:-1].topk(3, dim=-1).indices
+    new, kept = corpus.input_ids[:, start:], corpus.attention_mask[:, start:].bool()
+    inside = (top == new.unsqueeze(-1)).any(dim=-1)
+    assert inside[kept].all() and kept.sum() > 100
+    assert not (top[..., 0] == new)[kept].all()  # it samples: not always the top token
+    greedy_spec = GenerationSpec(prompts=[prompt], num_sequences=2, max_new_tokens=16, top_k=1)
+    greedy = generate_corpus(base, tokenizer, greedy_spec, "tiny-llama", cache=False)
+    enc = tokenizer([prompt, prompt], return_tensors="pt")
+    with torch.no_grad():
+        plain = base.generate(**enc, do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
+    mask = greedy.attention_mask.bool()
+    assert torch.equal(greedy.input_ids[mask], plain[mask])
 
 
 def test_generated_data_cache_is_keyed_by_the_weights_not_only_the_name(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling.base_earlyexit import cache_root, weight_fingerprint
 
@@ -93,6 +93,31 @@ def read_prompt_file(path: str | Path) -> tuple[str, ...]:
     return prompts
 
 
+class TopKSampler(LogitsProcessor):
+    """Temperature + top-k sampling done inside a logits processor, for greedy search to carry out.
+
+    HF's own sampling draws with `torch.multinomial` over the whole vocabulary even when top-k has masked all but
+    `top_k` entries; for a 262k-token vocabulary and 48 rows that draw took a third of every generation step on a
+    2-core CPU. This processor draws among the top `top_k` scores only (the same distribution: softmax of the
+    temperature-scaled top-k scores) and returns scores where only the drawn token is finite, so `do_sample=False`
+    picks it. `top_k=0` draws over the whole vocabulary. Uses torch's global generator (seeded by the caller).
+    """
+
+    def __init__(self, temperature: float, top_k: int):
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if 0 < self.top_k < scores.shape[-1]:
+            values, index = scores.topk(self.top_k, dim=-1)
+        else:
+            values, index = scores, None
+        probs = torch.softmax(values.float() / self.temperature, dim=-1)
+        drawn = torch.multinomial(probs, 1)
+        token = drawn if index is None else index.gather(-1, drawn)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, token, 0.0)
+
+
 def generate_corpus(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: GenerationSpec, model_id: str,
     cache: bool = True,
@@ -107,7 +132,7 @@ def generate_corpus(
     if not spec.prompts:
         raise ValueError("no prompts given; expected at least one seed prompt")
     path = _cache_path("generated", {"model": model_id, "fingerprint": weight_fingerprint(model),
-                                     "dtype": str(model.dtype), **asdict(spec)})
+                                     "dtype": str(model.dtype), "sampler": "top_k_processor", **asdict(spec)})
     if cache and path.exists():
         logger.info("Reusing generated data from %s", path)
         return _load(path)
@@ -115,6 +140,7 @@ def generate_corpus(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec.sampling_seed)
     chunks, masks = [], []
+    sampler = TopKSampler(spec.temperature, spec.top_k)
     try:
         step = spec.generation_batch_size
         for start in tqdm(range(0, spec.num_sequences, step), desc="Generating data", unit="batch"):
@@ -123,7 +149,7 @@ def generate_corpus(
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
             with torch.no_grad():
                 ids = model.generate(
-                    **enc, do_sample=True, temperature=spec.temperature, top_k=spec.top_k,
+                    **enc, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                     max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                 )
             mask = torch.cat([enc["attention_mask"], _after_eos(ids[:, enc["input_ids"].shape[1]:], tokenizer)], 1)
