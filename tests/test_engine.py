@@ -180,6 +180,47 @@ def test_truncate_drops_pending_positions_too():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
+    """The teacher's top k (`final_topk`): through the bfloat16 screen, the same tokens as the exact logits' top k,
+    float32 values, the exact top token also where two logits tie exactly or a rounding apart, and a normaliser
+    within bf16 rounding; without it, the exact logits' own."""
+    model = tiny_model(arch)
+    engine = LayerEngine(model)
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 40, model.config.get_text_config().hidden_size) * 4
+    with torch.no_grad():
+        logits = engine.final_logits(hidden).float()
+        want_ids = logits.topk(8, dim=-1).indices
+        lse = torch.logsumexp(logits, dim=-1)
+        exact = engine.final_topk(hidden, 8, "off")
+        assert torch.equal(exact[1], want_ids) and torch.equal(exact[2], lse)
+        values, ids, got_lse = engine.final_topk(hidden, 8, "bf16")
+        assert values.shape == ids.shape == (2, 40, 8) and got_lse.shape == (2, 40)
+        assert torch.equal(ids[..., 0], logits.argmax(dim=-1))
+        assert torch.equal(ids.sort(dim=-1).values, want_ids.sort(dim=-1).values)
+        torch.testing.assert_close(values, logits.gather(-1, ids), rtol=0, atol=1e-5)
+        assert bool((values[..., :-1] >= values[..., 1:]).all())
+        torch.testing.assert_close(got_lse, lse, rtol=2.0**-7, atol=1e-4)
+        # exact ties for row 0 (tokens 3 and 7 copy its winner) and a near-tie for row 1 (a hair under its winner)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head = engine.parts.lm_head
+        winner = int(logits[0, 0].argmax())
+        for twin in (3, 7):
+            head.weight[twin] = head.weight[winner]
+            if head.bias is not None:
+                head.bias[twin] = head.bias[winner]
+        row = engine.final_logits(flat[1:2])[0]
+        first, second = row.topk(2).indices.tolist()
+        direction = engine.parts.norm(flat[1:2])[0]
+        head.weight[second] += (float(row[first] - row[second]) - 1e-6) / float(direction.norm()) ** 2 * direction
+        off = engine.final_topk(flat[:2], 8, "off")
+        screened = engine.final_topk(flat[:2], 8, "bf16")
+        assert torch.equal(screened[1][:, 0], off[1][:, 0])  # the exact way's own pick among exact ties (`topk`)
+    with pytest.raises(ValueError, match="screen='fast'"):
+        engine.final_topk(hidden, 8, "fast")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
     """The fast LM-head argmax picks exactly the token of the exact logits' argmax, also where two logits tie
     exactly (two equal LM-head rows: the lower id wins, as in `argmax`) and where they are a rounding apart."""

@@ -326,12 +326,25 @@ def test_feature_store_serves_what_the_backbone_computes_and_resumes(base_path, 
         logp = torch.log_softmax(model(*corpus_rows(corpus, rows)).logits.float(), -1)[:, -a.mask.shape[1]:]
         expected_logp, expected_ids = logp.topk(5, dim=-1)
         assert torch.equal(a.targets.ids[real], expected_ids[real])
-        torch.testing.assert_close(a.targets.logp[real], expected_logp[real], rtol=1e-3, atol=1e-3)  # stored fp16
+        # stored fp16; the top k among themselves to fp16 precision, the normaliser to the LM-head screen's bf16
+        # rounding where it screens (`LayerEngine.final_topk`; exact where it does not)
+        got = a.targets.logp[real]
+        torch.testing.assert_close(got - got[:, :1], (expected_logp - expected_logp[..., :1])[real], rtol=0,
+                                   atol=8e-3)  # two fp16 roundings of values in (-16, 0]
+        torch.testing.assert_close(got[:, 0], expected_logp[real][:, 0], rtol=0, atol=0.05)
     # a second build finds every shard and writes nothing; a removed shard is written again, the same
-    first = (tmp_path / "features" / "shard-00002.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / "features" / "shard-00002.safetensors")
     (tmp_path / "features" / "shard-00002.safetensors").unlink()
     FeatureStore.build(model, corpus, tmp_path / "features", k=5, batch_size=7)
-    assert (tmp_path / "features" / "shard-00002.safetensors").read_bytes() == first
+    again = load_file(tmp_path / "features" / "shard-00002.safetensors")
+    assert sorted(again) == sorted(first)
+    for name, tensor in first.items():  # the screen's normaliser may round otherwise in other batch shapes
+        if name == "topk_logp":
+            torch.testing.assert_close(again[name].float(), tensor.float(), rtol=0, atol=0.05)
+        else:
+            assert torch.equal(again[name], tensor), name
     with pytest.raises(ValueError, match=r"other data or another model \(differs in \['k'\]\)"):
         FeatureStore.build(model, corpus, tmp_path / "features", k=6)
     order = disk.order(epoch=0, seed=0)

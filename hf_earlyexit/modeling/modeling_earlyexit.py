@@ -463,10 +463,21 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         """The frozen base model's side of `forward`: each exit's raw hidden states `(batch, seq, hidden)` and the
         full model's logits `(batch, seq, vocab)`, without running any head."""
+        exit_hidden, last = self._backbone_run(input_ids, attention_mask)
+        return exit_hidden, self.engine.final_logits(last)  # (batch, seq, vocab)
+
+    def backbone_topk(self, input_ids: Tensor, attention_mask: Tensor | None = None, k: int = 64,
+                      screen: str = "auto") -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
+        """`backbone_states` with the full model's `k` best tokens in place of its logits: each exit's raw hidden
+        states and `(values, ids, lse)` `(batch, seq, k)`, `(batch, seq, k)`, `(batch, seq)` of
+        `LayerEngine.final_topk` (`screen` as there)."""
+        exit_hidden, last = self._backbone_run(input_ids, attention_mask)
+        return exit_hidden, self.engine.final_topk(last, k, screen)
+
+    def _backbone_run(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[tuple[Tensor, ...], Tensor]:
         state = self.engine.start(input_ids, attention_mask)
         exit_hidden = tuple(self.engine.run_to(state, layer) for layer in self.config.exit_layers)
-        logits = self.engine.final_logits(self.engine.run_to(state, self.num_layers))  # (batch, seq, vocab)
-        return exit_hidden, logits
+        return exit_hidden, self.engine.run_to(state, self.num_layers)
 
     def generate(self, inputs: Tensor | None = None, *, decoding: DecodingOptions | None = None,
                  drafters: tuple = (), **kwargs):

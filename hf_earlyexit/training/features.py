@@ -7,7 +7,11 @@ head type), reads the shards instead of running the backbone. Shards are written
 interrupted pass resumes at the first missing shard, and a corpus larger than memory streams through.
 
 The model's distribution is stored as its top `k` token ids and log-probabilities per position (top-k distillation):
-a 262k-way distribution per token would take 1 MB; the top 64 take 384 bytes and hold nearly all of the mass.
+a 262k-way distribution per token would take 1 MB; the top 64 take 384 bytes and hold nearly all of the mass. The
+pass reads them through `LayerEngine.final_topk`: on CPUs with native bfloat16 products it screens the LM head in
+bf16 and keeps float32 logits of the exact top k, with the normaliser (log-sum-exp over the vocabulary) to bf16
+rounding (≤ 0.05 on real text; top-k distillation renormalises the top k, so the heads' targets do not move). On
+the embedded model that made the pass 1.5x faster on an AMD EPYC (2 threads).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..modeling.base_earlyexit import weight_fingerprint
@@ -133,12 +136,13 @@ class FeatureStore:
         return out
 
 
-def _features(model: EarlyExitForCausalLM, corpus: Corpus, rows: Tensor, k: int) -> dict[str, Tensor]:
-    """The backbone's features of corpus `rows`, at the corpus's full width (left padding kept)."""
+def _features(model: EarlyExitForCausalLM, corpus: Corpus, rows: Tensor, k: int, screen: str = "auto"
+              ) -> dict[str, Tensor]:
+    """The backbone's features of corpus `rows`, at the corpus's full width (left padding kept); the model's top `k`
+    through `LayerEngine.final_topk` (`screen`: its LM-head screen)."""
     ids, mask = corpus.input_ids[rows].to(model.device), corpus.attention_mask[rows].to(model.device)
-    hidden, logits = model.backbone_states(ids, attention_mask=mask)  # logits (batch, seq, vocab)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    top_logp, top_ids = logp.topk(k, dim=-1)  # (batch, seq, k)
+    hidden, (values, top_ids, lse) = model.backbone_topk(ids, attention_mask=mask, k=k, screen=screen)
+    top_logp = values - lse.unsqueeze(-1)  # (batch, seq, k)
     out = {f"hidden.{j}": h.cpu() for j, h in enumerate(hidden)}
     out.update(topk_ids=top_ids.to(torch.int32).cpu(), topk_logp=top_logp.to(torch.float16).cpu(),
                top=top_ids[..., 0].to(torch.int32).cpu(), mask=mask.to(torch.uint8).cpu())
