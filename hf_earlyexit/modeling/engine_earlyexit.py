@@ -538,12 +538,13 @@ class LayerEngine:
         `screen`: `"off"` reads the exact logits (`final_logits`); `"bf16"` screens the LM head with its bfloat16
         copy (`_bf16_head`), half the bytes and on CPUs with native bfloat16 products about twice the speed of the
         float32 product for many rows (262,144 x 640, 1,024 rows, AMD EPYC, 2 threads: 1.2 vs 2.5 s), then takes
-        float32 dot products for the screen's `k` best only. The screen's values lie within `r` of the exact logits
-        (`_bf16_head`); the top token is the exact one where the best float32 value clears the screen's `k`-th by
-        `r + 3B` and its runner-up by `4B` (`B`: the float32 bound of `final_argmax`); other rows are read the exact
-        way. `lse` takes the candidates' float32 values and the screen's for the rest. `"auto"`: the screen on a
-        CPU with native bfloat16 products (AVX-512 BF16 or AMX) for float32 heads without soft-capping or bias, at
-        64 rows or more; else exact.
+        float32 dot products for the screen's best `k + SCREEN_EXTRA` only and keeps the `k` best of those. The
+        screen's values lie within `r` of the exact logits (`_bf16_head`); the top token is the exact one where the
+        best float32 value clears the screen's last candidate by `r + 3B` and its runner-up by `4B` (`B`: the
+        float32 bound of `final_argmax`); other rows are read the exact way. `lse` takes the candidates' float32
+        values and the screen's for the rest, so it carries the bf16 rounding of the rest's sum (≤ 0.05 on real
+        text for the embedded model). `"auto"`: the screen on a CPU with native bfloat16 products (AVX-512 BF16 or
+        AMX) for float32 heads without soft-capping or bias, at 64 rows or more; else exact.
         """
         if screen not in ("auto", "bf16", "off"):
             raise ValueError(f"screen={screen!r} is not one of auto, bf16, off")
@@ -601,8 +602,9 @@ class LayerEngine:
     def _bf16_head(self, head: torch.nn.Linear) -> tuple[Tensor, float, float]:
         """The LM head `W`'s bfloat16 copy `Wb`, the largest row norm of `W - Wb` (`e`) and of `Wb`, kept until the
         weights change. For every token i, `|W_i·x - s_i| <= r` where `s = Wb @ bf16(x)` (float32 accumulation,
-        bfloat16 output) and `r = e‖x‖ + ‖Wb‖(‖x - bf16(x)‖ + γ‖bf16(x)‖) + u·max|s|/(1 - u)` (γ the float32
-        dot-product factor of the hidden size, u = 2⁻⁸ the bfloat16 unit roundoff of the output)."""
+        bfloat16 output) and `r = e‖x‖ + ‖Wb‖(‖x - bf16(x)‖ + γ‖bf16(x)‖) + u/(1 - u)·‖Wb‖(1 + γ)‖bf16(x)‖` (γ the
+        float32 dot-product factor of the hidden size, u = 2⁻⁸ the bfloat16 unit roundoff of the output; ‖Wb‖ the
+        largest row norm)."""
         key = (head.weight.data_ptr(), head.weight._version)
         if getattr(self, "_bf16_key", None) != key:
             self._bf16_data = None  # free the old copy before making the new one
