@@ -179,6 +179,23 @@ def test_truncate_drops_pending_positions_too():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+def make_ties(engine: LayerEngine, hidden: torch.Tensor) -> int:
+    """Edit the LM head so that two tokens tie exactly at the top of row 0 of `hidden` `(2, hidden)` (ids 3 and 7
+    become copies of its winner) and row 1's runner-up sits a hair (1e-6) under its winner; returns row 0's winner."""
+    head = engine.parts.lm_head
+    winner = int(engine.final_logits(hidden[:1]).argmax())
+    for twin in (3, 7):
+        head.weight[twin] = head.weight[winner]
+        if head.bias is not None:
+            head.bias[twin] = head.bias[winner]
+    logits = engine.final_logits(hidden[1:2])[0]
+    first, second = logits.topk(2).indices.tolist()
+    direction = engine.parts.norm(hidden[1:2])[0]
+    gap = float(logits[first] - logits[second])
+    head.weight[second] += (gap - 1e-6) / float(direction.norm()) ** 2 * direction
+    return winner
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
     """The teacher's top k (`final_topk`): through the bfloat16 screen, the same tokens as the exact logits' top k,
@@ -201,18 +218,8 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
         torch.testing.assert_close(values, logits.gather(-1, ids), rtol=0, atol=1e-5)
         assert bool((values[..., :-1] >= values[..., 1:]).all())
         torch.testing.assert_close(got_lse, lse, rtol=2.0**-7, atol=1e-4)
-        # exact ties for row 0 (tokens 3 and 7 copy its winner) and a near-tie for row 1 (a hair under its winner)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        head = engine.parts.lm_head
-        winner = int(logits[0, 0].argmax())
-        for twin in (3, 7):
-            head.weight[twin] = head.weight[winner]
-            if head.bias is not None:
-                head.bias[twin] = head.bias[winner]
-        row = engine.final_logits(flat[1:2])[0]
-        first, second = row.topk(2).indices.tolist()
-        direction = engine.parts.norm(flat[1:2])[0]
-        head.weight[second] += (float(row[first] - row[second]) - 1e-6) / float(direction.norm()) ** 2 * direction
+        make_ties(engine, flat[:2])
         off = engine.final_topk(flat[:2], 8, "off")
         screened = engine.final_topk(flat[:2], 8, "bf16")
         assert torch.equal(screened[1][:, 0], off[1][:, 0])  # the exact way's own pick among exact ties (`topk`)
@@ -232,19 +239,7 @@ def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
         for rows in (1, 2, 5, 8):
             expected = engine.final_logits(hidden[:rows]).argmax(dim=-1)
             assert torch.equal(engine.final_argmax(hidden[:rows]), expected)
-        # make two tokens tie at the top for row 0: id 7 becomes a copy of the winner, id 3 too
-        head = engine.parts.lm_head
-        winner = int(engine.final_logits(hidden[:1]).argmax())
-        for twin in (3, 7):
-            head.weight[twin] = head.weight[winner]
-            if head.bias is not None:
-                head.bias[twin] = head.bias[winner]
-        # and a near-tie for row 1: its runner-up raised to a hair under its winner
-        logits = engine.final_logits(hidden[1:2])[0]
-        first, second = logits.topk(2).indices.tolist()
-        direction = engine.parts.norm(hidden[1:2])[0]
-        gap = float(logits[first] - logits[second])
-        head.weight[second] += (gap - 1e-6) / float(direction.norm()) ** 2 * direction
+        winner = make_ties(engine, hidden[:2])
         expected = engine.final_logits(hidden).argmax(dim=-1)
         assert int(expected[0]) == min(3, winner)
         assert torch.equal(engine.final_argmax(hidden), expected)
