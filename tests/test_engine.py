@@ -7,6 +7,7 @@ import torch
 from tiny import ARCHS, VOCAB, batch, tiny_model
 
 from hf_earlyexit import LayerEngine
+from hf_earlyexit.training.lm_topk import final_topk
 
 BATCHES = {"batch1": [7], "batch3_left_padded": [9, 5, 7]}
 NEW_TOKENS = 10
@@ -198,9 +199,9 @@ def make_ties(engine: LayerEngine, hidden: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
-    """The teacher's top k (`final_topk`): through the bfloat16 screen, the same tokens as the exact logits' top k,
-    float32 values, the exact top token also where two logits tie exactly or a rounding apart, and a normaliser
-    within bf16 rounding; without it, the exact logits' own."""
+    """The teacher's top k (`lm_topk.final_topk`): through the bfloat16 screen, the same tokens as the exact
+    logits' top k, float32 values, the exact top token also where two logits tie exactly or a rounding apart, and a
+    normaliser within bf16 rounding; without it, the exact logits' own."""
     model = tiny_model(arch)
     engine = LayerEngine(model)
     torch.manual_seed(4)
@@ -209,9 +210,9 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
         logits = engine.final_logits(hidden).float()
         want_ids = logits.topk(8, dim=-1).indices
         lse = torch.logsumexp(logits, dim=-1)
-        exact = engine.final_topk(hidden, 8, "off")
+        exact = final_topk(engine, hidden, 8, "off")
         assert torch.equal(exact[1], want_ids) and torch.equal(exact[2], lse)
-        values, ids, got_lse = engine.final_topk(hidden, 8, "bf16")
+        values, ids, got_lse = final_topk(engine, hidden, 8, "bf16")
         assert values.shape == ids.shape == (2, 40, 8) and got_lse.shape == (2, 40)
         assert torch.equal(ids[..., 0], logits.argmax(dim=-1))
         assert torch.equal(ids.sort(dim=-1).values, want_ids.sort(dim=-1).values)
@@ -220,11 +221,11 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
         torch.testing.assert_close(got_lse, lse, rtol=2.0**-7, atol=1e-4)
         flat = hidden.reshape(-1, hidden.shape[-1])
         make_ties(engine, flat[:2])
-        off = engine.final_topk(flat[:2], 8, "off")
-        screened = engine.final_topk(flat[:2], 8, "bf16")
+        off = final_topk(engine, flat[:2], 8, "off")
+        screened = final_topk(engine, flat[:2], 8, "bf16")
         assert torch.equal(screened[1][:, 0], off[1][:, 0])  # the exact way's own pick among exact ties (`topk`)
     with pytest.raises(ValueError, match="screen='fast'"):
-        engine.final_topk(hidden, 8, "fast")
+        final_topk(engine, hidden, 8, "fast")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

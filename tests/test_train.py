@@ -327,7 +327,7 @@ def test_feature_store_serves_what_the_backbone_computes_and_resumes(base_path, 
         expected_logp, expected_ids = logp.topk(5, dim=-1)
         assert torch.equal(a.targets.ids[real], expected_ids[real])
         # stored fp16; the top k among themselves to fp16 precision, the normaliser to the LM-head screen's bf16
-        # rounding where it screens (`LayerEngine.final_topk`; exact where it does not)
+        # rounding where it screens (`lm_topk.final_topk`; exact where it does not)
         got = a.targets.logp[real]
         torch.testing.assert_close(got - got[:, :1], (expected_logp - expected_logp[..., :1])[real], rtol=0,
                                    atol=8e-3)  # two fp16 roundings of values in (-16, 0]

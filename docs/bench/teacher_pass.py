@@ -1,7 +1,7 @@
 """Seconds per teacher-pass batch on the embedded model: the exact LM head against its bfloat16 screen.
 
 One batch of the shipped recipe's teacher pass (8 rows x 128 tokens of real text, the model's top 64 per position,
-`FeatureStore` features) with `LayerEngine.final_topk` reading the exact float32 logits (`screen="off"`) and
+`FeatureStore` features) with `lm_topk.final_topk` reading the exact float32 logits (`screen="off"`) and
 screening with the LM head's bfloat16 copy (`screen="bf16"`), interleaved in one process; then, over all timed
 rows, how the screened features compare with the exact ones (top token, top-64 set, normaliser).
 

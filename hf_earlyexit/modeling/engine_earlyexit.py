@@ -530,92 +530,6 @@ class LayerEngine:
             picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
         return picks
 
-    def final_topk(self, hidden: Tensor, k: int, screen: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-        """`(..., hidden)` -> the full model's `k` best tokens and their normaliser: `values` `(..., k)` float32
-        logits, descending, `ids` `(..., k)` long, `lse` `(...)` float32 the log-sum-exp over the vocabulary
-        (log-probabilities: `values - lse`). What a teacher pass keeps of every position (`FeatureStore`).
-
-        `screen`: `"off"` reads the exact logits (`final_logits`); `"bf16"` screens the LM head with its bfloat16
-        copy (`_bf16_head`), half the bytes and on CPUs with native bfloat16 products about twice the speed of the
-        float32 product for many rows (262,144 x 640, 1,024 rows, AMD EPYC, 2 threads: 1.2 vs 2.5 s), then takes
-        float32 dot products for the screen's best `k + SCREEN_EXTRA` only and keeps the `k` best of those. The
-        screen's values lie within `r` of the exact logits (`_bf16_head`); the top token is the exact one where the
-        best float32 value clears the screen's last candidate by `r + 3B` and its runner-up by `4B` (`B`: the
-        float32 bound of `final_argmax`); other rows are read the exact way. `lse` takes the candidates' float32
-        values and the screen's for the rest, so it carries the bf16 rounding of the rest's sum (≤ 0.05 on real
-        text for the embedded model). `"auto"`: the screen on a CPU with native bfloat16 products (AVX-512 BF16 or
-        AMX) for float32 heads without soft-capping or bias, at 64 rows or more; else exact.
-        """
-        if screen not in ("auto", "bf16", "off"):
-            raise ValueError(f"screen={screen!r} is not one of auto, bf16, off")
-        shape = hidden.shape[:-1]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        head = self.parts.lm_head
-        weight = getattr(head, "weight", None)
-        plain = (isinstance(head, torch.nn.Linear) and head.bias is None and weight.dtype == torch.float32
-                 and weight.device.type == "cpu" and not getattr(self.config, "final_logit_softcapping", None))
-        if screen == "auto":
-            screen = "bf16" if plain and len(flat) >= 64 and _native_bf16() else "off"
-        if screen == "off" or not plain or not len(flat):
-            values, ids, lse = self._exact_topk(flat, k)
-        else:
-            values, ids, lse = self._screened_topk(flat, k)
-        return values.reshape(*shape, k), ids.reshape(*shape, k), lse.reshape(shape)
-
-    def _exact_topk(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.final_logits(hidden).float()
-        values, ids = logits.topk(k, dim=-1)
-        return values, ids, torch.logsumexp(logits, dim=-1)
-
-    def _screened_topk(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        head = self.parts.lm_head
-        low, error, low_norm = self._bf16_head(head)
-        x = self.parts.norm(hidden).float()
-        norm = x.norm(dim=-1)
-        unit = 2.0**-24
-        gamma = x.shape[-1] * unit / (1 - x.shape[-1] * unit)
-        largest_row, _ = self._head_norms(head)
-        bound = (gamma + unit) * largest_row * norm  # (n,) B, as in final_argmax
-        xb = x.to(torch.bfloat16)
-        scores = torch.matmul(xb, low.T)  # (n, vocab) bfloat16: bf16 products, float32 sums, rounded to bf16
-        u = 2.0**-8
-        # r, with |s_i| <= ‖Wb‖(1 + γ)‖bf16(x)‖ for the output's rounding (no pass over the scores for their max)
-        xb_norm = xb.float().norm(dim=-1)
-        slack = (error * norm + low_norm * ((x - xb.float()).norm(dim=-1) + gamma * xb_norm)
-                 + u / (1 - u) * low_norm * (1 + gamma) * xb_norm) * 1.01  # (n,); 1%: the bounds' own rounding
-        wide = min(k + SCREEN_EXTRA, scores.shape[-1])  # candidates: the screen's best k + SCREEN_EXTRA
-        kth, ids = scores.topk(wide, dim=-1)  # (n, wide)
-        kth = kth.float()
-        exact = torch.einsum("nkh,nh->nk", head.weight[ids], x)  # (n, wide) float32, within B of the exact logits
-        values, order = exact.sort(dim=-1, descending=True)
-        ids = ids.gather(-1, order)
-        rest = scores.scatter_(-1, ids, float("-inf"))  # the screen without the candidates
-        lse = torch.logaddexp(torch.logsumexp(values, dim=-1), torch.logsumexp(rest, dim=-1).float())
-        values, ids = values[:, :k].contiguous(), ids[:, :k].contiguous()
-        runner_up = values[:, 1] if k > 1 else kth[:, -1]
-        unsure = ((values[:, 0] <= kth[:, -1] + slack + 3 * bound)
-                  | (values[:, 0] - runner_up <= 4 * bound)).nonzero().squeeze(1)
-        if len(unsure):
-            values[unsure], ids[unsure], lse[unsure] = self._exact_topk(hidden[unsure], k)
-        return values, ids, lse
-
-    def _bf16_head(self, head: torch.nn.Linear) -> tuple[Tensor, float, float]:
-        """The LM head `W`'s bfloat16 copy `Wb`, the largest row norm of `W - Wb` (`e`) and of `Wb`, kept until the
-        weights change. For every token i, `|W_i·x - s_i| <= r` where `s = Wb @ bf16(x)` (float32 accumulation,
-        bfloat16 output) and `r = e‖x‖ + ‖Wb‖(‖x - bf16(x)‖ + γ‖bf16(x)‖) + u/(1 - u)·‖Wb‖(1 + γ)‖bf16(x)‖` (γ the
-        float32 dot-product factor of the hidden size, u = 2⁻⁸ the bfloat16 unit roundoff of the output; ‖Wb‖ the
-        largest row norm)."""
-        key = (head.weight.data_ptr(), head.weight._version)
-        if getattr(self, "_bf16_key", None) != key:
-            self._bf16_data = None  # free the old copy before making the new one
-            weight = head.weight.detach()
-            low = weight.to(torch.bfloat16)
-            error = max(float((weight[i:i + 16384] - low[i:i + 16384].float()).norm(dim=-1).max())
-                        for i in range(0, len(weight), 16384))
-            self._bf16_data = (low, error, float(low.float().norm(dim=-1).max()))
-            self._bf16_key = key
-        return self._bf16_data
-
     def _head_norms(self, head: torch.nn.Linear) -> tuple[float, float]:
         """The largest row 2-norm of the LM head's weight and the largest |bias|, kept until the weights change."""
         key = (head.weight.data_ptr(), head.weight._version,
@@ -630,17 +544,6 @@ class LayerEngine:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""
         state = self.start(input_ids, attention_mask)
         return self.final_logits(self.run_to(state, self.num_layers))
-
-
-# `final_topk`'s screen: candidates beyond the k asked for, so that the k kept (by float32 value) are the exact top k
-# unless more than this many tokens crowd within the screen's error of the k-th
-SCREEN_EXTRA = 16
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), not by emulation."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
 
 
 @dataclass

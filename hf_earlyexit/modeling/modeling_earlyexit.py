@@ -463,18 +463,13 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         """The frozen base model's side of `forward`: each exit's raw hidden states `(batch, seq, hidden)` and the
         full model's logits `(batch, seq, vocab)`, without running any head."""
-        exit_hidden, last = self._backbone_run(input_ids, attention_mask)
+        exit_hidden, last = self.backbone_hidden(input_ids, attention_mask)
         return exit_hidden, self.engine.final_logits(last)  # (batch, seq, vocab)
 
-    def backbone_topk(self, input_ids: Tensor, attention_mask: Tensor | None = None, k: int = 64,
-                      screen: str = "auto") -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
-        """`backbone_states` with the full model's `k` best tokens in place of its logits: each exit's raw hidden
-        states and `(values, ids, lse)` `(batch, seq, k)`, `(batch, seq, k)`, `(batch, seq)` of
-        `LayerEngine.final_topk` (`screen` as there)."""
-        exit_hidden, last = self._backbone_run(input_ids, attention_mask)
-        return exit_hidden, self.engine.final_topk(last, k, screen)
-
-    def _backbone_run(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[tuple[Tensor, ...], Tensor]:
+    def backbone_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None
+                        ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """`backbone_states` before the final norm and LM head: each exit's raw hidden states and the last
+        layer's `(batch, seq, hidden)`, for callers that read the LM head their own way (the teacher pass)."""
         state = self.engine.start(input_ids, attention_mask)
         exit_hidden = tuple(self.engine.run_to(state, layer) for layer in self.config.exit_layers)
         return exit_hidden, self.engine.run_to(state, self.num_layers)
