@@ -11,7 +11,7 @@ a 262k-way distribution per token would take 1 MB; the top 64 take 384 bytes and
 pass reads them through `lm_topk.final_topk`: on CPUs with native bfloat16 products it screens the LM head in
 bf16 and keeps float32 logits of the exact top k, with the normaliser (log-sum-exp over the vocabulary) to bf16
 rounding (≤ 0.05 on real text; top-k distillation renormalises the top k, so the heads' targets do not move). On
-the embedded model that made the pass 1.41x faster on an AMD EPYC (2 threads).
+the embedded model that made the pass 1.5x faster on an AMD EPYC (2 threads).
 """
 
 from __future__ import annotations
