@@ -219,6 +219,7 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
         torch.testing.assert_close(values, logits.gather(-1, ids), rtol=0, atol=1e-5)
         assert bool((values[..., :-1] >= values[..., 1:]).all())
         torch.testing.assert_close(got_lse, lse, rtol=2.0**-7, atol=1e-4)
+        assert torch.equal(final_topk(engine, hidden, 1, "bf16")[1][..., 0], logits.argmax(dim=-1))
         flat = hidden.reshape(-1, hidden.shape[-1])
         make_ties(engine, flat[:2])
         off = final_topk(engine, flat[:2], 8, "off")

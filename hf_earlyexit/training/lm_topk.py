@@ -92,9 +92,9 @@ def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor,
     ids = ids.gather(-1, order)
     rest = scores.scatter_(-1, ids, float("-inf"))  # (n, vocab) the screen without the candidates
     lse = torch.logaddexp(torch.logsumexp(values, dim=-1), torch.logsumexp(rest, dim=-1).float())  # (n,)
+    runner_up = values[:, 1] if wide > 1 else floor[:, -1].float()  # (n,)
     values, ids = values[:, :k].contiguous(), ids[:, :k].contiguous()
     r, b = screen.bounds(x)
-    runner_up = values[:, 1] if k > 1 else floor[:, -1].float()
     unsure = ((values[:, 0] <= floor[:, -1].float() + r + 3 * b)
               | (values[:, 0] - runner_up <= 4 * b)).nonzero().squeeze(1)
     if len(unsure):
