@@ -440,6 +440,28 @@ def test_cli_train_refuses_an_output_dir_that_is_a_file(base_dir, tmp_path, caps
 def test_cli_calibrate_refuses_too_few_sequences(capsys, tmp_path):
     line = cli_error(capsys, ["calibrate", "--model", str(tmp_path), "--num_sequences", "1"])
     assert "num_sequences=1 must be at least 2" in line
+    line = cli_error(capsys, ["calibrate", "--model", str(tmp_path), "--generation_batch_size", "0"])
+    assert "generation_batch_size=0 must be a positive number of sequences" in line
+
+
+def test_cli_calibrate_generates_in_the_batches_it_is_given(base_dir, tmp_path, monkeypatch):
+    """`calibrate --generation_batch_size` reaches the sampler: the cached calibration text records its batches,
+    and the folder gets thresholds."""
+    from safetensors import safe_open
+
+    from hf_earlyexit.commands.cli import main
+
+    monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    assert main(train_argv(base_dir, tmp_path, "--num_sequences", "4")) == 0
+    assert main(["calibrate", "--model", str(tmp_path / "out"), "--num_sequences", "12", "--max_new_tokens", "24",
+                 "--generation_batch_size", "5", "--min_tokens", "10"]) == 0
+    sources = []
+    for path in (tmp_path / "cache" / "data").glob("generated-*.safetensors"):
+        with safe_open(path, "pt") as f:
+            sources.append(json.loads(f.metadata()["source"]))
+    calibration = [source for source in sources if source["num_sequences"] == 12]
+    assert len(calibration) == 1 and calibration[0]["generation_batch_size"] == 5
+    assert EarlyExitForCausalLM.from_pretrained(tmp_path / "out").config.thresholds
 
 
 def test_cli_names_a_missing_path_and_debug_shows_the_traceback(capsys, tmp_path):

@@ -232,6 +232,7 @@ class CalibrateJob:
     dtype: str = field(default="float32", metadata={"help": "base model dtype", "choices": list(DTYPES)})
     num_sequences: int = field(default=64, metadata={"help": "calibration sequences the model writes"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per calibration sequence"})
+    generation_batch_size: int = field(default=8, metadata={"help": "calibration sequences generated at once"})
     prompt_file: str | None = field(default=None, metadata={"help": "calibration prompts, one per line (UTF-8)"})
 
     def __post_init__(self) -> None:
@@ -240,6 +241,9 @@ class CalibrateJob:
                              "set the thresholds, the other half checks them)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive number of tokens")
+        if self.generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size={self.generation_batch_size!r} must be a positive number of "
+                             "sequences")
 
 
 def run_calibrate(job: CalibrateJob, config) -> tuple[dict, list[dict], list[dict]]:
@@ -247,6 +251,7 @@ def run_calibrate(job: CalibrateJob, config) -> tuple[dict, list[dict], list[dic
     model, _ = _load_heads(job.model, DTYPES[job.dtype])
     spec = calibration_spec()
     spec.num_sequences, spec.max_new_tokens = job.num_sequences, job.max_new_tokens
+    spec.generation_batch_size = job.generation_batch_size
     if job.prompt_file:
         spec.prompts = list(read_prompt_file(job.prompt_file))
     corpus = generate_corpus(model.backbone, model.tokenizer, spec, model.config.base_model_name_or_path)
