@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from tiny import save_tiny_base
+from tiny import ARCHS, VOCAB, save_tiny_base, tiny_model
+from tiny import batch as tiny_batch
 
 from hf_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.formatting import num
@@ -381,7 +382,7 @@ def test_topk_distillation_from_disk_raises_agreement(base_path, corpus, tmp_pat
 
 def test_sparse_loss_maps_tokens_outside_the_draft_vocabulary_to_other(base_path):
     from hf_earlyexit.training.features import SparseTargets
-    from hf_earlyexit.training.train import sparse_head_loss
+    from hf_earlyexit.training.losses import sparse_head_loss
 
     model = fresh(base_path, head="shared", adapter_rank=4, draft_token_ids=[3, 5, 8])
     head = model.exit_heads[0]
@@ -401,6 +402,51 @@ def test_sparse_loss_maps_tokens_outside_the_draft_vocabulary_to_other(base_path
     # with an entropy term (lam > 0) the loss is the paper's (1-λ)·CE − λ·H
     mixed, mixed_entropy = sparse_head_loss(logits, head, target, torch.ones(1, 2), lam=0.25)
     torch.testing.assert_close(mixed, (0.75 * expected - 0.25 * mixed_entropy.mean()).float())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_linear_topk_loss_equals_the_logits_path(arch, monkeypatch):
+    """`linear_topk_loss` (the LM head's product and the loss a slice of positions at a time, the input gradient taken
+    in the forward pass) against `sparse_head_loss` on the head's whole logits: the same loss and the same gradients
+    for every trainable tensor, with left padding, a draft vocabulary (context head) and the full one (shared head),
+    through each family's bias or soft-cap; under bf16 autocast within bf16 rounding."""
+    from hf_earlyexit.training import losses
+    from hf_earlyexit.training.features import SparseTargets
+
+    monkeypatch.setattr(losses, "SLICE_BYTES", 1)  # 16 positions per slice: the 2 x 11 positions take two
+    ids, mask = tiny_batch([11, 7], seed=3)
+    generator = torch.Generator().manual_seed(5)
+    target = SparseTargets(torch.randint(0, VOCAB, (2, 11, 6), generator=generator),
+                           torch.randn(2, 11, 6, generator=generator).log_softmax(-1))
+    for kind, extra in (("context", {"draft_token_ids": list(range(0, VOCAB, 2))}), ("shared", {})):
+        torch.manual_seed(0)
+        model = EarlyExitForCausalLM.from_base(tiny_model(arch), exit_layers=[1, 3], head=kind, adapter_rank=4,
+                                               **extra)
+        for head in model.exit_heads:
+            for p in head.parameters():
+                p.data.add_(torch.randn_like(p) * 0.1)
+        lm_bias = model.backbone.get_output_embeddings().bias  # Phi's LM head has one, initialised to zero
+        if lm_bias is not None:
+            lm_bias.data.normal_(generator=generator)
+        with torch.no_grad():
+            states = model(ids, attention_mask=mask, output_hidden_states=True).exit_hidden_states
+        for head, hidden in zip(model.exit_heads, states, strict=True):
+            params = [p for p in head.parameters() if p.requires_grad]
+            for autocast in (False, True):
+                results = []
+                for path in ("logits", "sliced"):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        if path == "logits":
+                            loss = losses.sparse_head_loss(head(hidden, mask), head, target, mask, lam=0.0)[0]
+                        else:
+                            loss = losses.linear_topk_loss(head, head.features(hidden, mask), target, mask)
+                    results.append((loss, torch.autograd.grad(loss, params)))
+                (want, want_grads), (got, got_grads) = results
+                tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+                torch.testing.assert_close(got, want, **tol)
+                for g, w in zip(got_grads, want_grads, strict=True):
+                    scale = float(w.abs().max()) or 1.0
+                    torch.testing.assert_close(g / scale, w / scale, **tol)
 
 
 def test_text_records_become_passages(tmp_path):

@@ -1,11 +1,16 @@
 """Seconds per head-training step on the embedded model, measured side by side in one process.
 
 The shipped recipe's heads (context heads after layers 4/8/12/15, rank-N blocks or full blocks, rank-64 adapter, 16k
-draft vocabulary), one batch of random features (batch x 128 positions) and top-64 targets, AdamW; the top-k loss
-fused (`lam=0`) against the log-softmax path it replaced (`lam=1e-12`: the same loss up to 1e-12, computed through a
-log-softmax, an entropy and a gather kept for the backward pass), each in fp32 and in bf16 autocast.
+draft vocabulary), one batch of random features (batch x 128 positions) and top-64 targets, AdamW, in fp32 and in
+bf16 autocast, three ways to compute the same top-k loss:
 
-    python docs/bench/train_step.py --rank 32 --rounds 2
+- `log-softmax`: `lam=1e-12` (the same loss up to 1e-12), through a log-softmax, an entropy and a gather kept for
+  the backward pass;
+- `fused`: the fused top-k cross-entropy on each head's whole logits (`sparse_head_loss`, `lam=0`);
+- `sliced`: what training runs now (`linear_topk_loss`): the LM head's product and the loss a slice of positions at
+  a time, the input gradient taken in the same pass.
+
+    python docs/bench/train_step.py --rank 0 --rounds 2
 """
 
 from __future__ import annotations
@@ -19,8 +24,15 @@ import torch
 from hf_earlyexit.modeling.base_earlyexit import EMBEDDED, load_base_model, load_tokenizer
 from hf_earlyexit.modeling.modeling_earlyexit import EarlyExitForCausalLM
 from hf_earlyexit.training.features import SparseTargets
+from hf_earlyexit.training.losses import sparse_head_loss
 from hf_earlyexit.training.teacher import Teacher
 from hf_earlyexit.training.train import TrainConfig, batch_losses
+
+
+def whole_logits_loss(model: EarlyExitForCausalLM, batch: Teacher) -> torch.Tensor:
+    """The fused top-k loss on each head's whole logits (the training step before `linear_topk_loss`)."""
+    return sum(sparse_head_loss(head(hidden, batch.mask), head, batch.targets, batch.mask, 0.0, False)[0]
+               for head, hidden in zip(model.exit_heads, batch.hidden, strict=True))
 
 
 def main() -> None:
@@ -45,15 +57,18 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads; {sum(p.numel() for p in params):,} trainable parameters")
-    modes = [(loss, dtype) for loss in ("log-softmax", "fused") for dtype in ("fp32", "bf16")]
+    modes = [(loss, dtype) for loss in ("log-softmax", "fused", "sliced") for dtype in ("fp32", "bf16")]
     for round_ in range(args.rounds):
         for loss, dtype in modes:
-            config = TrainConfig(loss="topk", lam=0.0 if loss == "fused" else 1e-12)
+            config = TrainConfig(loss="topk", lam=1e-12 if loss == "log-softmax" else 0.0)
             times = []
             for _ in range(args.steps + 1):  # the first step warms up
                 start = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    total, _ = batch_losses(model, batch, config, with_stats=False)
+                    if loss == "fused":
+                        total = whole_logits_loss(model, batch)
+                    else:
+                        total, _ = batch_losses(model, batch, config, with_stats=False)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()

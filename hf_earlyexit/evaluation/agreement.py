@@ -23,8 +23,8 @@ from ..modeling.exits_earlyexit import ExitRule, first_exit
 from ..modeling.metrics_earlyexit import DEFAULT_SCORING_DELTA, auroc, confidence, next_token_errors
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from ..training.data import Corpus, read_prompt_file, read_text_files, text_corpus
+from ..training.losses import agreement
 from ..training.teacher import trim
-from ..training.train import agreement
 
 
 @dataclass

@@ -195,7 +195,7 @@ class SharedHead(ExitHead):
         object.__setattr__(self, "_lm_head", lm_head)  # shared, frozen, deliberately not a submodule
         self._rows_cache: tuple[tuple, Tensor, Tensor | None] | None = None
 
-    def _rows(self) -> tuple[Tensor, Tensor | None]:
+    def lm_rows(self) -> tuple[Tensor, Tensor | None]:
         """The frozen head's weight/bias rows for the draft vocabulary (cached until the head's weight changes)."""
         weight, bias = self._lm_head.weight, self._lm_head.bias
         if self.token_ids is None:
@@ -206,13 +206,16 @@ class SharedHead(ExitHead):
             self._rows_cache = (key, weight[ids].detach(), None if bias is None else bias[ids].detach())
         return self._rows_cache[1], self._rows_cache[2]
 
+    def adapt(self, normed: Tensor) -> Tensor:
+        """The adapter's output `(..., hidden)`: what the frozen rows of `lm_rows` multiply."""
+        return normed + self.adapter(normed)
+
     def project(self, normed: Tensor) -> Tensor:
-        weight, bias = self._rows()
-        adapted = normed + self.adapter(normed)  # (..., hidden)
-        return F.linear(adapted, weight, bias)
+        weight, bias = self.lm_rows()
+        return F.linear(self.adapt(normed), weight, bias)
 
     def cost(self) -> Cost:
-        weight, bias = self._rows()
+        weight, bias = self.lm_rows()
         head = Cost(macs=weight.numel(), weight_bytes=weight.numel() * weight.element_size())
         own = module_cost(self.norm) + module_cost(self.adapter)
         return own + (module_cost(self.other) if self.other is not None else Cost(0, 0)) + head

@@ -32,8 +32,8 @@ from ..modeling.metrics_earlyexit import (
 )
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import CALIBRATION_PROMPTS, Corpus, GenerationSpec, generate_corpus
+from .losses import agreement
 from .teacher import trim
-from .train import agreement
 
 logger = logging.getLogger(__name__)
 AUTO_METRIC = "auto"

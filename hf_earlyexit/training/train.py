@@ -25,14 +25,14 @@ from accelerate import Accelerator
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..modeling.heads_earlyexit import ExitHead
+from ..modeling.heads_earlyexit import SharedHead
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import Corpus
 from .features import FeatureStore, SparseTargets
+from .losses import agrees_with, entropy_of, head_loss, linear_topk_loss, sparse_head_loss
 from .teacher import CachedTeacher, DiskTeacher, OnlineTeacher, Teacher, teacher_for
 
 logger = logging.getLogger(__name__)
@@ -96,99 +96,33 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of no, bf16, fp16")
 
 
-# -- loss ----------------------------------------------------------------------------------------------------------
-
-
-def head_loss(logits: Tensor, target: Tensor, mask: Tensor, lam: float, kind: str) -> tuple[Tensor, Tensor]:
-    """Eq. 1 for one head. `logits`, `target` `(batch, seq, head_vocab)`, `mask` `(batch, seq)`.
-
-    Returns:
-        `(loss, entropy)`: the masked mean loss (scalar) and the head's entropy per position `(batch, seq)`.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
-    cross = -(target * logp).sum(-1)  # (batch, seq)
-    if kind == "kl":
-        cross = cross + (target * target.clamp(min=1e-30).log()).sum(-1)  # CE - H(target)
-    per_token = (1.0 - lam) * cross - lam * entropy
-    weight = mask.to(per_token.dtype)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
-
-
-class _TopKCrossEntropy(torch.autograd.Function):
-    """`logsumexp(logits) - Σ w·logits[classes]` per position, i.e. the cross-entropy of `log_softmax(logits)`
-    against weights `w` summing to 1 on `classes`, with the gradient written in one buffer
-    (`softmax(logits) - scatter(w)`): no log-softmax, exp or gather tensors of `(batch, seq, head_vocab)` kept for
-    the backward pass (the training step's largest tensors)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, classes: Tensor, weights: Tensor) -> Tensor:
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (batch, seq, 1)
-        ctx.save_for_backward(logits, lse, classes, weights)
-        return lse.squeeze(-1) - (weights * logits.gather(-1, classes)).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        logits, lse, classes, weights = ctx.saved_tensors
-        out = torch.sub(logits, lse).exp_()  # softmax
-        out.scatter_add_(-1, classes, -weights.to(out.dtype))
-        return out.mul_(grad.unsqueeze(-1)), None, None
-
-
-def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask: Tensor, lam: float,
-                     with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Eq. 1 against the model's top-k tokens renormalised (top-k distillation). `logits` `(batch, seq, head_vocab)`;
-    `target` ids / log-probs `(batch, seq, k)`, full-vocabulary ids mapped to the head's classes (tokens outside a
-    draft vocabulary to its OTHER class). Returns `(loss, entropy)` as `head_loss`; with `lam=0` the entropy is not
-    part of the loss, and `with_entropy=False` skips computing it (`None`)."""
-    logits = logits.float()
-    weights = torch.softmax(target.logp.float(), dim=-1)  # (batch, seq, k): the top-k mass renormalised
-    classes = head.classes_of(target.ids)  # (batch, seq, k)
-    weight = mask.to(torch.float32)
-    if lam == 0.0:
-        cross = _TopKCrossEntropy.apply(logits, classes, weights)  # (batch, seq)
-        entropy = _entropy(logits.detach()) if with_entropy else None
-        return (cross * weight).sum() / weight.sum().clamp(min=1.0), entropy
-    logp = F.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # (batch, seq)
-    cross = -(weights * logp.gather(-1, classes)).sum(-1)  # (batch, seq)
-    per_token = (1.0 - lam) * cross - lam * entropy
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
-
-
-@torch.no_grad()
-def _entropy(logits: Tensor) -> Tensor:
-    """Entropy of `softmax(logits)` per position `(...)`."""
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def agrees_with(head: ExitHead, logits: Tensor, top: Tensor) -> Tensor:
-    """`(batch, seq)` bool: the head's top token equals the model's `top` `(batch, seq)` (an OTHER prediction never
-    agrees)."""
-    return head.to_token_ids(logits.argmax(-1)) == top
-
-
-def agreement(head: ExitHead, logits: Tensor, model_logits: Tensor) -> Tensor:
-    """`agrees_with` the model's logits `(batch, seq, vocab)`."""
-    return agrees_with(head, logits, model_logits.argmax(-1))
-
-
 def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainConfig, with_stats: bool = True
                  ) -> tuple[Tensor, list]:
     """Summed loss over heads for one batch and per-head `{loss, agreement, entropy}` (`loss` only with
-    `with_stats=False`: agreement and entropy each take a pass over `(batch, seq, head_vocab)`)."""
+    `with_stats=False`: agreement and entropy each take a pass over `(batch, seq, head_vocab)`).
+
+    Top-k distillation (`lam=0`) of shared and context heads never builds the whole logits (`linear_topk_loss`);
+    at logged steps they are taken once more, without gradients, for the stats."""
     total, stats = 0.0, []
     real = teacher.mask.bool()
     targets = teacher.targets
     if isinstance(targets, SparseTargets):  # one set of full-vocabulary top-k tokens serves every head
         targets = [targets] * len(model.exit_heads)
     for head, hidden, target in zip(model.exit_heads, teacher.hidden, targets, strict=True):
-        logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
-        if isinstance(target, SparseTargets):
-            loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam, with_stats)
+        logits = None
+        if isinstance(target, SparseTargets) and config.lam == 0.0 and isinstance(head, SharedHead):
+            features = head.features(hidden, teacher.mask)
+            loss = linear_topk_loss(head, features, target, teacher.mask)
+            if with_stats:
+                with torch.no_grad():
+                    logits = head.logits_from(features)
+                entropy = entropy_of(logits)
         else:
-            loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
+            logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
+            if isinstance(target, SparseTargets):
+                loss, entropy = sparse_head_loss(logits, head, target, teacher.mask, config.lam, with_stats)
+            else:
+                loss, entropy = head_loss(logits, target, teacher.mask, config.lam, config.loss)
         total = total + loss
         row = {"loss": loss.item()}
         if with_stats:
@@ -224,8 +158,7 @@ def evaluate_heads(
         for j, (head, hidden) in enumerate(zip(model.exit_heads, teacher.hidden, strict=True)):
             logits = head(hidden, teacher.mask)  # (batch, seq, head_vocab)
             agree[j] += agrees_with(head, logits, teacher.top)[real].float().sum().item()
-            logp = F.log_softmax(logits.float(), -1)
-            entropy[j] += (-(logp.exp() * logp).sum(-1))[real].sum().item()
+            entropy[j] += entropy_of(logits)[real].sum().item()
     return [{"exit": k, "agreement": a / count, "entropy": e / count, "tokens": count}
             for k, a, e in zip(model.config.exit_layers, agree, entropy, strict=True)]
 
