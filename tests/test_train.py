@@ -232,6 +232,17 @@ def test_cached_teacher_serves_what_the_backbone_computes(base_path, corpus, hea
             torch.testing.assert_close(x[real], y[real], rtol=1e-5, atol=1e-6)
         assert a.targets[0] is a.targets[1] is a.targets[2]  # one vocabulary: one target tensor
         torch.testing.assert_close(b.targets[0][real].sum(-1), torch.ones(int(real.sum())))  # draft + OTHER = 1
+    # without targets (evaluation) the top token comes through `final_topk`: still the base model's own argmax
+    ids, mask = corpus.input_ids, corpus.attention_mask
+    bare = OnlineTeacher(model, corpus, with_targets=False).batch(torch.arange(len(corpus)))
+    first = ids.shape[1] - bare.mask.shape[1]
+    assert bare.targets is None and torch.equal(bare.mask, mask[:, first:])
+    with torch.no_grad():
+        oracle = model.backbone(ids, attention_mask=mask).logits[:, first:].argmax(-1)
+    real = bare.mask.bool()
+    assert torch.equal(bare.top[real], oracle[real])
+    for x, y in zip(bare.hidden, online.batch(torch.arange(len(corpus))).hidden, strict=True):
+        torch.testing.assert_close(x[real], y[real], rtol=1e-5, atol=1e-6)
 
 
 def test_training_from_the_teacher_cache_equals_running_the_backbone(base_path, corpus, tmp_path, caplog):

@@ -22,6 +22,7 @@ from ..modeling.heads_earlyexit import ExitHead
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from .data import Corpus
 from .features import FeatureStore, SparseTargets
+from .lm_topk import final_topk
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,19 @@ def _same_vocabulary(a: ExitHead, b: ExitHead) -> bool:
 
 @torch.no_grad()
 def teach(model: EarlyExitForCausalLM, ids: Tensor, mask: Tensor, with_targets: bool = True) -> Teacher:
-    """Run the frozen backbone on `ids`, `mask` `(batch, seq)` and return what the heads learn from."""
+    """Run the frozen backbone on `ids`, `mask` `(batch, seq)` and return what the heads learn from (without
+    targets, for evaluation: the model's top token through `lm_topk.final_topk`, which screens the LM head where that
+    is faster)."""
+    if not with_targets:
+        hidden, last = model.backbone_hidden(ids, attention_mask=mask)
+        top = final_topk(model.engine, last, 1)[1][..., 0]  # (batch, seq)
+        return Teacher(hidden=list(hidden), targets=None, top=top, mask=mask)
     hidden, logits = model.backbone_states(ids, attention_mask=mask)  # logits (batch, seq, vocab)
-    targets = None
-    if with_targets:
-        probs = F.softmax(logits.float(), dim=-1)  # (batch, seq, vocab)
-        heads = model.exit_heads
-        groups = vocabulary_groups(heads)
-        per_group = {g: head_targets(probs, heads[g]) for g in sorted(set(groups))}
-        targets = [per_group[g] for g in groups]
+    probs = F.softmax(logits.float(), dim=-1)  # (batch, seq, vocab)
+    heads = model.exit_heads
+    groups = vocabulary_groups(heads)
+    per_group = {g: head_targets(probs, heads[g]) for g in sorted(set(groups))}
+    targets = [per_group[g] for g in groups]
     return Teacher(hidden=list(hidden), targets=targets, top=logits.argmax(-1), mask=mask)
 
 
