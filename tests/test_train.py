@@ -458,6 +458,14 @@ def test_sliced_linear_topk_loss_equals_the_logits_path(arch, monkeypatch):
                 for g, w in zip(got_grads, want_grads, strict=True):
                     scale = float(w.abs().max()) or 1.0
                     torch.testing.assert_close(g / scale, w / scale, **tol)
+    # the rows' bf16 copy is kept between steps, but not past a change of the LM head (the full-vocabulary head's
+    # rows are the LM head's own weight)
+    with torch.no_grad():
+        model.backbone.get_output_embeddings().weight.normal_(generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = losses.sparse_head_loss(head(hidden, mask), head, target, mask, lam=0.0)[0]
+        got = losses.linear_topk_loss(head, head.features(hidden, mask), target, mask)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_text_records_become_passages(tmp_path):
