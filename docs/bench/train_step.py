@@ -10,12 +10,13 @@ bf16 autocast, three ways to compute the same top-k loss:
 - `sliced`: what training runs now (`linear_topk_loss`): the LM head's product and the loss a slice of positions at
   a time, the input gradient taken in the same pass.
 
-    python docs/bench/train_step.py --rank 0 --rounds 2
+    python docs/bench/train_step.py --rank 0 --rounds 2 --output docs/bench/train_step_epyc.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all modes, interleaved")
+    parser.add_argument("--output", default=None, help="write the timings here as JSON")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_base_model(EMBEDDED, dtype=torch.float32)
@@ -58,6 +60,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads; {sum(p.numel() for p in params):,} trainable parameters")
     modes = [(loss, dtype) for loss in ("log-softmax", "fused", "sliced") for dtype in ("fp32", "bf16")]
+    seconds: dict[str, list[float]] = {f"{loss} {dtype}": [] for loss, dtype in modes}
     for round_ in range(args.rounds):
         for loss, dtype in modes:
             config = TrainConfig(loss="topk", lam=1e-12 if loss == "log-softmax" else 0.0)
@@ -73,7 +76,17 @@ def main() -> None:
                 total.backward()
                 optimizer.step()
                 times.append(time.perf_counter() - start)
-            print(f"round {round_}: {loss:11s} {dtype}: {statistics.median(times[1:]):.2f} s/step", flush=True)
+            seconds[f"{loss} {dtype}"].append(round(statistics.median(times[1:]), 3))
+            print(f"round {round_}: {loss:11s} {dtype}: {seconds[f'{loss} {dtype}'][-1]:.2f} s/step", flush=True)
+    best = {mode: min(times) for mode, times in seconds.items()}
+    ratios = {dtype: round(best[f"fused {dtype}"] / best[f"sliced {dtype}"], 2) for dtype in ("fp32", "bf16")}
+    print("sliced vs fused (best round each): " + ", ".join(f"{d} {r}x" for d, r in ratios.items()))
+    if args.output:
+        result = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                  "threads": torch.get_num_threads(), **vars(args), "seconds_per_step": seconds,
+                  "sliced_speedup": ratios}
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
