@@ -60,8 +60,7 @@ def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask
     draft vocabulary to its OTHER class). Returns `(loss, entropy)` as `head_loss`; with `lam=0` the entropy is not
     part of the loss, and `with_entropy=False` skips computing it (`None`)."""
     logits = logits.float()
-    weights = torch.softmax(target.logp.float(), dim=-1)  # (batch, seq, k): the top-k mass renormalised
-    classes = head.classes_of(target.ids)  # (batch, seq, k)
+    classes, weights = topk_classes(head, target)
     weight = mask.to(torch.float32)
     if lam == 0.0:
         cross = _TopKCrossEntropy.apply(logits, classes, weights)  # (batch, seq)
@@ -72,6 +71,12 @@ def sparse_head_loss(logits: Tensor, head: ExitHead, target: SparseTargets, mask
     cross = -(weights * logp.gather(-1, classes)).sum(-1)  # (batch, seq)
     per_token = (1.0 - lam) * cross - lam * entropy
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0), entropy
+
+
+def topk_classes(head: ExitHead, target: SparseTargets) -> tuple[Tensor, Tensor]:
+    """The top-k targets as the head's classes `(..., k)` (tokens outside a draft vocabulary: its OTHER class) and
+    their weights `(..., k)`: the top-k mass renormalised."""
+    return head.classes_of(target.ids), torch.softmax(target.logp.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -111,8 +116,7 @@ def linear_topk_loss(head: SharedHead, features: Tensor, target: SparseTargets, 
     weight, bias = head.lm_rows()
     device = adapted.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else adapted.dtype
-    weights = torch.softmax(target.logp.float(), dim=-1)  # (batch, seq, k): the top-k mass renormalised
-    classes = head.classes_of(target.ids)
+    classes, weights = topk_classes(head, target)
     per_position = mask.to(torch.float32)
     per_position = per_position / per_position.sum().clamp(min=1.0)
     hidden, k = adapted.shape[-1], classes.shape[-1]

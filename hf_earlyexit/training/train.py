@@ -109,7 +109,6 @@ def batch_losses(model: EarlyExitForCausalLM, teacher: Teacher, config: TrainCon
     if isinstance(targets, SparseTargets):  # one set of full-vocabulary top-k tokens serves every head
         targets = [targets] * len(model.exit_heads)
     for head, hidden, target in zip(model.exit_heads, teacher.hidden, targets, strict=True):
-        logits = None
         if isinstance(target, SparseTargets) and config.lam == 0.0 and isinstance(head, SharedHead):
             features = head.features(hidden, teacher.mask)
             loss = linear_topk_loss(head, features, target, teacher.mask)
