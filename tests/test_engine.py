@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from tiny import ARCHS, VOCAB, batch, tiny_model
 
 from hf_earlyexit import LayerEngine
+from hf_earlyexit.modeling.engine_earlyexit import kept
 from hf_earlyexit.training.lm_topk import final_topk
 
 BATCHES = {"batch1": [7], "batch3_left_padded": [9, 5, 7]}
@@ -246,3 +250,37 @@ def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
         assert int(expected[0]) == min(3, winner)
         assert torch.equal(engine.final_argmax(hidden), expected)
         assert torch.equal(engine.final_argmax(hidden[:1]), expected[:1])  # one row: the fast product, given twice
+
+
+def test_kept_values_are_remade_when_their_tensors_change():
+    """`kept` (the cache of values derived from frozen weights: the LM head's norms, its bf16 copy, a head's rows)
+    makes a value once, and again after an in-place change, a replaced tensor, a `.data` swap or a dtype move; tags
+    keep separate values; the values go with their owner."""
+    layer = torch.nn.Linear(4, 3)
+    made = []
+
+    def total(tag="sum", owner=layer):
+        return kept(owner, tag, (owner.weight, owner.bias), lambda: made.append(tag) or float(owner.weight.sum()))
+
+    first = total()
+    assert total() == first and made == ["sum"]
+    assert total("other") == first and made == ["sum", "other"]
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert total() == pytest.approx(first + 12) and len(made) == 3
+    layer.weight.data = torch.zeros(3, 4)
+    assert total() == 0.0 and len(made) == 4
+    layer.weight = torch.nn.Parameter(torch.ones(3, 4))
+    assert total() == 12.0 and len(made) == 5
+    layer.double()
+    assert total() == 12.0 and len(made) == 6
+    with torch.no_grad():
+        layer.bias.zero_()
+    total()
+    assert len(made) == 7
+    owner = torch.nn.Linear(4, 3)
+    value = kept(owner, "tensor", (owner.weight,), lambda: torch.ones(2))
+    gone = weakref.ref(value)
+    del value, owner
+    gc.collect()
+    assert gone() is None

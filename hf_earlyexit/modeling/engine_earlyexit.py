@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +39,32 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .architectures_earlyexit import ModelParts, model_parts
 
 WORK_KEYS = ("calls", "tokens", "kv_calls", "kv_tokens")
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {tag: (weak refs, stamps, value)}
+
+
+def kept(owner: object, tag: Hashable, tensors: Sequence[Tensor | None], make: Callable[[], Any]) -> Any:
+    """`make()`, kept for `owner` under `tag` until one of `tensors` is another tensor or changed (in place, by
+    `.data =`, or moved to another dtype or device); the value lives as long as `owner`.
+
+    For what is derived from frozen weights (a cast, selected rows, row norms): costly to remake on every call, and
+    wrong if kept past a change of the weights.
+    """
+    def stamp(tensor: Tensor | None) -> tuple | None:
+        if tensor is None:
+            return None
+        version = -1 if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
+        return version, tensor.data_ptr(), tensor.dtype, tensor.device
+
+    held = _KEPT.setdefault(owner, {})
+    stamps = tuple(stamp(tensor) for tensor in tensors)
+    entry = held.get(tag)
+    if entry is None or entry[1] != stamps or any(
+            ref is not None and ref() is not tensor for ref, tensor in zip(entry[0], tensors, strict=True)):
+        held.pop(tag, None)  # free the old value before making the new one
+        refs = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
+        entry = held[tag] = (refs, stamps, make())
+    return entry[2]
 
 
 @dataclass
@@ -522,7 +551,7 @@ class LayerEngine:
         unit = 2.0**-24  # fp32 unit roundoff
         k = x.shape[-1]
         gamma = k * unit / (1 - k * unit)
-        largest_row, largest_bias = self._head_norms(head)
+        largest_row, largest_bias = self.lm_head_norms()
         bound = (gamma + unit) * largest_row * x.norm(dim=-1) + unit * largest_bias  # (n,)
         picks = top.indices[:, 0].clone()
         unsure = ((top.values[:, 0] - top.values[:, 1]) <= 4 * bound).nonzero().squeeze(1)
@@ -530,15 +559,12 @@ class LayerEngine:
             picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
         return picks
 
-    def _head_norms(self, head: torch.nn.Linear) -> tuple[float, float]:
-        """The largest row 2-norm of the LM head's weight and the largest |bias|, kept until the weights change."""
-        key = (head.weight.data_ptr(), head.weight._version,
-               None if head.bias is None else (head.bias.data_ptr(), head.bias._version))
-        if getattr(self, "_norms_key", None) != key:
-            largest_bias = 0.0 if head.bias is None else float(head.bias.abs().max())
-            self._norms = (float(head.weight.norm(dim=-1).max()), largest_bias)
-            self._norms_key = key
-        return self._norms
+    def lm_head_norms(self) -> tuple[float, float]:
+        """The largest row 2-norm of the LM head's weight and its largest |bias| (0 without one), for the rounding
+        bounds of products with it; kept until the weights change."""
+        head = self.parts.lm_head
+        return kept(self, "head_norms", (head.weight, head.bias), lambda: (
+            float(head.weight.norm(dim=-1).max()), 0.0 if head.bias is None else float(head.bias.abs().max())))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Full-depth logits `(batch, seq, vocab)` from a fresh state (no cache kept)."""

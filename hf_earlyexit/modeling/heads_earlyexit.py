@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .costs_earlyexit import Cost, module_cost
-from .engine_earlyexit import split_shared_prefixes
+from .engine_earlyexit import kept, split_shared_prefixes
 
 
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
@@ -193,18 +193,15 @@ class SharedHead(ExitHead):
         self.adapter.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
         nn.init.zeros_(out_map.weight)
         object.__setattr__(self, "_lm_head", lm_head)  # shared, frozen, deliberately not a submodule
-        self._rows_cache: tuple[tuple, Tensor, Tensor | None] | None = None
 
     def lm_rows(self) -> tuple[Tensor, Tensor | None]:
-        """The frozen head's weight/bias rows for the draft vocabulary (cached until the head's weight changes)."""
+        """The frozen head's weight/bias rows for the draft vocabulary (kept until the head or the ids change)."""
         weight, bias = self._lm_head.weight, self._lm_head.bias
         if self.token_ids is None:
             return weight, bias
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version)
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            ids = self.token_ids.to(weight.device)
-            self._rows_cache = (key, weight[ids].detach(), None if bias is None else bias[ids].detach())
-        return self._rows_cache[1], self._rows_cache[2]
+        ids = self.token_ids
+        return kept(self, "lm_rows", (weight, bias, ids), lambda: (
+            weight[ids.to(weight.device)].detach(), None if bias is None else bias[ids.to(weight.device)].detach()))
 
     def adapt(self, normed: Tensor) -> Tensor:
         """The adapter's output `(..., hidden)`: what the frozen rows of `lm_rows` multiply."""

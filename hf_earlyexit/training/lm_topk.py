@@ -17,12 +17,10 @@ learn do not depend on it.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
-from ..modeling.engine_earlyexit import LayerEngine
+from ..modeling.engine_earlyexit import LayerEngine, kept
 
 SCREENS = ("auto", "bf16", "off")
 # candidates beyond the k asked for, so that the k kept (by float32 value) are the exact top k unless more than this
@@ -94,7 +92,7 @@ def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor,
     lse = torch.logaddexp(torch.logsumexp(values, dim=-1), torch.logsumexp(rest, dim=-1).float())  # (n,)
     runner_up = values[:, 1] if wide > 1 else floor[:, -1].float()  # (n,)
     values, ids = values[:, :k].contiguous(), ids[:, :k].contiguous()
-    r, b = screen.bounds(x)
+    r, b = screen.bounds(x, engine.lm_head_norms()[0])
     unsure = ((values[:, 0] <= floor[:, -1].float() + r + 3 * b)
               | (values[:, 0] - runner_up <= 4 * b)).nonzero().squeeze(1)
     if len(unsure):
@@ -111,31 +109,24 @@ class _Bf16Head:
     bfloat16 unit roundoff of the output. A float32 dot product is within `B = (γ + u₃₂)‖W‖‖x‖` of `W_i·x`.
     """
 
-    _held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LayerEngine -> its _Bf16Head
-
     def __init__(self, weight: Tensor) -> None:
-        self.weight, self.version = weakref.ref(weight), weight._version
         weight = weight.detach()
         self.low = weight.to(torch.bfloat16)  # (vocab, hidden)
         chunks = range(0, len(weight), 16384)
         self.error = max(float((weight[i:i + 16384] - self.low[i:i + 16384].float()).norm(dim=-1).max())
                          for i in chunks)
         self.low_norm = float(self.low.float().norm(dim=-1).max())
-        self.row_norm = float(weight.norm(dim=-1).max())
 
     @classmethod
     def of(cls, engine: LayerEngine) -> _Bf16Head:
         """The copy of `engine`'s LM head, made on first use and again whenever its weight changes; it lives as long
         as the engine."""
         weight = engine.parts.lm_head.weight
-        held = cls._held.get(engine)
-        if held is None or held.weight() is not weight or held.version != weight._version:
-            cls._held.pop(engine, None)  # free the old copy before making the new one
-            held = cls._held[engine] = cls(weight)
-        return held
+        return kept(engine, "bf16_head", (weight,), lambda: cls(weight))
 
-    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """`(r, B)` `(n,)` for float32 rows `x` `(n, hidden)`; 1% on `r` for the bounds' own rounding."""
+    def bounds(self, x: Tensor, row_norm: float) -> tuple[Tensor, Tensor]:
+        """`(r, B)` `(n,)` for float32 rows `x` `(n, hidden)`, `row_norm` = ‖W‖ (`LayerEngine.lm_head_norms`); 1% on
+        `r` for the bounds' own rounding."""
         unit = 2.0**-24
         gamma = x.shape[-1] * unit / (1 - x.shape[-1] * unit)
         u = 2.0**-8
@@ -143,4 +134,4 @@ class _Bf16Head:
         norm, xb_norm = x.norm(dim=-1), xb.norm(dim=-1)
         r = (self.error * norm + self.low_norm * ((x - xb).norm(dim=-1) + gamma * xb_norm)
              + u / (1 - u) * self.low_norm * (1 + gamma) * xb_norm) * 1.01
-        return r, (gamma + unit) * self.row_norm * norm
+        return r, (gamma + unit) * row_norm * norm

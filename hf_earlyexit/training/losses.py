@@ -7,12 +7,11 @@ step's largest tensors (`(batch, seq, head_vocab)` logits, their float32 copy an
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..modeling.engine_earlyexit import kept
 from ..modeling.heads_earlyexit import ExitHead, SharedHead
 from .features import SparseTargets
 
@@ -100,7 +99,6 @@ def agreement(head: ExitHead, logits: Tensor, model_logits: Tensor) -> Tensor:
 # float32 values of one slice of logits (positions x (head_vocab + 1)): slices this small come from the allocator's
 # reused heap, where a whole batch's logits (67 MB at 1,024 x 16k) are fresh pages on every step
 SLICE_BYTES = 16 * 2**20
-_cast_rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head -> ((rows, version, dtype), the cast)
 
 
 def linear_topk_loss(head: SharedHead, features: Tensor, target: SparseTargets, mask: Tensor) -> Tensor:
@@ -126,15 +124,11 @@ def linear_topk_loss(head: SharedHead, features: Tensor, target: SparseTargets, 
 
 
 def _rows_in(head: SharedHead, rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """`rows` cast to `dtype`, kept per head while the rows stay the same, unchanged tensor (frozen, so autocast
-    would cast them again on every step)."""
+    """`rows` cast to `dtype`, kept per head until the rows change (frozen, so autocast would cast them again on
+    every step)."""
     if rows.dtype == dtype:
         return rows
-    kept = _cast_rows.get(head)
-    if kept is None or kept[0][0] is not rows or kept[0][1:] != (rows._version, dtype):
-        kept = ((rows, rows._version, dtype), rows.detach().to(dtype))
-        _cast_rows[head] = kept
-    return kept[1]
+    return kept(head, ("rows_in", dtype), (rows,), lambda: rows.detach().to(dtype))
 
 
 class LinearTopKCrossEntropy(torch.autograd.Function):
