@@ -10,6 +10,7 @@ import torch
 from tiny import ARCHS, VOCAB, batch, tiny_model
 
 from hf_earlyexit import LayerEngine
+from hf_earlyexit.modeling import engine_earlyexit as engine_module
 from hf_earlyexit.modeling.engine_earlyexit import kept
 from hf_earlyexit.training.lm_topk import final_topk
 
@@ -236,20 +237,33 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
     """The fast LM-head argmax picks exactly the token of the exact logits' argmax, also where two logits tie
-    exactly (two equal LM-head rows: the lower id wins, as in `argmax`) and where they are a rounding apart."""
+    exactly (two equal LM-head rows: the lower id wins, as in `argmax`) and where they are a rounding apart, through
+    every way of taking the product (`fastest_product` tries each in turn before it keeps the fastest)."""
+    engine_module._product_times.clear()
+    engine_module._product_choice.clear()
     model = tiny_model(arch)
     engine = LayerEngine(model)
     torch.manual_seed(3)
     hidden = torch.randn(8, model.config.hidden_size) * 4
+    calls = len(engine_module.PRODUCTS) * engine_module.PRODUCT_TRIES + 1
     with torch.no_grad():
-        for rows in (1, 2, 5, 8):
-            expected = engine.final_logits(hidden[:rows]).argmax(dim=-1)
-            assert torch.equal(engine.final_argmax(hidden[:rows]), expected)
         winner = make_ties(engine, hidden[:2])
         expected = engine.final_logits(hidden).argmax(dim=-1)
         assert int(expected[0]) == min(3, winner)
-        assert torch.equal(engine.final_argmax(hidden), expected)
-        assert torch.equal(engine.final_argmax(hidden[:1]), expected[:1])  # one row: the fast product, given twice
+        for rows in (1, 2, 8):  # rows 0 and 1 tie
+            for _ in range(calls):
+                assert torch.equal(engine.final_argmax(hidden[:rows]), expected[:rows])
+        shape = tuple(engine.parts.lm_head.weight.shape)
+        fast = not getattr(engine.config, "final_logit_softcapping", None)  # soft-capped logits: the exact way
+        assert ((shape, 1) in engine_module._product_choice) == fast
+        if fast:
+            assert {engine_module._product_choice[(shape, rows)] for rows in (1, 2, 8)} <= set(engine_module.PRODUCTS)
+            tried = engine_module._product_times[(shape, 1)]
+            assert set(tried) == set(engine_module.PRODUCTS) and all(len(t) >= 2 for t in tried.values())
+        for rows in (1, 2, 5, 8):
+            expected = engine.final_logits(hidden[2:2 + rows]).argmax(dim=-1)
+            for _ in range(calls):
+                assert torch.equal(engine.final_argmax(hidden[2:2 + rows]), expected)
 
 
 def test_kept_values_are_remade_when_their_tensors_change():

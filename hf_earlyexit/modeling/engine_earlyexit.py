@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,42 @@ def kept(owner: object, tag: Hashable, tensors: Sequence[Tensor | None], make: C
         refs = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
         entry = held[tag] = (refs, stamps, make())
     return entry[2]
+
+
+# Ways to take `x @ Wᵀ` for a few rows `x` of a large float32 matrix `W`: equal up to rounding, but MKL's speed for
+# each depends on the CPU and the row count, and not monotonically (262,144 x 640, 2 threads, ms):
+#   AMD EPYC (AVX-512):  1 row: rows 55, columns 55, columns_twice 21
+#   Xeon (AVX-512, AMX): 1 row: rows 24, columns 24, columns_twice 73; 2-6 rows: rows 27-58, columns 73;
+#                        11 rows: rows 114, columns 54
+#   Xeon (AVX2):         4 rows: rows 245, columns 67; 8 rows: rows 288, columns 115
+PRODUCTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "rows": lambda weight, x: torch.nn.functional.linear(x, weight),
+    "columns": lambda weight, x: torch.matmul(weight, x.T).T,
+    "columns_twice": lambda weight, x: torch.matmul(weight, torch.cat([x, x]).T).T[: len(x)],  # one row, given twice
+}
+PRODUCT_TRIES = 2  # timed calls of each way before the fastest is kept
+_product_times: dict[tuple, dict[str, list[float]]] = {}  # (weight shape, rows) -> way -> seconds of its calls
+_product_choice: dict[tuple, str] = {}
+
+
+def fastest_product(weight: Tensor, x: Tensor) -> Tensor:
+    """`x @ weightᵀ` `(n, out)` for float32 rows `x` `(n, in)`, taken the way that runs fastest on this machine for
+    this shape (`PRODUCTS`), learned from the calls themselves: the first calls for a shape take each way in turn,
+    `PRODUCT_TRIES` times, and time it; later calls take the fastest. The ways round differently, so callers use the
+    result only where a rounding bound covers any order of summation (`LayerEngine.final_argmax`)."""
+    key = (tuple(weight.shape), len(x))
+    name = _product_choice.get(key)
+    if name is not None:
+        return PRODUCTS[name](weight, x)
+    names = list(PRODUCTS) if len(x) == 1 else ["rows", "columns"]
+    times = _product_times.setdefault(key, {way: [] for way in names})
+    name = min(names, key=lambda way: len(times[way]))
+    start = time.perf_counter()
+    out = PRODUCTS[name](weight, x)
+    times[name].append(time.perf_counter() - start)
+    if all(len(times[way]) >= PRODUCT_TRIES for way in names):
+        _product_choice[key] = min(names, key=lambda way: min(times[way]))
+    return out
 
 
 @dataclass
@@ -525,10 +562,10 @@ class LayerEngine:
         """`(n, hidden)` -> `(n,)` the argmax of `final_logits(hidden)`, token for token, computed faster where it
         can be proved equal.
 
-        On a CPU, `F.linear(x, W)` over a few rows of a large LM head (x @ Wᵀ) runs far below the speed of the same
-        product as `W @ xᵀ` (measured on a 2-core AVX2 machine, 262,144 x 640 fp32: 245 vs 67 ms for 4 rows, 288 vs
-        115 ms for 8; equal for 1 row). The two round differently, so the fast product is used only to *choose*:
-        both lie within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
+        On a CPU, the product of a few rows with a large LM head runs at very different speeds depending on how MKL
+        is asked for it, and which way is fastest differs between CPUs and row counts (`PRODUCTS`), so it is taken by
+        `fastest_product`. The ways round differently, so the fast product is used only to *choose*: all lie
+        within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
         size), so where the fast top-1 leads its runner-up by more than `4B` the exact argmax is the same token;
         the other rows (near-ties) are recomputed the exact way. Other dtypes or devices, soft-capped logits: the
         exact way.
@@ -542,9 +579,7 @@ class LayerEngine:
         x = self.parts.norm(hidden)
         if x.dtype != torch.float32:
             return self.final_logits(hidden).argmax(dim=-1)
-        # one row goes in twice: MKL's product with one column runs far below its speed with two (262,144 x 640 on
-        # an AMD EPYC, 2 threads: 55 ms for one column, as `F.linear` takes it too, 21 ms for two)
-        logits = torch.matmul(weight, (x if len(x) > 1 else torch.cat([x, x])).T).T[: len(x)]  # (n, vocab)
+        logits = fastest_product(weight, x)  # (n, vocab)
         if head.bias is not None:
             logits = logits + head.bias
         top = logits.topk(2, dim=-1)
