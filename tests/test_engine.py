@@ -274,7 +274,8 @@ def test_kept_values_are_remade_when_their_tensors_change():
     made = []
 
     def total(tag="sum", owner=layer):
-        return kept(owner, tag, (owner.weight, owner.bias), lambda: made.append(tag) or float(owner.weight.sum()))
+        return kept(owner, tag, (owner.weight, owner.bias),
+                    lambda: made.append(tag) or float(owner.weight.detach().sum()))
 
     first = total()
     assert total() == first and made == ["sum"]
