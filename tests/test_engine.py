@@ -12,6 +12,7 @@ from tiny import ARCHS, VOCAB, batch, tiny_model
 from hf_earlyexit import LayerEngine
 from hf_earlyexit.modeling import engine_earlyexit as engine_module
 from hf_earlyexit.modeling.engine_earlyexit import kept
+from hf_earlyexit.training import lm_topk
 from hf_earlyexit.training.lm_topk import final_topk
 
 BATCHES = {"batch1": [7], "batch3_left_padded": [9, 5, 7]}
@@ -203,10 +204,14 @@ def make_ties(engine: LayerEngine, hidden: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_final_topk_screen_keeps_the_exact_top_tokens(arch):
+@pytest.mark.parametrize("pieces", [(64, 4096), (7, 16)])
+def test_final_topk_screen_keeps_the_exact_top_tokens(arch, pieces, monkeypatch):
     """The teacher's top k (`lm_topk.final_topk`): through the bfloat16 screen, the same tokens as the exact
     logits' top k, float32 values, the exact top token also where two logits tie exactly or a rounding apart, and a
-    normaliser within bf16 rounding; without it, the exact logits' own."""
+    normaliser within bf16 rounding; without it, the exact logits' own. Also with the candidates' rows and the
+    normaliser's columns taken in uneven pieces (the tiny vocabulary is one piece at the real sizes)."""
+    monkeypatch.setattr(lm_topk, "ROWS_PER_GATHER", pieces[0])
+    monkeypatch.setattr(lm_topk, "COLUMNS_PER_SUM", pieces[1])
     model = tiny_model(arch)
     engine = LayerEngine(model)
     torch.manual_seed(4)

@@ -28,6 +28,11 @@ SCREENS = ("auto", "bf16", "off")
 SCREEN_EXTRA = 16
 # rows from which "auto" screens: below them the float32 product is not the cost
 SCREEN_MIN_ROWS = 64
+# pieces whose float32 temporaries stay under glibc's largest mmap threshold (32 MB), so that they come from the reused
+# heap instead of fresh pages: the candidates' LM-head rows (64 x 80 x 640 floats: 13 MB) and the normaliser's
+# columns (1,024 x 4,096 floats: 16 MB)
+ROWS_PER_GATHER = 64
+COLUMNS_PER_SUM = 4096
 
 
 def final_topk(engine: LayerEngine, hidden: Tensor, k: int, screen: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
@@ -82,14 +87,18 @@ def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor,
     weight = engine.parts.lm_head.weight  # (vocab, hidden) float32
     screen = _Bf16Head.of(engine)
     x = engine.parts.norm(hidden).float()  # (n, hidden)
-    scores = torch.matmul(x.to(torch.bfloat16), screen.low.T)  # (n, vocab) bf16 products, float32 sums, bf16 out
+    scores = _scores_buffer(engine, len(x), len(weight))
+    torch.matmul(x.to(torch.bfloat16), screen.low.T, out=scores)  # (n, vocab) bf16 products, float32 sums, bf16 out
     wide = min(k + SCREEN_EXTRA, scores.shape[-1])
     floor, ids = scores.topk(wide, dim=-1)  # (n, wide): the candidates; `floor[:, -1]` bounds every other token
-    exact = torch.einsum("nwh,nh->nw", weight[ids], x)  # (n, wide) float32, within B of the exact logits
+    exact = torch.cat([torch.einsum("nwh,nh->nw", weight[ids[i:i + ROWS_PER_GATHER]], x[i:i + ROWS_PER_GATHER])
+                       for i in range(0, len(x), ROWS_PER_GATHER)])  # (n, wide) float32, within B of the exact logits
     values, order = exact.sort(dim=-1, descending=True)
     ids = ids.gather(-1, order)
     rest = scores.scatter_(-1, ids, float("-inf"))  # (n, vocab) the screen without the candidates
-    lse = torch.logaddexp(torch.logsumexp(values, dim=-1), torch.logsumexp(rest, dim=-1).float())  # (n,)
+    rest_lse = torch.stack([torch.logsumexp(rest[:, i:i + COLUMNS_PER_SUM].float(), dim=-1)
+                            for i in range(0, rest.shape[-1], COLUMNS_PER_SUM)], dim=-1).logsumexp(dim=-1)
+    lse = torch.logaddexp(torch.logsumexp(values, dim=-1), rest_lse)  # (n,)
     runner_up = values[:, 1] if wide > 1 else floor[:, -1].float()  # (n,)
     values, ids = values[:, :k].contiguous(), ids[:, :k].contiguous()
     r, b = screen.bounds(x, engine.lm_head_norms()[0])
@@ -98,6 +107,16 @@ def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor,
     if len(unsure):
         values[unsure], ids[unsure], lse[unsure] = _exact_topk(engine, hidden[unsure], k)
     return values, ids, lse
+
+
+def _scores_buffer(engine: LayerEngine, rows: int, vocab: int) -> Tensor:
+    """A `(rows, vocab)` bfloat16 buffer for the screen's products, kept per engine and grown as needed: a new
+    tensor this large (512 MB at 1,024 x 262,144) is fresh pages from the kernel on every call."""
+    held = kept(engine, "screen_scores", (engine.parts.lm_head.weight,), lambda: [None])
+    if held[0] is None or held[0].shape[0] < rows or held[0].shape[1] != vocab:
+        held[0] = None  # free the old buffer before making the new one
+        held[0] = torch.empty(rows, vocab, dtype=torch.bfloat16)
+    return held[0][:rows]
 
 
 class _Bf16Head:
