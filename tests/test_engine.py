@@ -10,8 +10,8 @@ import torch
 from tiny import ARCHS, VOCAB, batch, tiny_model
 
 from hf_earlyexit import LayerEngine
-from hf_earlyexit.modeling import engine_earlyexit as engine_module
-from hf_earlyexit.modeling.engine_earlyexit import kept
+from hf_earlyexit.modeling import products_earlyexit as products
+from hf_earlyexit.modeling.products_earlyexit import kept
 from hf_earlyexit.training import lm_topk
 from hf_earlyexit.training.lm_topk import final_topk
 
@@ -210,7 +210,7 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch, pieces, monkeypatch)
     logits' top k, float32 values, the exact top token also where two logits tie exactly or a rounding apart, and a
     normaliser within bf16 rounding; without it, the exact logits' own. Also with the candidates' rows and the
     normaliser's columns taken in uneven pieces (the tiny vocabulary is one piece at the real sizes)."""
-    monkeypatch.setattr(lm_topk, "ROWS_PER_GATHER", pieces[0])
+    monkeypatch.setattr(products, "ROWS_PER_GATHER", pieces[0])
     monkeypatch.setattr(lm_topk, "COLUMNS_PER_SUM", pieces[1])
     model = tiny_model(arch)
     engine = LayerEngine(model)
@@ -243,32 +243,98 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch, pieces, monkeypatch)
 def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
     """The fast LM-head argmax picks exactly the token of the exact logits' argmax, also where two logits tie
     exactly (two equal LM-head rows: the lower id wins, as in `argmax`) and where they are a rounding apart, through
-    every way of taking the product (`fastest_product` tries each in turn before it keeps the fastest)."""
-    engine_module._product_times.clear()
-    engine_module._product_choice.clear()
+    every way it has (`fastest` tries each in turn before it keeps the fastest): float32 products taken three ways,
+    and, for a head without bias, the bfloat16 screen (forced here with `lm_screen="bf16"`, so that it runs on any
+    CPU) the same three ways."""
+    products._times.clear()
+    products._choice.clear()
     model = tiny_model(arch)
     engine = LayerEngine(model)
+    engine.lm_screen = "bf16"
     torch.manual_seed(3)
     hidden = torch.randn(8, model.config.hidden_size) * 4
-    calls = len(engine_module.PRODUCTS) * engine_module.PRODUCT_TRIES + 1
     with torch.no_grad():
         winner = make_ties(engine, hidden[:2])
         expected = engine.final_logits(hidden).argmax(dim=-1)
         assert int(expected[0]) == min(3, winner)
         for rows in (1, 2, 8):  # rows 0 and 1 tie
-            for _ in range(calls):
+            ways = 2 * len(products.products_for(rows))  # at most
+            for _ in range(ways * products.TRIES + 1):
                 assert torch.equal(engine.final_argmax(hidden[:rows]), expected[:rows])
-        shape = tuple(engine.parts.lm_head.weight.shape)
         fast = not getattr(engine.config, "final_logit_softcapping", None)  # soft-capped logits: the exact way
-        assert ((shape, 1) in engine_module._product_choice) == fast
-        if fast:
-            assert {engine_module._product_choice[(shape, rows)] for rows in (1, 2, 8)} <= set(engine_module.PRODUCTS)
-            tried = engine_module._product_times[(shape, 1)]
-            assert set(tried) == set(engine_module.PRODUCTS) and all(len(t) >= 2 for t in tried.values())
+        keys = [key for key in products._times if key[0] == "final_argmax"]
+        assert len(keys) == (3 if fast else 0)
+        for key in keys:
+            tried = products._times[key]
+            names = products.products_for(key[2])
+            kinds = ("float32", "bf16") if engine.parts.lm_head.bias is None else ("float32",)
+            assert set(tried) == {f"{kind}_{name}" for kind in kinds for name in names}
+            assert all(len(times) >= products.TRIES for times in tried.values()) and products._choice[key] in tried
         for rows in (1, 2, 5, 8):
             expected = engine.final_logits(hidden[2:2 + rows]).argmax(dim=-1)
-            for _ in range(calls):
+            for _ in range(4 * products.TRIES + 1):
                 assert torch.equal(engine.final_argmax(hidden[2:2 + rows]), expected)
+
+
+def make_crowd(engine: LayerEngine, hidden: torch.Tensor, ids: range) -> int:
+    """Edit the LM head so that the tokens `ids` lead at `hidden` `(hidden,)` with the same bfloat16 rows (so the
+    bf16 screen scores them equal) while their float32 logits rise with the id by well over the float32 rounding
+    bound: the winner is the last id, which a screen keeping fewer candidates than `len(ids)` may leave out."""
+    head = engine.parts.lm_head
+    x = engine.parts.norm(hidden[None])[0]
+    base = (x * 40 / float(x.norm())).to(torch.bfloat16).float()  # a row each of whose elements is a bf16 value
+    ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(base.abs().clamp_min(1e-30)))
+    step = ulp * torch.sign(x) / (4 * len(ids))  # (len(ids) - 1) steps stay under half a bf16 ulp
+    for i, token in enumerate(ids):
+        head.weight[token] = base + i * step
+        if head.bias is not None:
+            head.bias[token] = 0.0
+    assert torch.equal(head.weight[ids.start].to(torch.bfloat16), head.weight[ids.stop - 1].to(torch.bfloat16))
+    return ids.stop - 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_screen_finds_a_winner_it_scores_below_its_candidates(arch):
+    """Forty tokens the bf16 screen scores equal, the exact winner among them the last: more than the screen's
+    candidates (`1 + SCREEN_EXTRA` for the argmax, `8 + SCREEN_EXTRA` for a top 8), so a screen that trusted its
+    candidates could miss it; the bound sends those rows to the exact logits, through every way of `final_argmax`."""
+    model = tiny_model(arch)
+    engine = LayerEngine(model)
+    engine.lm_screen = "bf16"
+    torch.manual_seed(5)
+    hidden = torch.randn(2, model.config.hidden_size) * 4
+    with torch.no_grad():
+        winner = make_crowd(engine, hidden[0], range(40, 80))
+        expected = engine.final_logits(hidden).argmax(dim=-1)
+        capped = getattr(engine.config, "final_logit_softcapping", None)  # the crowd's logits all cap to one value
+        assert int(expected[0]) == winner or capped
+        products._times.clear()
+        products._choice.clear()
+        for rows in (1, 2):
+            for _ in range(2 * len(products.products_for(rows)) * products.TRIES + 1):
+                assert torch.equal(engine.final_argmax(hidden[:rows]), expected[:rows])
+        if not capped:
+            top = final_topk(engine, hidden, 8, "bf16")[1]
+            assert torch.equal(top[:, 0], expected)
+            assert torch.equal(top[0].sort().values, torch.arange(72, 80))
+
+
+def test_final_argmax_screens_only_where_asked():
+    """`lm_screen="off"` keeps `final_argmax` to float32 products; "bf16" adds the screen's ways; "auto" adds them
+    only where the CPU multiplies bfloat16 natively."""
+    model = tiny_model("llama")
+    engine = LayerEngine(model)
+    hidden = torch.randn(3, model.config.hidden_size)
+    expected = engine.final_logits(hidden).argmax(dim=-1)
+    for screen in ("off", "bf16", "auto"):
+        products._times.clear()
+        products._choice.clear()
+        engine.lm_screen = screen
+        with torch.no_grad():
+            assert torch.equal(engine.final_argmax(hidden), expected)
+        (key,) = products._times
+        screened = any(name.startswith("bf16_") for name in key[3])
+        assert screened == (screen == "bf16" or (screen == "auto" and products.native_bf16()))
 
 
 def test_kept_values_are_remade_when_their_tensors_change():

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
-import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,71 +35,20 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .architectures_earlyexit import ModelParts, model_parts
+from .products_earlyexit import (
+    PRODUCTS,
+    SCREEN_EXTRA,
+    TRIES,
+    Bf16Head,
+    fastest,
+    kept,
+    native_bf16,
+    products_for,
+    row_bucket,
+    screen_top,
+)
 
 WORK_KEYS = ("calls", "tokens", "kv_calls", "kv_tokens")
-
-_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {tag: (weak refs, stamps, value)}
-
-
-def kept(owner: object, tag: Hashable, tensors: Sequence[Tensor | None], make: Callable[[], Any]) -> Any:
-    """`make()`, kept for `owner` under `tag` until one of `tensors` is another tensor or changed (in place, by
-    `.data =`, or moved to another dtype or device); the value lives as long as `owner`.
-
-    For what is derived from frozen weights (a cast, selected rows, row norms): costly to remake on every call, and
-    wrong if kept past a change of the weights.
-    """
-    def stamp(tensor: Tensor | None) -> tuple | None:
-        if tensor is None:
-            return None
-        version = -1 if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
-        return version, tensor.data_ptr(), tensor.dtype, tensor.device
-
-    held = _KEPT.setdefault(owner, {})
-    stamps = tuple(stamp(tensor) for tensor in tensors)
-    entry = held.get(tag)
-    if entry is None or entry[1] != stamps or any(
-            ref is not None and ref() is not tensor for ref, tensor in zip(entry[0], tensors, strict=True)):
-        held.pop(tag, None)  # free the old value before making the new one
-        refs = tuple(None if tensor is None else weakref.ref(tensor) for tensor in tensors)
-        entry = held[tag] = (refs, stamps, make())
-    return entry[2]
-
-
-# Ways to take `x @ Wᵀ` for a few rows `x` of a large float32 matrix `W`: equal up to rounding, but MKL's speed for
-# each depends on the CPU and the row count, and not monotonically (262,144 x 640, 2 threads, ms):
-#   AMD EPYC (AVX-512):  1 row: rows 55, columns 55, columns_twice 21
-#   Xeon (AVX-512, AMX): 1 row: rows 24, columns 24, columns_twice 73; 2-6 rows: rows 27-58, columns 73;
-#                        11 rows: rows 114, columns 54
-#   Xeon (AVX2):         4 rows: rows 245, columns 67; 8 rows: rows 288, columns 115
-PRODUCTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "rows": lambda weight, x: torch.nn.functional.linear(x, weight),
-    "columns": lambda weight, x: torch.matmul(weight, x.T).T,
-    "columns_twice": lambda weight, x: torch.matmul(weight, torch.cat([x, x]).T).T[: len(x)],  # one row, given twice
-}
-PRODUCT_TRIES = 2  # timed calls of each way before the fastest is kept
-_product_times: dict[tuple, dict[str, list[float]]] = {}  # (weight shape, rows) -> way -> seconds of its calls
-_product_choice: dict[tuple, str] = {}
-
-
-def fastest_product(weight: Tensor, x: Tensor) -> Tensor:
-    """`x @ weightᵀ` `(n, out)` for float32 rows `x` `(n, in)`, taken the way that runs fastest on this machine for
-    this shape (`PRODUCTS`), learned from the calls themselves: the first calls for a shape take each way in turn,
-    `PRODUCT_TRIES` times, and time it; later calls take the fastest. The ways round differently, so callers use the
-    result only where a rounding bound covers any order of summation (`LayerEngine.final_argmax`)."""
-    key = (tuple(weight.shape), len(x))
-    name = _product_choice.get(key)
-    if name is not None:
-        return PRODUCTS[name](weight, x)
-    names = list(PRODUCTS) if len(x) == 1 else ["rows", "columns"]
-    times = _product_times.setdefault(key, {way: [] for way in names})
-    name = min(names, key=lambda way: len(times[way]))
-    start = time.perf_counter()
-    out = PRODUCTS[name](weight, x)
-    times[name].append(time.perf_counter() - start)
-    if all(len(times[way]) >= PRODUCT_TRIES for way in names):
-        _product_choice[key] = min(names, key=lambda way: min(times[way]))
-    return out
-
 
 @dataclass
 class EngineState:
@@ -176,6 +122,9 @@ class LayerEngine:
             "past_key_values"
         )
         self.contexts: list[ContextLayer] = []
+        # how `final_argmax` may screen a float32 LM head: "auto" (with bfloat16 where the CPU multiplies it
+        # natively), "bf16" (also where bfloat16 is emulated), "off" (float32 products only)
+        self.lm_screen = "auto"
 
     def set_context_layers(self, contexts: list[ContextLayer]) -> None:
         """Register the extra decoder layers of context heads (layer `L + m` is `contexts[m]`); each must write its
@@ -562,13 +511,18 @@ class LayerEngine:
         """`(n, hidden)` -> `(n,)` the argmax of `final_logits(hidden)`, token for token, computed faster where it
         can be proved equal.
 
-        On a CPU, the product of a few rows with a large LM head runs at very different speeds depending on how MKL
-        is asked for it, and which way is fastest differs between CPUs and row counts (`PRODUCTS`), so it is taken by
-        `fastest_product`. The ways round differently, so the fast product is used only to *choose*: all lie
-        within `B` of the exact logits (the dot-product rounding bound `γ_K Σ|w_i x_i|`, K the hidden
-        size), so where the fast top-1 leads its runner-up by more than `4B` the exact argmax is the same token;
-        the other rows (near-ties) are recomputed the exact way. Other dtypes or devices, soft-capped logits: the
-        exact way.
+        For a float32 LM head on a CPU, the product of a few rows with it runs at very different speeds depending on
+        how MKL is asked for it and in which precision, and which way is fastest differs between CPUs and row counts
+        (`products_earlyexit.PRODUCTS`), so `fastest` learns it from the first calls. Every way only *chooses* the
+        token; where it cannot prove the choice it reads the exact logits:
+        - float32, any product: all lie within `B` of the exact logits (the dot-product rounding bound
+          `γ_K Σ|w_i x_i|`, K the hidden size), so where the fast top-1 leads its runner-up by more than `4B` the
+          exact argmax is the same token;
+        - bfloat16 screen (`lm_screen`; by default where the CPU multiplies bfloat16 natively, without a bias): the
+          head's bfloat16 copy screens every token, float32 dot products settle the best `1 + SCREEN_EXTRA`, and
+          `screen_top`'s bound proves the top token (half the bytes read: 15 against 24 ms for one row, 15 against
+          50 for four, on a Xeon with AMX).
+        Other dtypes or devices, soft-capped logits: the exact way.
         """
         head = self.parts.lm_head
         weight = getattr(head, "weight", None)
@@ -579,7 +533,28 @@ class LayerEngine:
         x = self.parts.norm(hidden)
         if x.dtype != torch.float32:
             return self.final_logits(hidden).argmax(dim=-1)
-        logits = fastest_product(weight, x)  # (n, vocab)
+        ways = {f"float32_{name}": (lambda name=name: self._argmax_float32(hidden, x, PRODUCTS[name]))
+                for name in products_for(len(x))}
+        screen = self.lm_screen == "bf16" or (self.lm_screen == "auto" and native_bf16())
+        if screen and head.bias is None:
+            ways |= {f"bf16_{name}": (lambda name=name: self._argmax_screened(hidden, x, PRODUCTS[name]))
+                     for name in products_for(len(x))}
+        return fastest(("final_argmax", tuple(weight.shape), row_bucket(len(x)), tuple(ways)), ways)
+
+    def learn_final_argmax(self, rows: Sequence[int] = (1, 2, 4, 8, 16)) -> None:
+        """Let `final_argmax` learn its fastest way for these row counts now (on random hidden states), so that the
+        calls that time each way do not land inside timed work (a bench's warm-up)."""
+        weight = getattr(self.parts.lm_head, "weight", None)
+        if weight is None:
+            return
+        for n in rows:
+            hidden = torch.randn(n, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
+            for _ in range(2 * len(PRODUCTS) * TRIES + 1):  # a call more than every way's tries
+                self.final_argmax(hidden)
+
+    def _argmax_float32(self, hidden: Tensor, x: Tensor, product: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        head = self.parts.lm_head
+        logits = product(head.weight, x)  # (n, vocab)
         if head.bias is not None:
             logits = logits + head.bias
         top = logits.topk(2, dim=-1)
@@ -588,9 +563,21 @@ class LayerEngine:
         gamma = k * unit / (1 - k * unit)
         largest_row, largest_bias = self.lm_head_norms()
         bound = (gamma + unit) * largest_row * x.norm(dim=-1) + unit * largest_bias  # (n,)
-        picks = top.indices[:, 0].clone()
-        unsure = ((top.values[:, 0] - top.values[:, 1]) <= 4 * bound).nonzero().squeeze(1)
+        return self._settle(hidden, top.indices[:, 0], (top.values[:, 0] - top.values[:, 1]) <= 4 * bound)
+
+    def _argmax_screened(self, hidden: Tensor, x: Tensor, product: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        weight = self.parts.lm_head.weight
+        screen = Bf16Head.of(self, weight)
+        scores = product(screen.low, x.to(torch.bfloat16))  # (n, vocab) bf16 products, float32 sums
+        wide = min(1 + SCREEN_EXTRA, scores.shape[-1])
+        _, ids, _, unsure = screen_top(weight, screen, x, scores, wide, self.lm_head_norms()[0])
+        return self._settle(hidden, ids[:, 0], unsure)
+
+    def _settle(self, hidden: Tensor, picks: Tensor, unsure: Tensor) -> Tensor:
+        """`picks` `(n,)`, with the rows where `unsure` `(n,)` read from the exact logits instead."""
+        unsure = unsure.nonzero().squeeze(1)
         if len(unsure):
+            picks = picks.clone()
             picks[unsure] = self.final_logits(hidden[unsure]).argmax(dim=-1)
         return picks
 

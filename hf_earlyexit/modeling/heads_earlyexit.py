@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .costs_earlyexit import Cost, module_cost
-from .engine_earlyexit import kept, split_shared_prefixes
+from .engine_earlyexit import split_shared_prefixes
+from .products_earlyexit import kept
 
 
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..modeling.engine_earlyexit import kept
 from ..modeling.heads_earlyexit import ExitHead, SharedHead
+from ..modeling.products_earlyexit import kept
 from .features import SparseTargets
 
 
