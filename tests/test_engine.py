@@ -335,6 +335,9 @@ def test_final_argmax_screens_only_where_asked():
         (key,) = products._times
         screened = any(name.startswith("bf16_") for name in key[3])
         assert screened == (screen == "bf16" or (screen == "auto" and products.native_bf16()))
+    with pytest.raises(ValueError, match="lm_screen='fp16' is not one of auto, bf16, off"):
+        engine.lm_screen = "fp16"
+    assert engine.lm_screen == "auto"
 
 
 def test_kept_values_are_remade_when_their_tensors_change():

@@ -22,6 +22,7 @@ from ..modeling.exits_earlyexit import ExitRule
 from ..modeling.loop_earlyexit import DecodeRun, climb
 from ..modeling.modeling_earlyexit import EarlyExitForCausalLM
 from ..modeling.options_earlyexit import BATCH_EXITS, DEFAULT_MAX_DRAFT, EXIT_POLICIES, KV_FILLS
+from ..modeling.products_earlyexit import LM_SCREENS
 from ..training.data import GenerationSpec, draft_vocabulary, generate_corpus
 
 # prompts of the bench: none of the training or calibration seeds, a mix of prose, code and facts
@@ -88,6 +89,10 @@ class BenchArgs(ModelArgs):
                 "(default: each mode's own default, step for early exit, row for DSSD)"})
     exit_policy: str = field(default="auto", metadata={"help": "auto: only exits that pay at this ε; all: every exit",
                                                        "choices": list(EXIT_POLICIES)})
+    lm_screen: str = field(default="auto", metadata={
+        "help": "our loops' float32 LM-head argmax: auto (also through the head's bfloat16 copy where the CPU "
+                "multiplies bfloat16 natively and that is faster; the same tokens), bf16 (also where emulated), off "
+                "(float32 products only)", "choices": list(LM_SCREENS)})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per prompt (EOS ignored)"})
     batch_size: int = field(default=1, metadata={"help": "prompts per generate call (left padded)"})
     num_prompts: int = field(default=len(BENCH_PROMPTS), metadata={"help": "how many prompts of each set to use"})
@@ -414,6 +419,7 @@ def run_bench(args: BenchArgs) -> dict:
         raise ValueError(f"device={args.device!r}: the vocab study times heads on the CPU; expected cpu")
     model, tokenizer = args.load()
     model.to(device)
+    model.engine.lm_screen = args.lm_screen
     tokenizer.padding_side = "left"
     if args.mode == "vocab":
         with torch.inference_mode():

@@ -36,6 +36,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .architectures_earlyexit import ModelParts, model_parts
 from .products_earlyexit import (
+    LM_SCREENS,
     PRODUCTS,
     SCREEN_EXTRA,
     TRIES,
@@ -122,9 +123,19 @@ class LayerEngine:
             "past_key_values"
         )
         self.contexts: list[ContextLayer] = []
-        # how `final_argmax` may screen a float32 LM head: "auto" (with bfloat16 where the CPU multiplies it
-        # natively), "bf16" (also where bfloat16 is emulated), "off" (float32 products only)
         self.lm_screen = "auto"
+
+    @property
+    def lm_screen(self) -> str:
+        """How `final_argmax` may screen a float32 LM head with its bfloat16 copy (`LM_SCREENS`): "auto" where the
+        CPU multiplies bfloat16 natively, "bf16" also where it is emulated, "off" never (float32 products only)."""
+        return self._lm_screen
+
+    @lm_screen.setter
+    def lm_screen(self, value: str) -> None:
+        if value not in LM_SCREENS:
+            raise ValueError(f"lm_screen={value!r} is not one of {', '.join(LM_SCREENS)}")
+        self._lm_screen = value
 
     def set_context_layers(self, contexts: list[ContextLayer]) -> None:
         """Register the extra decoder layers of context heads (layer `L + m` is `contexts[m]`); each must write its

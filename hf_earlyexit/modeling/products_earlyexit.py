@@ -97,6 +97,11 @@ def fastest(key: Hashable, ways: Mapping[str, Callable[[], T]]) -> T:
     return out
 
 
+# how an LM head may be screened with its bfloat16 copy (`LayerEngine.lm_screen`, the teacher's `final_topk`):
+# "auto" where the CPU multiplies bfloat16 natively, "bf16" also where it is emulated, "off" never
+LM_SCREENS = ("auto", "bf16", "off")
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), not by emulation."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..modeling.engine_earlyexit import LayerEngine
+from ..modeling.products_earlyexit import LM_SCREENS as SCREENS
 from ..modeling.products_earlyexit import SCREEN_EXTRA, Bf16Head, kept, native_bf16, screen_top
 
-SCREENS = ("auto", "bf16", "off")
 # rows from which "auto" screens: below them the float32 product is not the cost
 SCREEN_MIN_ROWS = 64
 # the normaliser's columns are summed this many at a time (1,024 x 4,096 floats: 16 MB), so that its float32
