@@ -239,6 +239,18 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch, pieces, monkeypatch)
         final_topk(engine, hidden, 8, "fast")
 
 
+def screened_engine(arch: str, seed: int, rows: int) -> tuple[LayerEngine, torch.Tensor]:
+    """A tiny model's engine with the bf16 screen forced on (any CPU) and `fastest`'s choices forgotten, so that
+    its ways are all tried again; and `rows` random hidden states."""
+    products._times.clear()
+    products._choice.clear()
+    model = tiny_model(arch)
+    engine = LayerEngine(model)
+    engine.lm_screen = "bf16"
+    torch.manual_seed(seed)
+    return engine, torch.randn(rows, model.config.hidden_size) * 4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
     """The fast LM-head argmax picks exactly the token of the exact logits' argmax, also where two logits tie
@@ -246,13 +258,7 @@ def test_final_argmax_is_the_argmax_of_the_final_logits(arch):
     every way it has (`fastest` tries each in turn before it keeps the fastest): float32 products taken three ways,
     and, for a head without bias, the bfloat16 screen (forced here with `lm_screen="bf16"`, so that it runs on any
     CPU) the same three ways."""
-    products._times.clear()
-    products._choice.clear()
-    model = tiny_model(arch)
-    engine = LayerEngine(model)
-    engine.lm_screen = "bf16"
-    torch.manual_seed(3)
-    hidden = torch.randn(8, model.config.hidden_size) * 4
+    engine, hidden = screened_engine(arch, seed=3, rows=8)
     with torch.no_grad():
         winner = make_ties(engine, hidden[:2])
         expected = engine.final_logits(hidden).argmax(dim=-1)
@@ -298,18 +304,12 @@ def test_screen_finds_a_winner_it_scores_below_its_candidates(arch):
     """Forty tokens the bf16 screen scores equal, the exact winner among them the last: more than the screen's
     candidates (`1 + SCREEN_EXTRA` for the argmax, `8 + SCREEN_EXTRA` for a top 8), so a screen that trusted its
     candidates could miss it; the bound sends those rows to the exact logits, through every way of `final_argmax`."""
-    model = tiny_model(arch)
-    engine = LayerEngine(model)
-    engine.lm_screen = "bf16"
-    torch.manual_seed(5)
-    hidden = torch.randn(2, model.config.hidden_size) * 4
+    engine, hidden = screened_engine(arch, seed=5, rows=2)
     with torch.no_grad():
         winner = make_crowd(engine, hidden[0], range(40, 80))
         expected = engine.final_logits(hidden).argmax(dim=-1)
         capped = getattr(engine.config, "final_logit_softcapping", None)  # the crowd's logits all cap to one value
         assert int(expected[0]) == winner or capped
-        products._times.clear()
-        products._choice.clear()
         for rows in (1, 2):
             for _ in range(2 * len(products.products_for(rows)) * products.TRIES + 1):
                 assert torch.equal(engine.final_argmax(hidden[:rows]), expected[:rows])
