@@ -319,6 +319,18 @@ def test_screen_finds_a_winner_it_scores_below_its_candidates(arch):
             assert torch.equal(top[0].sort().values, torch.arange(72, 80))
 
 
+def test_learn_final_argmax_settles_every_row_bucket_up_front():
+    """`learn_final_argmax` (a bench's warm-up) leaves a chosen way for each row bucket asked, so that timed calls
+    try none; a bfloat16 LM head has no ways to learn (it reads the exact logits) and is left alone."""
+    engine, _ = screened_engine("llama", seed=6, rows=1)
+    engine.learn_final_argmax(rows=(1, 3, 8))
+    assert sorted(key[2] for key in products._choice if key[0] == "final_argmax") == [1, 4, 8]
+    products._choice.clear()
+    engine.model.to(torch.bfloat16)
+    engine.learn_final_argmax(rows=(1, 3, 8))
+    assert not products._choice
+
+
 def test_final_argmax_screens_only_where_asked():
     """`lm_screen="off"` keeps `final_argmax` to float32 products; "bf16" adds the screen's ways; "auto" adds them
     only where the CPU multiplies bfloat16 natively."""

@@ -536,10 +536,8 @@ class LayerEngine:
         Other dtypes or devices, soft-capped logits: the exact way.
         """
         head = self.parts.lm_head
-        weight = getattr(head, "weight", None)
-        capped = getattr(self.config, "final_logit_softcapping", None)
-        if (hidden.dim() != 2 or not len(hidden) or capped or not isinstance(head, torch.nn.Linear)
-                or weight.dtype != torch.float32 or weight.device.type != "cpu"):
+        weight = head.weight if self._argmax_has_ways else None
+        if weight is None or hidden.dim() != 2 or not len(hidden):
             return self.final_logits(hidden).argmax(dim=-1)
         x = self.parts.norm(hidden)
         if x.dtype != torch.float32:
@@ -552,16 +550,25 @@ class LayerEngine:
                      for name in products_for(len(x))}
         return fastest(("final_argmax", tuple(weight.shape), row_bucket(len(x)), tuple(ways)), ways)
 
+    @property
+    def _argmax_has_ways(self) -> bool:
+        """`final_argmax` has faster ways than the exact logits: a float32 CPU `nn.Linear` LM head without
+        soft-capping after it."""
+        head = self.parts.lm_head
+        return (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
+                and head.weight.device.type == "cpu" and not getattr(self.config, "final_logit_softcapping", None))
+
     def learn_final_argmax(self, rows: Sequence[int] = (1, 2, 4, 8, 16)) -> None:
         """Let `final_argmax` learn its fastest way for these row counts now (on random hidden states), so that the
         calls that time each way do not land inside timed work (a bench's warm-up)."""
-        weight = getattr(self.parts.lm_head, "weight", None)
-        if weight is None:
+        if not self._argmax_has_ways:
             return
-        for n in rows:
-            hidden = torch.randn(n, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
-            for _ in range(2 * len(PRODUCTS) * TRIES + 1):  # a call more than every way's tries
-                self.final_argmax(hidden)
+        weight = self.parts.lm_head.weight
+        with torch.no_grad():
+            for n in rows:
+                hidden = torch.randn(n, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
+                for _ in range(2 * len(PRODUCTS) * TRIES + 1):  # a call more than every way's tries
+                    self.final_argmax(hidden)
 
     def _argmax_float32(self, hidden: Tensor, x: Tensor, product: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         head = self.parts.lm_head
