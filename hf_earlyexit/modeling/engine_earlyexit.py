@@ -588,7 +588,7 @@ class LayerEngine:
         screen = Bf16Head.of(self, weight)
         scores = product(screen.low, x.to(torch.bfloat16))  # (n, vocab) bf16 products, float32 sums
         wide = min(1 + SCREEN_EXTRA, scores.shape[-1])
-        _, ids, _, unsure = screen_top(weight, screen, x, scores, wide, self.lm_head_norms()[0])
+        _, ids, unsure = screen_top(weight, screen, x, scores, wide, self.lm_head_norms()[0])
         return self._settle(hidden, ids[:, 0], unsure)
 
     def _settle(self, hidden: Tensor, picks: Tensor, unsure: Tensor) -> Tensor:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -102,6 +103,7 @@ def fastest(key: Hashable, ways: Mapping[str, Callable[[], T]]) -> T:
 LM_SCREENS = ("auto", "bf16", "off")
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), not by emulation."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -153,7 +155,7 @@ class Bf16Head:
 
 
 def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide: int,
-               row_norm: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               row_norm: float) -> tuple[Tensor, Tensor, Tensor]:
     """The screen's best `wide` tokens per row, settled in float32, and where the best of them is provably the exact
     top token.
 
@@ -164,10 +166,10 @@ def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide
         row_norm: ‖W‖, the largest row norm of `weight`.
 
     Returns:
-        `(values, ids, floor, unsure)`: the candidates' float32 logits `(n, wide)`, descending, and their ids; the
-        screen's value of the last candidate `(n,)` float32 (no other token's screen is higher); `(n,)` bool, rows
-        where the best float32 value does not clear that floor by `r + 3B` or its runner-up by `4B`. Elsewhere no
-        other token can be the exact argmax, for any order of float32 summation.
+        `(values, ids, unsure)`: the candidates' float32 logits `(n, wide)`, descending, and their ids; `(n,)`
+        bool, rows where the best float32 value does not clear the screen's value of the last candidate (above every
+        other token's screen) by `r + 3B`, or its runner-up by `4B`. Elsewhere no other token can be the exact
+        argmax, for any order of float32 summation.
     """
     floor, ids = scores.topk(wide, dim=-1)  # (n, wide)
     exact = torch.cat([torch.einsum("nwh,nh->nw", weight[ids[i:i + ROWS_PER_GATHER]], x[i:i + ROWS_PER_GATHER])
@@ -178,4 +180,4 @@ def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide
     runner_up = values[:, 1] if wide > 1 else floor
     r, b = screen.bounds(x, row_norm)
     unsure = (values[:, 0] <= floor + r + 3 * b) | (values[:, 0] - runner_up <= 4 * b)
-    return values, ids, floor, unsure
+    return values, ids, unsure

@@ -80,7 +80,7 @@ def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor,
     scores = _scores_buffer(engine, len(x), len(weight))
     torch.matmul(x.to(torch.bfloat16), screen.low.T, out=scores)  # (n, vocab) bf16 products, float32 sums, bf16 out
     wide = min(k + SCREEN_EXTRA, scores.shape[-1])
-    values, ids, _, unsure = screen_top(weight, screen, x, scores, wide, engine.lm_head_norms()[0])
+    values, ids, unsure = screen_top(weight, screen, x, scores, wide, engine.lm_head_norms()[0])
     # (n, vocab) the screen without the candidates; by indexing, as `scatter_` with a value makes a temporary the
     # size of `scores` in float32 (1 GB of fresh pages at 1,024 rows: 0.3 to 6.5 s per call on the Xeon)
     rest = scores.index_put_((torch.arange(len(ids), device=ids.device)[:, None], ids),
