@@ -545,7 +545,7 @@ class LayerEngine:
         ways = {f"float32_{name}": (lambda name=name: self._argmax_float32(hidden, x, PRODUCTS[name]))
                 for name in products_for(len(x))}
         screen = self.lm_screen == "bf16" or (self.lm_screen == "auto" and native_bf16())
-        if screen and head.bias is None:
+        if screen and self.lm_head_screenable:
             ways |= {f"bf16_{name}": (lambda name=name: self._argmax_screened(hidden, x, PRODUCTS[name]))
                      for name in products_for(len(x))}
         return fastest(("final_argmax", tuple(weight.shape), row_bucket(len(x)), tuple(ways)), ways)
@@ -557,6 +557,13 @@ class LayerEngine:
         head = self.parts.lm_head
         return (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
                 and head.weight.device.type == "cpu" and not getattr(self.config, "final_logit_softcapping", None))
+
+    @property
+    def lm_head_screenable(self) -> bool:
+        """The LM head can be screened with its bfloat16 copy (`final_argmax`, the teacher's `lm_topk.final_topk`):
+        a float32 CPU `nn.Linear` without soft-capping after it (`_argmax_has_ways`) and without a bias, which the
+        screen's bound does not cover."""
+        return self._argmax_has_ways and self.parts.lm_head.bias is None
 
     def learn_final_argmax(self, rows: Sequence[int] = (1, 2, 4, 8, 16)) -> None:
         """Let `final_argmax` learn its fastest way for these row counts now (on random hidden states), so that the

@@ -49,7 +49,7 @@ def final_topk(engine: LayerEngine, hidden: Tensor, k: int, screen: str = "auto"
         raise ValueError(f"screen={screen!r} is not one of {', '.join(SCREENS)}")
     shape = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])  # (n, hidden)
-    plain = _plain_head(engine)
+    plain = engine.lm_head_screenable
     if screen == "auto":
         screen = "bf16" if plain and len(flat) >= SCREEN_MIN_ROWS and native_bf16() else "off"
     if screen == "off" or not plain or not len(flat):
@@ -57,14 +57,6 @@ def final_topk(engine: LayerEngine, hidden: Tensor, k: int, screen: str = "auto"
     else:
         values, ids, lse = _screened_topk(engine, flat, k)
     return values.reshape(*shape, k), ids.reshape(*shape, k), lse.reshape(shape)
-
-
-def _plain_head(engine: LayerEngine) -> bool:
-    """The LM head is a float32 CPU `nn.Linear` without bias, and no soft-capping follows it."""
-    head = engine.parts.lm_head
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype == torch.float32
-            and head.weight.device.type == "cpu"
-            and not getattr(engine.config, "final_logit_softcapping", None))
 
 
 def _exact_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
