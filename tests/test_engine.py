@@ -239,6 +239,46 @@ def test_final_topk_screen_keeps_the_exact_top_tokens(arch, pieces, monkeypatch)
         final_topk(engine, hidden, 8, "fast")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_head_gives_the_exact_top_k_and_nothing_else(arch, monkeypatch):
+    """`lm_topk.sampling_head`, forced on with screen="bf16": inside the block the model's logits are its exact top
+    k (the same tokens, float32 values) and -inf elsewhere; a row whose k-th place falls in a crowd of tokens the
+    screen scores equal cannot be proved and gets all its exact logits; heads the screen does not cover
+    (soft-capping, bias) are left alone. The model's own head is back after the block, also after an error. (16
+    candidates beyond the k, as at the real vocabulary's size fewer than its tokens: here 256 would take them all.)"""
+    monkeypatch.setattr(lm_topk, "SAMPLING_EXTRA", 16)
+    model = tiny_model(arch)
+    engine, head, k = LayerEngine(model), model.lm_head, 8
+    ids, mask = batch([9, 6])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits  # (2, 9, vocab)
+        with lm_topk.sampling_head(model, k, "bf16") as used:
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert model.lm_head is head and (used is not None) == engine.lm_head_screenable
+        if not used:
+            assert torch.equal(got, want)
+            return
+        top = want.topk(k, dim=-1).indices  # (2, 9, k)
+        assert bool(torch.isfinite(got).sum(dim=-1).eq(k).all())
+        assert torch.equal(got.topk(k, dim=-1).indices.sort(dim=-1).values, top.sort(dim=-1).values)
+        torch.testing.assert_close(got.gather(-1, top), want.gather(-1, top), rtol=0, atol=1e-5)
+        torch.manual_seed(6)
+        hidden = torch.randn(2, model.config.hidden_size) * 4
+        make_crowd(engine, hidden[0], range(40, 80))  # the top 40 of row 0, scored equal by the screen
+        head.weight[5] = head.weight[79] * 1.5  # and a clear winner above them: the top token alone is provable
+        x = engine.parts.norm(hidden)  # (2, hidden)
+        out, exact = lm_topk.SampledHead(engine, k)(x), head(x)  # (2, vocab) each
+        assert int(exact[0].argmax()) == 5 and torch.equal(out[0], exact[0])
+        assert torch.equal(out[1].topk(k).indices.sort().values, exact[1].topk(k).indices.sort().values)
+    with pytest.raises(RuntimeError, match="inside"), lm_topk.sampling_head(model, k, "bf16"):
+        raise RuntimeError("inside")
+    assert model.lm_head is head
+    with lm_topk.sampling_head(model, k, "off") as used, lm_topk.sampling_head(model, VOCAB, "bf16") as whole:
+        assert used is None and whole is None and model.lm_head is head
+    with pytest.raises(ValueError, match="screen='fast'"), lm_topk.sampling_head(model, k, "fast"):
+        pass
+
+
 def screened_engine(arch: str, seed: int, rows: int) -> tuple[LayerEngine, torch.Tensor]:
     """A tiny model's engine with the bf16 screen forced on (any CPU) and `fastest`'s choices forgotten, so that
     its ways are all tried again; and `rows` random hidden states."""

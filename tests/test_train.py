@@ -592,6 +592,18 @@ def test_generated_tokens_come_from_the_base_models_top_k(base_path):
     assert torch.equal(greedy.input_ids[mask], plain[mask])
 
 
+def test_generated_tokens_are_the_same_through_the_lm_heads_screen(base_path):
+    """Sampling through the LM head's bfloat16 screen for the top k (forced on, any CPU) draws the same tokens from
+    the same seed as sampling from the exact logits: the same top k, the same values to float32 rounding."""
+    model = EarlyExitForCausalLM.from_base(base_path, exit_layers=[1])
+    spec = GenerationSpec(prompts=["A cat is", "The sea"], num_sequences=6, max_new_tokens=12, generation_batch_size=4,
+                          top_k=5)
+    made = [generate_corpus(model.backbone, model.tokenizer, spec, "tiny-llama", cache=False, screen=screen)
+            for screen in ("off", "bf16")]
+    assert torch.equal(made[0].input_ids, made[1].input_ids)
+    assert torch.equal(made[0].attention_mask, made[1].attention_mask)
+
+
 def test_generated_data_cache_is_keyed_by_the_weights_not_only_the_name(tmp_path, monkeypatch):
     """Two bases under one name (other weights) never share cached generations; the same base reuses its own."""
     monkeypatch.setenv("HF_EARLYEXIT_CACHE", str(tmp_path / "cache"))

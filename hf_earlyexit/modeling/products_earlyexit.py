@@ -155,7 +155,7 @@ class Bf16Head:
 
 
 def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide: int,
-               row_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+               row_norm: float, keep: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """The screen's best `wide` tokens per row, settled in float32, and where the best of them is provably the exact
     top token.
 
@@ -164,12 +164,14 @@ def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide
         x: float32 rows `(n, hidden)` (after the final norm); `scores` `(n, vocab)` their screen, `Wb @ bf16(x)`.
         wide: candidates per row (`k + SCREEN_EXTRA` for the top k).
         row_norm: ‖W‖, the largest row norm of `weight`.
+        keep: how many of the best are to be proved (1: the top token; `k`: the set of the top `k`).
 
     Returns:
         `(values, ids, unsure)`: the candidates' float32 logits `(n, wide)`, descending, and their ids; `(n,)`
-        bool, rows where the best float32 value does not clear the screen's value of the last candidate (above every
-        other token's screen) by `r + 3B`, or its runner-up by `4B`. Elsewhere no other token can be the exact
-        argmax, for any order of float32 summation.
+        bool, rows where the `keep`-th best float32 value does not clear the screen's value of the last candidate
+        (above every other token's screen) by `r + 3B`, or (for `keep=1`) the best does not clear its runner-up by
+        `4B`. Elsewhere no token outside the candidates can be among the exact best `keep` (for `keep=1`: no other
+        token can be the exact argmax), for any order of float32 summation.
     """
     floor, ids = scores.topk(wide, dim=-1)  # (n, wide)
     exact = torch.cat([torch.einsum("nwh,nh->nw", weight[ids[i:i + ROWS_PER_GATHER]], x[i:i + ROWS_PER_GATHER])
@@ -179,5 +181,7 @@ def screen_top(weight: Tensor, screen: Bf16Head, x: Tensor, scores: Tensor, wide
     floor = floor[:, -1].float()
     runner_up = values[:, 1] if wide > 1 else floor
     r, b = screen.bounds(x, row_norm)
-    unsure = (values[:, 0] <= floor + r + 3 * b) | (values[:, 0] - runner_up <= 4 * b)
+    unsure = values[:, keep - 1] <= floor + r + 3 * b
+    if keep == 1:
+        unsure |= values[:, 0] - runner_up <= 4 * b
     return values, ids, unsure

@@ -19,9 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..modeling.base_earlyexit import cache_root, weight_fingerprint
+from .lm_topk import sampling_head
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ class TopKSampler(LogitsProcessor):
 
 def generate_corpus(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: GenerationSpec, model_id: str,
-    cache: bool = True,
+    cache: bool = True, screen: str = "auto",
 ) -> Corpus:
     """Sample `spec.num_sequences` continuations of `spec.prompts` (cycled) from `model`, in batches.
 
@@ -128,6 +135,9 @@ def generate_corpus(
         model: the base causal LM.
         model_id: names the model in the cache key, with its weight fingerprint and dtype (other weights under the
             same name, or another dtype, sample other text: never served from the cache).
+        screen: how the LM head may be read for the top k (`lm_topk.sampling_head`: "auto", "bf16", "off"); the
+            samples do not depend on it (not part of the cache key). Off where the model's generation config makes
+            HF add logits processors of its own.
     """
     if not spec.prompts:
         raise ValueError("no prompts given; expected at least one seed prompt")
@@ -141,26 +151,49 @@ def generate_corpus(
     torch.manual_seed(spec.sampling_seed)
     chunks, masks = [], []
     sampler = TopKSampler(spec.temperature, spec.top_k)
+    screen = screen if _scores_untouched(model) else "off"  # other processors could reach past the top k
     try:
-        step = spec.generation_batch_size
-        for start in tqdm(range(0, spec.num_sequences, step), desc="Generating data", unit="batch"):
-            count = min(step, spec.num_sequences - start)
-            prompts = [spec.prompts[(start + i) % len(spec.prompts)] for i in range(count)]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            with torch.no_grad():
-                ids = model.generate(
-                    **enc, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
-                    max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                )
-            mask = torch.cat([enc["attention_mask"], _after_eos(ids[:, enc["input_ids"].shape[1]:], tokenizer)], 1)
-            chunks.append(ids.cpu())
-            masks.append(mask.cpu())
+        with sampling_head(model, spec.top_k, screen):
+            _generate_batches(model, tokenizer, spec, sampler, chunks, masks)
     finally:
         torch.random.set_rng_state(generator_state)
     corpus = _stack(chunks, masks, tokenizer.pad_token_id, {"kind": "generated", **asdict(spec)})
     if cache:
         _save(path, corpus)
     return corpus
+
+
+# generation settings that make HF add logits processors before ours; where one is set, the LM head's screen for
+# the top k (`lm_topk.sampling_head`) stays off, as such a processor could move a token from outside the top k in
+SCORE_SETTINGS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                  "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "sequence_bias",
+                  "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+                  "exponential_decay_length_penalty", "guidance_scale", "renormalize_logits", "watermarking_config")
+
+
+def _scores_untouched(model: PreTrainedModel) -> bool:
+    """Whether HF's `generate` with the model's generation config adds no logits processor of its own (every
+    setting in `SCORE_SETTINGS` at `GenerationConfig`'s default)."""
+    config, default = getattr(model, "generation_config", None) or GenerationConfig(), GenerationConfig()
+    return all(getattr(config, name, None) == getattr(default, name, None) for name in SCORE_SETTINGS)
+
+
+def _generate_batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: GenerationSpec,
+                      sampler: TopKSampler, chunks: list[Tensor], masks: list[Tensor]) -> None:
+    """Sample the corpus's sequences in batches of `spec.generation_batch_size`, appending ids and masks."""
+    step = spec.generation_batch_size
+    for start in tqdm(range(0, spec.num_sequences, step), desc="Generating data", unit="batch"):
+        count = min(step, spec.num_sequences - start)
+        prompts = [spec.prompts[(start + i) % len(spec.prompts)] for i in range(count)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+                max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            )
+        mask = torch.cat([enc["attention_mask"], _after_eos(ids[:, enc["input_ids"].shape[1]:], tokenizer)], 1)
+        chunks.append(ids.cpu())
+        masks.append(mask.cpu())
 
 
 def text_corpus(

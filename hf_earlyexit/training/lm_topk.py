@@ -17,6 +17,9 @@ model). Top-k distillation renormalises the k, so the targets the heads learn do
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -65,14 +68,21 @@ def _exact_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor, Te
     return values, ids, torch.logsumexp(logits, dim=-1)
 
 
-def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _screen(engine: LayerEngine, x: Tensor, k: int, keep: int = 1, extra: int = SCREEN_EXTRA
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The screen of normed float32 rows `x` `(n, hidden)`: `screen_top`'s `(values, ids, unsure)` for `k + extra`
+    candidates (`unsure` on the best `keep`), and the `(n, vocab)` bf16 screen itself."""
     weight = engine.parts.lm_head.weight  # (vocab, hidden) float32
     screen = Bf16Head.of(engine, weight)
-    x = engine.parts.norm(hidden).float()  # (n, hidden)
     scores = _scores_buffer(engine, len(x), len(weight))
     torch.matmul(x.to(torch.bfloat16), screen.low.T, out=scores)  # (n, vocab) bf16 products, float32 sums, bf16 out
-    wide = min(k + SCREEN_EXTRA, scores.shape[-1])
-    values, ids, unsure = screen_top(weight, screen, x, scores, wide, engine.lm_head_norms()[0])
+    wide = min(k + extra, scores.shape[-1])
+    values, ids, unsure = screen_top(weight, screen, x, scores, wide, engine.lm_head_norms()[0], keep)
+    return values, ids, unsure, scores
+
+
+def _screened_topk(engine: LayerEngine, hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    values, ids, unsure, scores = _screen(engine, engine.parts.norm(hidden).float(), k)
     # (n, vocab) the screen without the candidates; by indexing, as `scatter_` with a value makes a temporary the
     # size of `scores` in float32 (1 GB of fresh pages at 1,024 rows: 0.3 to 6.5 s per call on the Xeon)
     rest = scores.index_put_((torch.arange(len(ids), device=ids.device)[:, None], ids),
@@ -95,3 +105,57 @@ def _scores_buffer(engine: LayerEngine, rows: int, vocab: int) -> Tensor:
         held[0] = None  # free the old buffer before making the new one
         held[0] = torch.empty(rows, vocab, dtype=torch.bfloat16)
     return held[0][:rows]
+
+# candidates beyond the k of `SampledHead`: proving the whole top k (not only the top token) needs the k-th best to
+# clear the last candidate's screen by the screen's bound (about 0.9 logits on real text for the embedded model);
+# the logits 50th and 66th apart are about 0.5, the 50th and 306th enough for every position measured
+SAMPLING_EXTRA = 256
+
+
+class SampledHead(torch.nn.Module):
+    """Stands in for a float32 LM head while sampling among the top `k` (`sampling_head`): the logits it returns
+    `(..., vocab)` are float32 products for each position's `k` best tokens, proved by the bfloat16 screen to be the
+    top `k` of the exact logits, and `-inf` for every other token. A row the screen cannot settle gets its exact
+    logits (all of them). Top-k sampling over these logits draws from the same distribution as over the exact ones.
+    """
+
+    def __init__(self, engine: LayerEngine, k: int) -> None:
+        super().__init__()
+        self.engine, self.k = engine, k
+        self.head = engine.parts.lm_head  # the LM head it stands in for (a plain float32 `nn.Linear`)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).float()  # (n, hidden), already normed by the model
+        values, ids, unsure, _ = _screen(self.engine, flat, self.k, keep=self.k, extra=SAMPLING_EXTRA)
+        logits = torch.full((len(flat), self.head.out_features), float("-inf"), dtype=torch.float32,
+                            device=flat.device)  # (n, vocab)
+        logits.scatter_(-1, ids[:, :self.k], values[:, :self.k])
+        unsure = unsure.nonzero().squeeze(1)
+        if len(unsure):
+            logits[unsure] = self.head(flat[unsure])
+        return logits.reshape(*hidden.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def sampling_head(model: torch.nn.Module, k: int, screen: str = "auto") -> Iterator[SampledHead | None]:
+    """Within the block, `model.lm_head` is a `SampledHead` for top-`k` sampling (yielded) where `screen` allows it:
+    "bf16" for any float32 LM head the screen covers (`LayerEngine.lm_head_screenable`), "auto" (the default) only
+    where the CPU multiplies bfloat16 natively, "off" never (yields None, the head untouched). The model's own head
+    is put back on leaving, also after an error.
+
+    Only logits processors that keep the top `k` (and nothing outside them) may follow, as `data.TopKSampler` does.
+    """
+    if screen not in SCREENS:
+        raise ValueError(f"screen={screen!r} is not one of {', '.join(SCREENS)}")
+    engine = LayerEngine(model)
+    use = (0 < k < engine.vocab_size and engine.lm_head_screenable and screen != "off"
+           and (screen == "bf16" or native_bf16()))
+    if not use:
+        yield None
+        return
+    head = model.lm_head
+    model.lm_head = SampledHead(engine, k)
+    try:
+        yield model.lm_head
+    finally:
+        model.lm_head = head
