@@ -503,6 +503,7 @@ def test_train_job_draft_vocabulary_comes_from_its_own_corpus_and_topk_trains_fr
     model, report = run_train(job, spec, config)
     z = model.tokenizer.convert_tokens_to_ids("z")
     assert z in model.exit_heads[0].token_ids.tolist()
+    assert model.config.training["data"]["text_files"] == ["zzz.jsonl"]  # not the trainer's absolute path
     assert (tmp_path / "features" / MANIFEST).exists() and list((tmp_path / "features").glob("shard-*"))
     assert len(report) == 3 and all(0 <= r["agreement"] <= 1 for r in report)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("shard-*")}

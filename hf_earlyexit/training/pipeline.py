@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -164,13 +165,23 @@ def run_train(job: TrainJob, spec: GenerationSpec, config: TrainConfig) -> tuple
     report = evaluate_heads(model, held_out)
     model.config.training = {
         "steps": config.steps, "train_config": asdict(config), "data": {**asdict(spec), "sequences": len(train),
-        "tokens": train.num_tokens, "text_files": job.text_files}, "held_out": report,
+        "tokens": train.num_tokens, "text_files": shared_names(job.text_files)}, "held_out": report,
     }
     extra = {name: job.work_path / name for name in (LOG_CSV, CURVES_PNG) if (job.work_path / name).exists()}
     if state.is_main_process:
         model.save_pretrained(out, overwrite=True, extra_files=extra)
     state.wait_for_everyone()
     return model, report
+
+
+def shared_names(paths: list[str] | None) -> list[str] | None:
+    """Text files as a heads folder records them: relative to the folder they all lie under, so that a published
+    config and card name the files, not the trainer's machine (`data_settings` keeps their sha256)."""
+    if not paths:
+        return paths
+    resolved = [Path(path).resolve() for path in paths]
+    root = Path(os.path.commonpath([path.parent for path in resolved]))
+    return [path.relative_to(root).as_posix() for path in resolved]
 
 
 def data_settings(job: TrainJob, spec: GenerationSpec) -> dict:
