@@ -1,4 +1,5 @@
-"""The full model's top k tokens at many positions at once, for the teacher pass (`FeatureStore`).
+"""The full model's top k tokens at many positions at once, for the teacher pass (`FeatureStore`) and for sampling
+the training text (`sampling_head`).
 
 A teacher pass keeps, per position, the model's `k` best tokens and their log-probabilities. Reading them through
 the exact float32 LM head costs a 262k-wide product per position. `final_topk` can screen the head with its
@@ -106,6 +107,7 @@ def _scores_buffer(engine: LayerEngine, rows: int, vocab: int) -> Tensor:
         held[0] = torch.empty(rows, vocab, dtype=torch.bfloat16)
     return held[0][:rows]
 
+
 # candidates beyond the k of `SampledHead`: proving the whole top k (not only the top token) needs the k-th best to
 # clear the last candidate's screen by the screen's bound (about 0.9 logits on real text for the embedded model);
 # the logits 50th and 66th apart are about 0.5, the 50th and 306th enough for every position measured
@@ -147,10 +149,8 @@ def sampling_head(model: torch.nn.Module, k: int, screen: str = "auto") -> Itera
     """
     if screen not in SCREENS:
         raise ValueError(f"screen={screen!r} is not one of {', '.join(SCREENS)}")
-    engine = LayerEngine(model)
-    use = (0 < k < engine.vocab_size and engine.lm_head_screenable and screen != "off"
-           and (screen == "bf16" or native_bf16()))
-    if not use:
+    engine = LayerEngine(model) if screen == "bf16" or (screen == "auto" and native_bf16()) else None
+    if engine is None or not (0 < k < engine.vocab_size and engine.lm_head_screenable):
         yield None
         return
     head = model.lm_head
