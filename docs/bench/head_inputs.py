@@ -159,7 +159,7 @@ class Variant:
         return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data", help="the offline benchmark copies (../shared/data)")
     parser.add_argument("--prompt_file", default=None, help="unseen prompts for the continuations (default: PROMPTS)")
@@ -171,19 +171,61 @@ def main() -> None:
     parser.add_argument("--eagle_lr", type=float, default=1e-4, help="learning rate of the eagle input's map")
     parser.add_argument("--eagle_reg", type=float, default=1.0, help="weight of the eagle feature loss")
     parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def training_corpus(args: argparse.Namespace, base, tokenizer) -> Corpus:
+    """The recipe's sources: own generations from the paper's seed prompts, then the recipe's text files."""
     d = args.data
     files = [f"{d}/arc/ARC-Challenge-Test.jsonl", f"{d}/arc/ARC-Challenge-Dev.jsonl",
              *sorted(glob.glob(f"{d}/mmlu/test/*.csv")), *sorted(glob.glob(f"{d}/mmlu/dev/*.csv")),
              f"{d}/hellaswag/hellaswag_val_dev_split.jsonl"]
     job = TrainJob(output_dir="unused", text_files=files, max_text_tokens=args.max_text_tokens)
     spec = GenerationSpec(num_sequences=args.num_sequences, max_new_tokens=128, generation_batch_size=48)
+    return build_corpus(job, spec, base, tokenizer, EMBEDDED)
+
+
+def held_out(args: argparse.Namespace, probe: EarlyExitForCausalLM, tokenizer) -> dict[str, tuple[dict, Tensor]]:
+    """`{kind: (backbone view, positions to count)}` for the held-out real text and the greedy continuations."""
+    d = args.data
+    passages = read_text_files([f"{d}/winogrande/dev_second_half.jsonl", f"{d}/piqa/valid.jsonl",
+                                f"{d}/arc/ARC-Easy-Dev.jsonl"])
+    real = text_corpus(tokenizer, passages, seq_len=128, source="held-out")
+    real = Corpus(real.input_ids[:64], real.attention_mask[:64], real.source)
+    prompts = list(read_prompt_file(args.prompt_file)) if args.prompt_file else PROMPTS
+    cont, scored = continuations(probe, tokenizer, prompts, 64)
+    return {"real text": (backbone_view(probe, real, 1), real.attention_mask.bool()),
+            "continuations": (backbone_view(probe, cont, 1), scored & cont.attention_mask.bool())}
+
+
+def make_variant(name: str, heads, d_model: int, args: argparse.Namespace) -> Variant:
+    """Variant `name` with fresh heads (`heads(exits, context_init)`) and its extra map."""
+    if name == "context":
+        return Variant(name, heads(EXITS, "next"), None, 0.0, args.steps)
+    if name == "side":
+        maps = nn.ModuleList([zero_linear(d_model, d_model) for _ in EXITS])
+        return Variant(name, heads(EXITS, "next"), maps, args.side_lr, args.steps)
+    if name == "eagle":
+        maps = nn.ModuleList([zero_linear(2 * d_model, d_model)])
+        return Variant(name, heads([EXITS[0]], "last"), maps, args.eagle_lr, args.steps)
+    raise ValueError(f"variant {name!r} is not one of context, side, eagle")
+
+
+def train(variant: Variant, view: dict, rows: int, steps: int, reg: float) -> None:
+    """`steps` steps of 8 random rows; every variant draws the same rows and the same dropped `f` positions."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in tqdm(range(steps), desc=f"Training {variant.name}", unit="step"):
+        batch = torch.randint(0, rows, (8,), generator=generator)
+        given = torch.rand(view["mask"][batch].shape, generator=generator) < 0.5
+        variant.step(view, batch, given, reg)
+
+
+def main() -> None:
+    args = parse_args()
     base, tokenizer = load_base_model(EMBEDDED, dtype=torch.float32), load_tokenizer(EMBEDDED)
-    corpus = build_corpus(job, spec, base, tokenizer, EMBEDDED)
-    _, train = corpus.split(0.1)
-    vocab = base.config.get_text_config().vocab_size
-    draft = draft_vocabulary(corpus, vocab, 16384, [tokenizer.eos_token_id])
-    d_model = base.config.get_text_config().hidden_size
+    corpus = training_corpus(args, base, tokenizer)
+    _, train_part = corpus.split(0.1)
+    draft = draft_vocabulary(corpus, base.config.get_text_config().vocab_size, 16384, [tokenizer.eos_token_id])
 
     def heads(exits: list[int], init: str) -> EarlyExitForCausalLM:
         torch.manual_seed(0)
@@ -194,36 +236,16 @@ def main() -> None:
 
     probe = heads(EXITS, "next")
     t0 = time.time()
-    view = backbone_view(probe, train, 64)
-    passages = read_text_files([f"{d}/winogrande/dev_second_half.jsonl", f"{d}/piqa/valid.jsonl",
-                                f"{d}/arc/ARC-Easy-Dev.jsonl"])
-    real = text_corpus(tokenizer, passages, seq_len=128, source="held-out")
-    real = Corpus(real.input_ids[:64], real.attention_mask[:64], real.source)
-    prompts = list(read_prompt_file(args.prompt_file)) if args.prompt_file else PROMPTS
-    cont, scored = continuations(probe, tokenizer, prompts, 64)
-    held = {"real text": (backbone_view(probe, real, 1), real.attention_mask.bool()),
-            "continuations": (backbone_view(probe, cont, 1), scored & cont.attention_mask.bool())}
+    view = backbone_view(probe, train_part, 64)
+    held = held_out(args, probe, tokenizer)
     seconds = {"backbone": time.time() - t0}
-    result = {"train_tokens": train.num_tokens, "steps": args.steps, "exits": EXITS, "args": vars(args),
+    result = {"train_tokens": train_part.num_tokens, "steps": args.steps, "exits": EXITS, "args": vars(args),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
               "agreement": {}}
     for name in args.variants:
-        if name == "context":
-            variant = Variant(name, heads(EXITS, "next"), None, 0.0, args.steps)
-        elif name == "side":
-            variant = Variant(name, heads(EXITS, "next"), nn.ModuleList([zero_linear(d_model, d_model) for _ in EXITS]),
-                              args.side_lr, args.steps)
-        elif name == "eagle":
-            variant = Variant(name, heads([EXITS[0]], "last"), nn.ModuleList([zero_linear(2 * d_model, d_model)]),
-                              args.eagle_lr, args.steps)
-        else:
-            raise ValueError(f"variant {name!r} is not one of context, side, eagle")
-        generator = torch.Generator().manual_seed(0)
+        variant = make_variant(name, heads, base.config.get_text_config().hidden_size, args)
         t0 = time.time()
-        for _ in tqdm(range(args.steps), desc=f"Training {name}", unit="step"):
-            rows = torch.randint(0, len(train), (8,), generator=generator)
-            given = torch.rand(view["mask"][rows].shape, generator=generator) < 0.5
-            variant.step(view, rows, given, args.eagle_reg)
+        train(variant, view, len(train_part), args.steps, args.eagle_reg)
         seconds[name] = time.time() - t0
         for kind, (data, keep) in held.items():
             for label, row in variant.agreement(data, keep).items():
