@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from importlib.metadata import distribution
 
@@ -92,7 +93,7 @@ def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
     out_dir = tmp_path / "bench"
     assert main(["bench", "--model", calibrated_folder, "--dtype", "float32", "--mode", "dssd", "--dssd_eps_grid",
                  "0.5", "--layerskip_drafts", "2", "--prompt_lookup_tokens", "3", "--num_prompts", "2",
-                 "--max_new_tokens", "8", "--output_dir", str(out_dir)]) == 0
+                 "--max_new_tokens", "8", "--oracle_mix", "1:1:0", "1:0.5:1", "--output_dir", str(out_dir)]) == 0
     report = json.loads((out_dir / "bench.json").read_text())
     assert set(report["sets"]) == {"varied", "repetitive"}
     for part in report["sets"].values():
@@ -107,6 +108,27 @@ def test_bench_dssd_against_peers(calibrated_folder, tmp_path):
         assert len(oracles) == 3 and all(r["acceptance_rate"] == 1.0 for r in oracles)  # the oracle is always kept
         best = max(r["tokens_per_s"] for r in oracles)
         assert rows["dssd"]["vs_ceiling"] == pytest.approx(rows["dssd"]["tokens_per_s"] / best)
+        # imperfect oracles stay lossless, never count as the ceiling, and keep what their rates say
+        mixed = {(r["share"], r["right"]): r for r in part["rows"] if r["family"] == "oracle_mix"}
+        assert set(mixed) == {(1.0, 0.0), (0.5, 1.0)}
+        assert all(r["identical_sequences"] == 2 for r in mixed.values())
+        wrong, half = mixed[1.0, 0.0], mixed[0.5, 1.0]
+        assert wrong["drafted"] > 0 and wrong["acceptance_rate"] == 0.0  # every draft is a wrong token
+        assert half["acceptance_rate"] == 1.0 and 0 < half["drafted"] < oracles[0]["drafted"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("4:0.5", "must read EXIT:DRAFTED:KEPT"), ("4:x:0.9", "must read EXIT:DRAFTED:KEPT"),
+    ("4:1:1:1", "must read EXIT:DRAFTED:KEPT"), ("5:1:1", "exit 5 is not an exit"),
+    ("4:0:1", "DRAFTED must lie in (0, 1]"), ("4:1:1.5", "KEPT in [0, 1]"),
+])
+def test_oracle_mix_spec_errors_name_the_entry(spec, message):
+    from hf_earlyexit.evaluation.bench import parse_oracle_mix
+
+    assert parse_oracle_mix("8:0.75:0.9", [4, 8]) == (1, 0.75, 0.9)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        parse_oracle_mix(spec, [4, 8])
+    assert repr(spec) in str(err.value)
 
 
 def test_bench_vocab_study(calibrated_folder, tmp_path, monkeypatch, capsys):

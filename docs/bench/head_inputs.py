@@ -185,13 +185,18 @@ def training_corpus(args: argparse.Namespace, base, tokenizer) -> Corpus:
     return build_corpus(job, spec, base, tokenizer, EMBEDDED)
 
 
+def held_out_real(data: str, tokenizer) -> Corpus:
+    """The held-out real text as `hf-earlyexit agreement` reads it: WinoGrande dev (second half), PIQA valid and
+    ARC-Easy dev under `data`, in windows of 128 tokens, the first 64 windows (8,192 tokens)."""
+    passages = read_text_files([f"{data}/winogrande/dev_second_half.jsonl", f"{data}/piqa/valid.jsonl",
+                                f"{data}/arc/ARC-Easy-Dev.jsonl"])
+    real = text_corpus(tokenizer, passages, seq_len=128, source="held-out")
+    return Corpus(real.input_ids[:64], real.attention_mask[:64], real.source)
+
+
 def held_out(args: argparse.Namespace, probe: EarlyExitForCausalLM, tokenizer) -> dict[str, tuple[dict, Tensor]]:
     """`{kind: (backbone view, positions to count)}` for the held-out real text and the greedy continuations."""
-    d = args.data
-    passages = read_text_files([f"{d}/winogrande/dev_second_half.jsonl", f"{d}/piqa/valid.jsonl",
-                                f"{d}/arc/ARC-Easy-Dev.jsonl"])
-    real = text_corpus(tokenizer, passages, seq_len=128, source="held-out")
-    real = Corpus(real.input_ids[:64], real.attention_mask[:64], real.source)
+    real = held_out_real(args.data, tokenizer)
     prompts = list(read_prompt_file(args.prompt_file)) if args.prompt_file else PROMPTS
     cont, scored = continuations(probe, tokenizer, prompts, 64)
     return {"real text": (backbone_view(probe, real, 1), real.attention_mask.bool()),

@@ -18,10 +18,10 @@ import torch
 
 from hf_earlyexit import load
 from hf_earlyexit.evaluation.agreement import continuations
-from hf_earlyexit.training.data import Corpus, read_text_files, text_corpus
+from hf_earlyexit.training.data import Corpus
 
 sys.path.insert(0, str(Path(__file__).parent))
-from head_inputs import PROMPTS  # noqa: E402
+from head_inputs import PROMPTS, held_out_real  # noqa: E402
 
 TOP = 4
 
@@ -51,11 +51,7 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model, tokenizer = load(args.model, dtype=torch.float32)
-    d = args.data
-    passages = read_text_files([f"{d}/winogrande/dev_second_half.jsonl", f"{d}/piqa/valid.jsonl",
-                                f"{d}/arc/ARC-Easy-Dev.jsonl"])
-    real = text_corpus(tokenizer, passages, seq_len=128, source="held-out")
-    real = Corpus(real.input_ids[:64], real.attention_mask[:64], real.source)
+    real = held_out_real(args.data, tokenizer)
     cont, scored = continuations(model, tokenizer, PROMPTS, 64)
     result = {"model": args.model, "real text": hits(model, real, real.attention_mask.bool()),
               "continuations": hits(model, cont, scored & cont.attention_mask.bool()),

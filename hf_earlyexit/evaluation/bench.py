@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,10 @@ class BenchArgs(ModelArgs):
     oracle: bool = field(default=True, metadata={
         "help": "dssd mode: also time the oracle ceiling, DSSD whose drafts at each exit are the full model's own "
                 "tokens at that exit's real cost (every speed is then also given as a fraction of the best ceiling)"})
+    oracle_mix: list[str] = field(default_factory=list, metadata={
+        "help": "dssd mode: also time imperfect oracles, each EXIT:DRAFTED:KEPT (e.g. 4:0.75:0.9): at exit EXIT a "
+                "position is drafted with probability DRAFTED and a draft is the full model's token with "
+                "probability KEPT (else a wrong one), at that exit's real cost: what heads of that quality would give"})
     per_exit: bool = field(default=True, metadata={"help": "early_exit mode: also time tokens forced to leave at "
                                                            "each exit"})
     vocab_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768, 65536],
@@ -181,6 +186,13 @@ def _forced(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
     return {"0": taus}
 
 
+def _never(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
+    """Thresholds that check exit `j` (and nothing else) and never let a token leave there."""
+    taus = [None] * model.config.num_exits
+    taus[j] = math.inf
+    return {"0": taus}
+
+
 class OracleDrafter:
     """The oracle ceiling of DSSD at exit `j`: it drafts the full model's own next token (known from a plain greedy
     run of the same prompts) while doing the real work of a draft at exit `j` (the layers below it and its head), so
@@ -205,6 +217,69 @@ class OracleDrafter:
                 tokens[i] = ref[len(sofar)]
         exits = torch.full_like(newest, self.rule.num_exits).masked_fill(wanted, self.j)
         return Proposal(ok=wanted & (tokens >= 0), exits=exits, tokens=tokens)
+
+
+class MixedOracleDrafter(OracleDrafter):
+    """An imperfect oracle at exit `j`: like `OracleDrafter` it does the real work of a draft at exit `j`, but a
+    position is drafted only with probability `drafted` (else the round's drafting stops there, as where no head is
+    confident) and a draft is the full model's token only with probability `kept` (else a wrong token). After a
+    wrong draft the row keeps drafting (rejected filler), as a real drafter would. The draws depend only on the
+    reference sequence and the position, so every run and every configuration with the same rates sees the same
+    ones."""
+
+    name = "oracle_mix"
+
+    def __init__(self, run: DecodeRun, j: int, reference: list[list[int]], drafted: float, kept: float,
+                 vocab_size: int) -> None:
+        super().__init__(run, j, reference)
+        self.drafted, self.kept, self.vocab_size = drafted, kept, vocab_size
+
+    def propose(self, wanted: torch.Tensor, newest: torch.Tensor, history: list[list[int]]) -> Proposal:
+        tokens = torch.full_like(newest, -1)
+        for i in wanted.nonzero().squeeze(1).tolist():
+            sofar = history[i]
+            r = max(range(len(self.reference)), key=lambda k: _common_prefix(self.reference[k], sofar))
+            ref = self.reference[r]
+            if len(ref) <= len(sofar):
+                continue
+            draw = random.Random(f"{r}:{len(sofar)}")
+            if draw.random() >= self.drafted:
+                continue
+            right = ref[len(sofar)]
+            on_track = ref[: len(sofar)] == sofar
+            tokens[i] = right if on_track and draw.random() < self.kept else (right + 1) % self.vocab_size
+        ok = wanted & (tokens >= 0)
+        if bool(ok.any()):
+            climb(self.run, ok, newest, self.rule)  # the work of a draft at exit j
+        # the rows it declines go on to the heads, whose rule checks exit j and never fires there (`_never`): the
+        # same layers and head, no draft, so the round's drafting ends there as where no head is confident
+        exits = torch.full_like(newest, self.rule.num_exits).masked_fill(ok, self.j)
+        return Proposal(ok=ok, exits=exits, tokens=tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def parse_oracle_mix(spec: str, exits: list[int]) -> tuple[int, float, float]:
+    """`"EXIT:DRAFTED:KEPT"` -> (exit index, drafted, kept); a clear error names the entry and what is expected."""
+    parts = spec.split(":")
+    try:
+        layer, drafted, kept = int(parts[0]), float(parts[1]), float(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"oracle_mix={spec!r} must read EXIT:DRAFTED:KEPT, e.g. 4:0.75:0.9") from None
+    if layer not in exits:
+        raise ValueError(f"oracle_mix={spec!r}: exit {layer} is not an exit of these heads (exits: {exits})")
+    if not (0.0 < drafted <= 1.0 and 0.0 <= kept <= 1.0):
+        raise ValueError(f"oracle_mix={spec!r}: DRAFTED must lie in (0, 1] and KEPT in [0, 1]")
+    return exits.index(layer), drafted, kept
 
 
 @dataclass
@@ -241,11 +316,15 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
             return model.generate(**enc, mode="plain", **extra, **common), None
         return run
 
-    def oracle(j):
+    def oracle(j, drafted=1.0, kept=1.0):
         def run(enc):
             def drafter(decode_run):
-                return OracleDrafter(decode_run, j, references[id(enc)])
-            return ours("dssd", 0.0, _forced(model, j), max_draft=args.max_draft, exit_policy="all",
+                if drafted == kept == 1.0:
+                    return OracleDrafter(decode_run, j, references[id(enc)])
+                return MixedOracleDrafter(decode_run, j, references[id(enc)], drafted, kept,
+                                          model.engine.vocab_size)
+            thresholds = _forced(model, j) if drafted == kept == 1.0 else _never(model, j)
+            return ours("dssd", 0.0, thresholds, max_draft=args.max_draft, exit_policy="all",
                         drafters=(drafter,))(enc)
         return run
 
@@ -284,6 +363,10 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
         if args.oracle:
             for j, layer in enumerate(exits):
                 configs.append(_Config("oracle_dssd", f"oracle DSSD at exit@{layer}", {"exit": layer}, oracle(j)))
+        for spec in args.oracle_mix:
+            j, drafted, kept = parse_oracle_mix(spec, list(exits))
+            configs.append(_Config("oracle_mix", f"oracle at exit@{exits[j]}: {drafted:.0%} drafted, {kept:.0%} right",
+                                   {"exit": exits[j], "share": drafted, "right": kept}, oracle(j, drafted, kept)))
         if args.peers:
             for layer in args.hf_early_exit_layers or exits:
                 configs.append(_Config("hf_early_exit", f"HF assistant_early_exit={layer}", {"layer": layer},
@@ -519,4 +602,4 @@ def plot_bench(report: dict, path: Path) -> None:
 _FAMILY_COLOURS = {"plain": "black", "early_exit": "tab:blue", "forced": "tab:cyan", "dssd": "tab:red",
                    "dssd_lookup": "tab:pink",
                    "hf_early_exit": "tab:orange", "prompt_lookup": "tab:green", "layerskip": "tab:purple",
-                   "oracle_dssd": "tab:gray"}
+                   "oracle_dssd": "tab:gray", "oracle_mix": "silver"}
