@@ -225,7 +225,9 @@ class MixedOracleDrafter(OracleDrafter):
     confident) and a draft is the full model's token only with probability `kept` (else a wrong token). After a
     wrong draft the row keeps drafting (rejected filler), as a real drafter would. The draws depend only on the
     reference sequence and the position, so every run and every configuration with the same rates sees the same
-    ones."""
+    ones. Where the verified text itself leaves the reference (a bfloat16 verify pass rounds differently from
+    one-token steps) it drafts nothing, as `OracleDrafter` does: its figures are exact where DSSD reproduces plain
+    greedy token for token (float32)."""
 
     name = "oracle_mix"
 
@@ -233,6 +235,7 @@ class MixedOracleDrafter(OracleDrafter):
                  vocab_size: int) -> None:
         super().__init__(run, j, reference)
         self.drafted, self.kept, self.vocab_size = drafted, kept, vocab_size
+        self.wrong: set[tuple[int, int, int]] = set()  # (reference, position, token) of each wrong draft made
 
     def propose(self, wanted: torch.Tensor, newest: torch.Tensor, history: list[list[int]]) -> Proposal:
         tokens = torch.full_like(newest, -1)
@@ -240,14 +243,18 @@ class MixedOracleDrafter(OracleDrafter):
             sofar = history[i]
             r = max(range(len(self.reference)), key=lambda k: _common_prefix(self.reference[k], sofar))
             ref = self.reference[r]
-            if len(ref) <= len(sofar):
-                continue
+            split = _common_prefix(ref, sofar)
+            if len(ref) <= len(sofar) or (split < len(sofar) and (r, split, sofar[split]) not in self.wrong):
+                continue  # past the reference, or off it where no wrong draft of ours put it
             draw = random.Random(f"{r}:{len(sofar)}")
             if draw.random() >= self.drafted:
                 continue
             right = ref[len(sofar)]
-            on_track = ref[: len(sofar)] == sofar
-            tokens[i] = right if on_track and draw.random() < self.kept else (right + 1) % self.vocab_size
+            if split == len(sofar) and draw.random() < self.kept:
+                tokens[i] = right
+            else:  # a wrong draft, or filler after one (rejected with it)
+                tokens[i] = (right + 1) % self.vocab_size
+                self.wrong.add((r, len(sofar), int(tokens[i])))
         ok = wanted & (tokens >= 0)
         if bool(ok.any()):
             climb(self.run, ok, newest, self.rule)  # the work of a draft at exit j
