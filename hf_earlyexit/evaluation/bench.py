@@ -104,7 +104,8 @@ class BenchArgs(ModelArgs):
     oracle_mix: list[str] = field(default_factory=list, metadata={
         "help": "dssd mode: also time imperfect oracles, each EXIT:DRAFTED:KEPT (e.g. 4:0.75:0.9): at exit EXIT a "
                 "position is drafted with probability DRAFTED and a draft is the full model's token with "
-                "probability KEPT (else a wrong one), at that exit's real cost: what heads of that quality would give"})
+                "probability KEPT (else a wrong one), at that exit's real cost: what heads of that quality would give "
+                "(exact in float32, where DSSD reproduces plain greedy)"})
     per_exit: bool = field(default=True, metadata={"help": "early_exit mode: also time tokens forced to leave at "
                                                            "each exit"})
     vocab_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768, 65536],
