@@ -180,17 +180,10 @@ def token_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float
     return float(same.float().sum() / reference.numel()), first
 
 
-def _forced(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
-    """Thresholds that make every token leave at exit `j` (and nowhere else)."""
+def _forced(model: EarlyExitForCausalLM, j: int, tau: float = -math.inf) -> dict[str, list]:
+    """Thresholds that check exit `j` alone, at `tau`: by default every token leaves there; `math.inf`: none does."""
     taus = [None] * model.config.num_exits
-    taus[j] = -math.inf
-    return {"0": taus}
-
-
-def _never(model: EarlyExitForCausalLM, j: int) -> dict[str, list]:
-    """Thresholds that check exit `j` (and nothing else) and never let a token leave there."""
-    taus = [None] * model.config.num_exits
-    taus[j] = math.inf
+    taus[j] = tau
     return {"0": taus}
 
 
@@ -259,8 +252,8 @@ class MixedOracleDrafter(OracleDrafter):
         ok = wanted & (tokens >= 0)
         if bool(ok.any()):
             climb(self.run, ok, newest, self.rule)  # the work of a draft at exit j
-        # the rows it declines go on to the heads, whose rule checks exit j and never fires there (`_never`): the
-        # same layers and head, no draft, so the round's drafting ends there as where no head is confident
+        # the rows it declines go on to the heads, whose rule checks exit j and never fires there (`_forced` at
+        # inf): the same layers and head, no draft, so the round's drafting ends there as where no head is confident
         exits = torch.full_like(newest, self.rule.num_exits).masked_fill(ok, self.j)
         return Proposal(ok=ok, exits=exits, tokens=tokens)
 
@@ -331,7 +324,7 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
                     return OracleDrafter(decode_run, j, references[id(enc)])
                 return MixedOracleDrafter(decode_run, j, references[id(enc)], drafted, kept,
                                           model.engine.vocab_size)
-            thresholds = _forced(model, j) if drafted == kept == 1.0 else _never(model, j)
+            thresholds = _forced(model, j, -math.inf if drafted == kept == 1.0 else math.inf)
             return ours("dssd", 0.0, thresholds, max_draft=args.max_draft, exit_policy="all",
                         drafters=(drafter,))(enc)
         return run
