@@ -235,9 +235,10 @@ class MixedOracleDrafter(OracleDrafter):
         tokens = torch.full_like(newest, -1)
         for i in wanted.nonzero().squeeze(1).tolist():
             sofar = history[i]
-            r = max(range(len(self.reference)), key=lambda k: _common_prefix(self.reference[k], sofar))
+            # the reference that shares the longest prefix with the row (the first of equals), and that length
+            split, r = max((_common_prefix(ref, sofar), -k) for k, ref in enumerate(self.reference))
+            r = -r
             ref = self.reference[r]
-            split = _common_prefix(ref, sofar)
             if len(ref) <= len(sofar) or (split < len(sofar) and (r, split, sofar[split]) not in self.wrong):
                 continue  # past the reference, or off it where no wrong draft of ours put it
             draw = random.Random(f"{r}:{len(sofar)}")
@@ -318,13 +319,15 @@ def _configs(args: BenchArgs, model: EarlyExitForCausalLM, common: dict, referen
         return run
 
     def oracle(j, drafted=1.0, kept=1.0):
+        perfect = drafted == kept == 1.0
+
         def run(enc):
             def drafter(decode_run):
-                if drafted == kept == 1.0:
+                if perfect:
                     return OracleDrafter(decode_run, j, references[id(enc)])
                 return MixedOracleDrafter(decode_run, j, references[id(enc)], drafted, kept,
                                           model.engine.vocab_size)
-            thresholds = _forced(model, j, -math.inf if drafted == kept == 1.0 else math.inf)
+            thresholds = _forced(model, j, -math.inf if perfect else math.inf)
             return ours("dssd", 0.0, thresholds, max_draft=args.max_draft, exit_policy="all",
                         drafters=(drafter,))(enc)
         return run
